@@ -1,0 +1,200 @@
+"""The engine on the real SmolLM2 model, checked against Hugging Face `generate`."""
+
+import pytest
+import torch
+
+from kvstore.protocol import SamplingParams
+from model_fixtures import smollm2  # noqa: F401  (fixture)
+from workers.engine import AdoptedKV, Engine, EngineConfig, InvalidRequest
+
+pytestmark = pytest.mark.heavy
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain in one paragraph what a KV cache is.",
+    "Hello! Tell me about yourself.",
+]
+# Logprobs of a cached and a fresh prefill differ by float reordering, not by meaning.
+LOGPROB_TOL = 1e-3
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(enc["input_ids"] if not isinstance(enc, list) else enc)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    return Engine(smollm2, EngineConfig(num_blocks=400))
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    return [chat_ids(smollm2.tokenizer, p) for p in PROMPTS]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Reference: HF generate, greedy, EOS suppressed so every prompt yields `n` tokens."""
+    eos = model.hf_model.generation_config.eos_token_id
+    out = model.hf_model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, suppress_tokens=[eos], pad_token_id=eos
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def solo(engine, prompt, params):
+    return engine.generate([prompt], params)[0]
+
+
+def greedy(n=32, **kw):
+    return SamplingParams(max_tokens=n, ignore_eos=True, logprobs=True, **kw)
+
+
+def test_greedy_tokens_equal_hf_generate(smollm2, engine, prompts):
+    eos = smollm2.hf_model.generation_config.eos_token_id
+    # Suppress EOS in the engine the same way: a stop on EOS would end before 32 tokens.
+    results = engine.generate(prompts, greedy())
+    for prompt, result in zip(prompts, results):
+        ref = hf_greedy(smollm2, prompt, 32)
+        ours = result.token_ids
+        if eos in ours:  # HF suppressed EOS; compare up to where ours produced it
+            cut = ours.index(eos)
+            assert ours[:cut] == ref[:cut]
+        else:
+            assert ours == ref
+        assert len(ours) == 32
+
+
+def test_prefix_cache_hit_gives_same_tokens_and_logprobs(engine, prompts):
+    engine.pool.reset_cache()
+    cold = solo(engine, prompts[1], greedy())
+    warm = solo(engine, prompts[1], greedy())
+    assert cold.cached_tokens == 0
+    assert warm.cached_tokens >= (len(prompts[1]) - 1) // 16 * 16 - 16
+    assert warm.token_ids == cold.token_ids
+    assert max(abs(a - b) for a, b in zip(warm.logprobs, cold.logprobs)) < LOGPROB_TOL
+
+
+def test_next_turn_hits_generated_tokens_too(engine, prompts, smollm2):
+    first = solo(engine, prompts[2], greedy(40))
+    follow_up = prompts[2] + first.token_ids + chat_ids(smollm2.tokenizer, "And two more?")[1:]
+    second = solo(engine, follow_up, greedy(8))
+    # everything up to the last full block of turn 1 (prompt + completion) is cached
+    assert second.cached_tokens >= (len(prompts[2]) + 40) // 16 * 16 - 16
+
+
+def test_eight_concurrent_sequences_equal_their_solo_runs(engine, prompts):
+    mixed = [prompts[i % 5][: 10 + 7 * i] if i >= 5 else prompts[i] for i in range(8)]
+    lengths = [8 + 3 * i for i in range(8)]
+    params = [greedy(n) for n in lengths]
+    batched = engine.generate(mixed, params)
+    engine.pool.reset_cache()
+    for prompt, p, result in zip(mixed, params, batched):
+        alone = solo(engine, prompt, p)
+        assert result.token_ids == alone.token_ids
+        assert len(result.token_ids) == p.max_tokens
+
+
+def test_chunked_prefill_equals_one_shot(smollm2, prompts):
+    small = Engine(smollm2, EngineConfig(num_blocks=200, max_num_batched_tokens=7))
+    big = Engine(smollm2, EngineConfig(num_blocks=200))
+    assert solo(small, prompts[3], greedy(12)).token_ids == solo(big, prompts[3], greedy(12)).token_ids
+
+
+def test_preemption_when_blocks_run_out_keeps_outputs_correct(smollm2, prompts):
+    # 5 sequences x (~40 prompt + 48 generated) tokens need ~30 blocks; give the pool 16.
+    tight = Engine(smollm2, EngineConfig(num_blocks=16))
+    roomy = Engine(smollm2, EngineConfig(num_blocks=200))
+    outs = tight.generate(prompts, greedy(48))
+    assert tight.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == solo(roomy, prompt, greedy(48)).token_ids
+    assert tight.pool.num_free == tight.pool.num_blocks
+
+
+def test_stop_strings_and_stop_tokens(engine, prompts):
+    full = solo(engine, prompts[0], greedy(24))
+    stop_at = full.text.split()[2]
+    stopped = solo(engine, prompts[0], greedy(24, stop=[stop_at]))
+    assert stopped.finish_reason == "stop"
+    assert stop_at not in stopped.text and full.text.startswith(stopped.text)
+    by_token = solo(engine, prompts[0], greedy(24, stop_token_ids=[full.token_ids[3]]))
+    assert by_token.token_ids == full.token_ids[:4] and by_token.finish_reason == "stop"
+
+
+def test_eos_stops_and_max_tokens_caps(engine, prompts):
+    natural = solo(engine, prompts[0], SamplingParams(max_tokens=64))
+    assert natural.finish_reason == "stop" and natural.token_ids[-1] in engine.eos_token_ids
+    capped = solo(engine, prompts[0], SamplingParams(max_tokens=3))
+    assert capped.finish_reason == "length" and len(capped.token_ids) == 3
+
+
+def test_seeded_sampling_is_reproducible(engine, prompts):
+    p = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    a = solo(engine, prompts[1], p)
+    b = solo(engine, prompts[1], p)
+    c = solo(engine, prompts[1], SamplingParams(max_tokens=16, temperature=0.9, seed=8, ignore_eos=True))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_abort_frees_every_block(engine, prompts):
+    engine.pool.reset_cache()
+    free_before = engine.pool.num_free
+    engine.add_request("to-abort", prompts[3], greedy(100))
+    engine.step()
+    engine.step()
+    assert engine.pool.num_free < free_before
+    final = engine.abort("to-abort")
+    assert final.finished and final.finish_reason == "abort"
+    assert engine.pool.num_free == free_before
+    assert not engine.has_work()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "code"),
+    [
+        ([], SamplingParams(), "invalid_request"),
+        ([1, 2, 3], SamplingParams(max_tokens=0), "invalid_request"),
+        ([1] * 9000, SamplingParams(), "context_length_exceeded"),
+        ([1, 10**9], SamplingParams(), "invalid_request"),
+    ],
+)
+def test_bad_requests_are_clear_errors(engine, prompt, params, code):
+    with pytest.raises(InvalidRequest) as err:
+        engine.add_request("bad", prompt, params)
+    assert err.value.code == code and str(err.value)
+
+
+def test_block_size_must_divide_context(smollm2):
+    with pytest.raises(InvalidRequest, match="must divide the context length"):
+        Engine(smollm2, EngineConfig(block_size=24, num_blocks=8))
+
+
+def test_adopted_blocks_continue_decoding_like_a_local_prefill(smollm2, engine, prompts):
+    """Disaggregation hook: KV computed elsewhere, copied into reserved blocks, decodes identically."""
+    prompt = prompts[4]
+    local = solo(engine, prompt, greedy(16))
+    prefill_node = Engine(smollm2, EngineConfig(num_blocks=64))
+    prefill_node.add_request("p", prompt, greedy(1), hold_blocks=True)
+    [first] = [c for c in prefill_node.step() if c.finished]
+    source = prefill_node.held_blocks("p")
+    assert len(source) == -(-len(prompt) // 16)  # full blocks and the partial last one
+    engine.pool.reset_cache()
+    free_before = engine.pool.num_free
+    dest = engine.reserve_blocks(len(source))
+    engine.pool.kv[dest] = prefill_node.pool.kv[source]  # what a transfer does
+    prefill_node.release_held("p")
+    assert prefill_node.pool.num_free == prefill_node.pool.num_blocks
+    engine.add_request(
+        "adopted", prompt, greedy(16),
+        adopted=AdoptedKV(dest, num_computed=len(prompt), first_token=first.token_ids[0], first_logprob=first.logprobs[0]),
+    )
+    out = []
+    while engine.has_work():
+        for chunk in engine.step():
+            out += chunk.token_ids
+    assert out == local.token_ids
+    assert engine.stats["prefill_tokens"] >= 0 and engine.pool.num_free == free_before
