@@ -37,3 +37,6 @@ class NodeRecord(msgspec.Struct):
     transfer_backend: str = "nixl"
     transfer_metadata: bytes = b""  # NIXL agent metadata (or ucxx listener address), opaque here
     started_at: float = 0.0
+    model_name: str = ""
+    model_path: str = ""  # directory with the tokenizer (and weights) the node loaded
+    max_model_len: int = 0

@@ -1,0 +1,317 @@
+"""The block index against a real Valkey: longest-prefix lookups, generations, cleanup and resync."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvstore.index import BlockIndex
+from kvstore.nodes import NodeLoad, NodeRecord, Role
+from kvstore.registry import NodeRegistry
+
+_rng = random.Random(1234)
+# Three chains of block hashes; B shares its first 4 blocks with A (a common system prompt). Some
+# hashes are >= 2**63 on purpose: hashes are unsigned 64-bit.
+CHAIN_A = [_rng.getrandbits(64) | (1 << 63) if i % 3 == 0 else _rng.getrandbits(64) for i in range(10)]
+CHAIN_B = CHAIN_A[:4] + [_rng.getrandbits(64) for _ in range(6)]
+CHAIN_C = [_rng.getrandbits(64) for _ in range(10)]
+CHAINS = [CHAIN_A, CHAIN_B, CHAIN_C]
+ALL_HASHES = sorted(set(CHAIN_A + CHAIN_B + CHAIN_C))
+NODES = ["n0", "n1", "n2"]
+
+
+def record(node_id: str, generation: int, **overrides) -> NodeRecord:
+    fields = dict(role=Role.BOTH, address=f"http://{node_id}", block_size=16, model_fingerprint="m",
+                  capacity_blocks=1000, generation=generation)  # fmt: skip
+    fields.update(overrides)
+    return NodeRecord(node_id=node_id, **fields)
+
+
+async def join(registry: NodeRegistry, node_id: str, ttl_s: float = 60.0, **overrides) -> int:
+    """Start a node incarnation the way a worker does; returns its generation."""
+    generation = await registry.next_generation(node_id)
+    await registry.register(record(node_id, generation, **overrides), ttl_s)
+    return generation
+
+
+def stored(node_id: str, generation: int, hashes: list[int]) -> KVEventBatch:
+    return KVEventBatch(node_id, generation, [BlockStored(hashes)])
+
+
+def leading(held: set[int], prefix: list[int]) -> int:
+    """The reference answer: how many leading blocks of `prefix` are in `held`."""
+    count = 0
+    for h in prefix:
+        if h not in held:
+            break
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------- property test
+
+event_strategy = st.one_of(
+    st.tuples(st.just("stored"), st.integers(0, 2), st.integers(0, 10), st.integers(0, 10)),
+    st.tuples(st.just("removed"), st.lists(st.sampled_from(ALL_HASHES), min_size=1, max_size=4)),
+    st.tuples(st.just("cleared")),
+)
+batch_strategy = st.tuples(
+    st.integers(0, 2),  # node
+    st.booleans(),  # sent by the node's previous (stale) incarnation?
+    st.lists(event_strategy, min_size=1, max_size=4),
+)
+
+
+def to_event(spec: tuple):
+    if spec[0] == "stored":
+        _, chain, a, b = spec
+        return BlockStored(CHAINS[chain][min(a, b) : max(a, b)])
+    if spec[0] == "removed":
+        return BlockRemoved(list(spec[1]))
+    return AllCleared()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(batch_strategy, min_size=1, max_size=8), cut=st.integers(0, 10))
+def test_lookup_equals_a_reference_model_for_random_event_sequences(aio, redis_client, batches, cut):
+    async def body():
+        await redis_client.flushall()
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        stale = {n: await join(registry, n) for n in NODES}
+        live = {n: await join(registry, n) for n in NODES}  # a restart: `stale` is now superseded
+        reference: dict[str, set[int]] = {n: set() for n in NODES}
+
+        for node, from_stale, specs in batches:
+            node_id = NODES[node]
+            events = [to_event(s) for s in specs]
+            generation = stale[node_id] if from_stale else live[node_id]
+            applied = await index.apply(KVEventBatch(node_id, generation, events))
+            assert applied is not from_stale
+            if not from_stale:
+                for event in events:
+                    if isinstance(event, BlockStored):
+                        reference[node_id] |= set(event.block_hashes)
+                    elif isinstance(event, BlockRemoved):
+                        reference[node_id] -= set(event.block_hashes)
+                    else:
+                        reference[node_id].clear()
+
+            for prefix in [*CHAINS, CHAIN_B[:cut], []]:
+                expected = {n: leading(reference[n], prefix) for n in NODES}
+                assert await index.lookup(prefix) == expected
+        assert await index.sizes() == {n: len(reference[n]) for n in NODES}
+
+    aio.run(body())
+
+
+# ------------------------------------------------------------------------------------ examples
+
+
+def test_lookup_counts_only_leading_blocks_and_stops_at_the_first_miss(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g0, g1 = await join(registry, "n0"), await join(registry, "n1")
+        await index.apply(stored("n0", g0, CHAIN_A[:2] + CHAIN_A[3:]))  # block 2 missing
+        await index.apply(stored("n1", g1, CHAIN_A[1:]))  # block 0 missing
+        assert await index.lookup(CHAIN_A) == {"n0": 2, "n1": 0}
+
+    aio.run(body())
+
+
+def test_lookup_reports_every_live_node_even_without_a_match(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        await join(registry, "n0")
+        await join(registry, "n1")
+        assert await index.lookup(CHAIN_A) == {"n0": 0, "n1": 0}
+        assert await index.lookup([]) == {"n0": 0, "n1": 0}
+
+    aio.run(body())
+
+
+def test_lookup_handles_prefixes_longer_than_one_lua_chunk(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g = await join(registry, "n0")
+        rng = random.Random(7)
+        long_prefix = [rng.getrandbits(64) for _ in range(5000)]
+        await index.apply(stored("n0", g, long_prefix[:4500]))
+        assert await index.lookup(long_prefix) == {"n0": 4500}
+        await index.apply(KVEventBatch("n0", g, [BlockRemoved([long_prefix[2999]])]))
+        assert await index.lookup(long_prefix) == {"n0": 2999}
+
+    aio.run(body())
+
+
+def test_lookup_ignores_a_node_whose_heartbeat_expired(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g0 = await join(registry, "n0", ttl_s=1.0)
+        g1 = await join(registry, "n1", ttl_s=60.0)
+        await index.apply(stored("n0", g0, CHAIN_A))
+        await index.apply(stored("n1", g1, CHAIN_A[:3]))
+        assert await index.lookup(CHAIN_A) == {"n0": 10, "n1": 3}
+        await asyncio.sleep(1.2)
+        assert await index.lookup(CHAIN_A) == {"n1": 3}
+        assert [n for n, _ in await index.purge_dead()] == ["n0"]
+        assert await redis_client.exists(f"akv:blk:n0:{g0}") == 0
+
+    aio.run(body())
+
+
+def test_lookup_ignores_entries_of_a_restarted_node_at_once(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        old = await join(registry, "n0")
+        await index.apply(stored("n0", old, CHAIN_A))
+        new = await join(registry, "n0")  # the worker restarted with an empty pool
+        assert new > old
+        assert await index.lookup(CHAIN_A) == {"n0": 0}
+        # The old incarnation, still running somewhere, cannot write into the index any more.
+        assert await index.apply(stored("n0", old, CHAIN_C)) is False
+        assert await index.apply(stored("n0", new, CHAIN_B[:2])) is True
+        assert await index.lookup(CHAIN_A) == {"n0": 2}
+        assert await index.purge_dead() == [("n0", old)]
+        assert await redis_client.exists(f"akv:blk:n0:{old}") == 0
+        assert await index.lookup(CHAIN_A) == {"n0": 2}
+
+    aio.run(body())
+
+
+def test_purge_node_drops_one_incarnation_now(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g = await join(registry, "n0")
+        await index.apply(stored("n0", g, CHAIN_A))
+        assert await index.purge_node("n0", g) is True
+        assert await index.lookup(CHAIN_A) == {"n0": 0}
+        assert await index.purge_node("n0", g) is False
+
+    aio.run(body())
+
+
+def test_removing_every_block_leaves_no_block_keys(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        gens = {n: await join(registry, n) for n in NODES}
+        for n, g in gens.items():
+            await index.apply(stored(n, g, CHAIN_A + CHAIN_C))
+        assert await index.sizes() == {n: 20 for n in NODES}
+        for n, g in gens.items():
+            await index.apply(KVEventBatch(n, g, [BlockRemoved(CHAIN_A), BlockRemoved(CHAIN_C)]))
+        assert await index.sizes() == {n: 0 for n in NODES}
+        assert await redis_client.keys("akv:blk:*") == []
+        assert await redis_client.scard("akv:blksets") == 0
+
+    aio.run(body())
+
+
+def test_cleared_drops_all_of_the_nodes_entries_and_only_its(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g0, g1 = await join(registry, "n0"), await join(registry, "n1")
+        await index.apply(stored("n0", g0, CHAIN_A))
+        await index.apply(stored("n1", g1, CHAIN_A))
+        await index.apply(KVEventBatch("n0", g0, [AllCleared(), BlockStored(CHAIN_C[:1])]))
+        assert await index.lookup(CHAIN_A) == {"n0": 0, "n1": 10}
+        assert await index.sizes() == {"n0": 1, "n1": 10}
+
+    aio.run(body())
+
+
+def test_resync_makes_the_index_exact_after_a_redis_restart(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g = await join(registry, "n0")
+        await index.apply(stored("n0", g, CHAIN_A))
+        await redis_client.flushall()  # Redis restarted without persistence
+
+        # The worker notices (its heartbeat and events are refused), re-registers and resyncs.
+        assert await registry.heartbeat("n0", g, NodeLoad(), ttl_s=60) is False
+        assert await index.apply(stored("n0", g, CHAIN_B)) is False
+        await registry.register(record("n0", g), ttl_s=60)
+        pool = set(CHAIN_A[:6]) | set(CHAIN_C)
+        assert await index.resync("n0", g, sorted(pool)) is True
+        assert await index.lookup(CHAIN_A) == {"n0": 6}
+        assert await index.lookup(CHAIN_C) == {"n0": 10}
+        assert await index.sizes() == {"n0": len(pool)}
+        assert await redis_client.keys("akv:tmp:*") == []
+
+    aio.run(body())
+
+
+def test_resync_replaces_the_whole_entry_set_and_refuses_a_stale_generation(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        old = await join(registry, "n0")
+        await index.apply(stored("n0", old, CHAIN_A))
+        assert await index.resync("n0", old, CHAIN_C) is True
+        assert await index.lookup(CHAIN_A) == {"n0": 0}
+        assert await index.lookup(CHAIN_C) == {"n0": 10}
+        assert await index.resync("n0", old, []) is True
+        assert await index.sizes() == {"n0": 0}
+
+        new = await join(registry, "n0")
+        assert await index.resync("n0", old, CHAIN_A) is False
+        assert await index.lookup(CHAIN_A) == {"n0": 0}
+        assert await redis_client.keys(f"akv:*:n0:{old}*") == []
+        assert new > old
+
+    aio.run(body())
+
+
+def test_lookup_with_nodes_returns_record_load_and_match_longest_first(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g0 = await join(registry, "n0", role=Role.PREFILL)
+        g1 = await join(registry, "n1", role=Role.DECODE)
+        await index.apply(stored("n0", g0, CHAIN_A[:3]))
+        await index.apply(stored("n1", g1, CHAIN_A[:7]))
+        load = NodeLoad(running=3, waiting=1, free_blocks=10, total_blocks=1000)
+        await registry.heartbeat("n1", g1, load, ttl_s=60)
+
+        result = await index.lookup_with_nodes(CHAIN_A)
+        assert [(rec.node_id, rec.role, matched) for rec, _, matched in result] == [
+            ("n1", Role.DECODE, 7),
+            ("n0", Role.PREFILL, 3),
+        ]
+        assert result[0][1] == load
+        # A restarted node is reported with its new record, not the cached one.
+        await join(registry, "n1", role=Role.BOTH)
+        result = await index.lookup_with_nodes(CHAIN_A)
+        assert [(rec.node_id, rec.role, matched) for rec, _, matched in result] == [
+            ("n0", Role.PREFILL, 3),
+            ("n1", Role.BOTH, 0),
+        ]
+
+    aio.run(body())
+
+
+def test_apply_rejects_hashes_that_are_not_unsigned_64_bit(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g = await join(registry, "n0")
+        with pytest.raises(ValueError, match="unsigned 64-bit"):
+            await index.apply(stored("n0", g, [1, -5]))
+        with pytest.raises(ValueError, match="unsigned 64-bit"):
+            await index.lookup([1 << 64])
+
+    aio.run(body())
