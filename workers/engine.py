@@ -174,6 +174,24 @@ class Engine:
             return None
         return self._finish(seq, "abort")
 
+    def abort_all(self, error: str) -> list[TokenChunk]:
+        """Abort every request (shutdown, or a failed step); each final chunk carries `error`."""
+        chunks = []
+        for request_id in list(self._seqs):
+            chunk = self.abort(request_id)
+            if chunk is not None:
+                chunk.finish_reason, chunk.error = "error", error
+                chunks.append(chunk)
+        return chunks
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
 
