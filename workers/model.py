@@ -39,6 +39,7 @@ class StepInputs:
     block_tables: torch.Tensor  # [B, max_blocks] (padded with block 0)
     attn_mask: torch.Tensor | None  # [B, 1, Q, max_blocks * block_size] True = may attend
     kv_len: int = 0  # single sequence (attn_mask None): its context length after this step
+    all_real: bool = False  # no padding (e.g. decode): skip the boolean gather of new tokens
 
 
 class PagedCausalLM(torch.nn.Module):
@@ -86,9 +87,8 @@ class PagedCausalLM(torch.nn.Module):
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             v = v.transpose(1, 2)
             # Write this step's K/V into the pool, then read each sequence's whole context back.
-            real = step.token_mask
-            kv[step.slot_blocks, layer_idx, 0, step.slot_offsets] = k.transpose(1, 2)[real]
-            kv[step.slot_blocks, layer_idx, 1, step.slot_offsets] = v.transpose(1, 2)[real]
+            kv[step.slot_blocks, layer_idx, 0, step.slot_offsets] = self._real_tokens(k, step)
+            kv[step.slot_blocks, layer_idx, 1, step.slot_offsets] = self._real_tokens(v, step)
             keys = kv[:, layer_idx, 0][step.block_tables].flatten(1, 2)
             values = kv[:, layer_idx, 1][step.block_tables].flatten(1, 2)
             if step.attn_mask is None:
@@ -100,3 +100,9 @@ class PagedCausalLM(torch.nn.Module):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = hidden[torch.arange(batch, device=hidden.device), step.query_lens - 1]
         return self.lm_head(self.norm(last)).float()
+
+    @staticmethod
+    def _real_tokens(x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """[B, heads, Q, dim] -> [N, heads, dim] for the non-padding tokens, in slot order."""
+        x = x.transpose(1, 2)
+        return x.flatten(0, 1) if step.all_real else x[step.token_mask]

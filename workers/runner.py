@@ -57,4 +57,5 @@ class ModelRunner:
             block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], device=dev),
             attn_mask=attn_mask,
             kv_len=starts[0] + batch.query_lens[0],
+            all_real=min(batch.query_lens) == qmax,
         )
