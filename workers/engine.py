@@ -54,6 +54,7 @@ class AdoptedKV:
     num_computed: int
     first_token: int
     first_logprob: float = 0.0
+    local_blocks: int = 0  # leading blocks that were already in this pool (not transferred)
 
 
 @dataclass
@@ -135,6 +136,9 @@ class Engine:
         if adopted is not None:
             seq.block_table = list(adopted.block_ids)
             seq.num_computed = adopted.num_computed
+            seq.num_cached_tokens = adopted.local_blocks * self.pool.block_size
+            seq.num_transferred_blocks = len(adopted.block_ids) - adopted.local_blocks
+            seq.num_transferred_tokens = adopted.num_computed - seq.num_cached_tokens
             self.kv_cache.commit(seq)  # the adopted full blocks become cache hits here too
             chunk = self._append(seq, adopted.first_token, adopted.first_logprob)
             self._pending.append(chunk)
@@ -267,6 +271,9 @@ class Engine:
             prompt_tokens=seq.num_prompt_tokens,
             cached_tokens=seq.num_cached_tokens,
             completion_tokens=len(seq.output_ids),
+            transferred_tokens=seq.num_transferred_tokens,
+            transferred_blocks=seq.num_transferred_blocks,
+            transferred_bytes=seq.num_transferred_blocks * self.pool.bytes_per_block,
         )
 
     def _eos_ids(self) -> set[int]:

@@ -30,6 +30,8 @@ class Sequence:
     num_cached_blocks: int = 0  # leading blocks already registered in the pool's hash map
     num_computed: int = 0  # tokens whose K/V are in the pool
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (reported in usage)
+    num_transferred_tokens: int = 0  # prompt tokens whose KV arrived from a prefill node
+    num_transferred_blocks: int = 0
     finish_reason: str | None = None
     output_logprobs: list[float] = field(default_factory=list)
 
