@@ -192,9 +192,12 @@ def test_adopted_blocks_continue_decoding_like_a_local_prefill(smollm2, engine, 
         "adopted", prompt, greedy(16),
         adopted=AdoptedKV(dest, num_computed=len(prompt), first_token=first.token_ids[0], first_logprob=first.logprobs[0]),
     )
-    out = []
+    out, final = [], None
     while engine.has_work():
         for chunk in engine.step():
             out += chunk.token_ids
+            final = chunk if chunk.finished else final
     assert out == local.token_ids
-    assert engine.stats["prefill_tokens"] >= 0 and engine.pool.num_free == free_before
+    assert final.transferred_blocks == len(source) and final.transferred_tokens == len(prompt)
+    assert final.transferred_bytes == len(source) * engine.pool.bytes_per_block
+    assert engine.pool.num_free == free_before
