@@ -47,6 +47,7 @@ def worker(
     cpus: str = typer.Option("", help="pin to these cores, e.g. 0 or 0,1"),
     cluster_token: str = typer.Option("", envvar="AGENTKV_CLUSTER_TOKEN", help="required on internal endpoints"),
     transfer: str = typer.Option("nixl", help="KV transfer backend: nixl | ucxx"),
+    transfer_timeout: float = typer.Option(10.0, help="seconds before a KV transfer is given up and recomputed"),
     advertise_host: str = typer.Option("", help="host other nodes use to reach this one"),
 ) -> None:
     """Run a worker: the engine behind the internal API, registered in the Redis index."""
@@ -64,7 +65,8 @@ def worker(
         WorkerConfig(
             redis_url=redis_url, role=role_value, host=host, port=port, node_id=node_id, model=model,
             block_size=block_size, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, threads=threads or None,
-            cpus=cpu_list, cluster_token=cluster_token or None, transfer=transfer, advertise_host=advertise_host or None,
+            cpus=cpu_list, cluster_token=cluster_token or None, transfer=transfer, transfer_timeout_s=transfer_timeout,
+            advertise_host=advertise_host or None,
         )
     )
 
@@ -97,6 +99,101 @@ def bench_index(
     from bench.index import run
 
     _emit(run(blocks=blocks, nodes=nodes, prefix_blocks=prefix_blocks), as_json)
+
+
+@app.command()
+def gateway(
+    port: int = typer.Option(8000, help="port of the OpenAI-compatible API"),
+    host: str = typer.Option("127.0.0.1"),
+    redis_url: str = typer.Option(..., envvar="AGENTKV_REDIS_URL", help="redis:// URL of the index and session store"),
+    api_keys: str = typer.Option("", envvar="AGENTKV_API_KEYS", help="key:tenant,key2:tenant2 or @file; none = open"),
+    session_ttl: float = typer.Option(300.0, envvar="AGENTKV_SESSION_TTL", help="seconds a session (and its pinned blocks) lives after a turn"),
+    cluster_token: str = typer.Option("", envvar="AGENTKV_CLUSTER_TOKEN", help="sent to the workers' internal API"),
+    tokenizer: str = typer.Option("", help="tokenizer dir or HF id (default: the workers' model path)"),
+    max_tokens: int = typer.Option(256, min=1, help="default max_tokens when a request gives none"),
+    routing: str = typer.Option("prefix", help="prefix (the cost function) | sticky | round_robin (baselines)"),
+) -> None:
+    """Serve the OpenAI-compatible gateway: sessions, prefix-aware routing, P/D orchestration."""
+    from gateway.config import GatewayConfig, RouterConfig, parse_api_keys
+    from gateway.server import run_gateway
+
+    try:
+        keys = parse_api_keys(api_keys)
+    except (OSError, ValueError) as exc:
+        _fail(f"--api-keys: {exc}")
+    if routing not in ("prefix", "sticky", "round_robin"):
+        _fail(f"--routing must be prefix, sticky or round_robin (got {routing!r})")
+    config = GatewayConfig(redis_url=redis_url, api_keys=keys, session_ttl_s=session_ttl, cluster_token=cluster_token or None,
+                           tokenizer=tokenizer or None, default_max_tokens=max_tokens, router=RouterConfig(policy=routing))  # fmt: skip
+    run_gateway(config, host=host, port=port)
+
+
+@app.command()
+def up(
+    port: int = typer.Option(8000, help="gateway port"),
+    model: str = typer.Option("smollm2", envvar="AGENTKV_MODEL"),
+    api_keys: str = typer.Option("", envvar="AGENTKV_API_KEYS", help="key:tenant,... (none = open local tenant)"),
+    redis_url: str = typer.Option("", help="use this Redis instead of an embedded Valkey"),
+    log_dir: str = typer.Option("", help="where the children's logs go (default: a temporary directory)"),
+) -> None:
+    """Run the whole stack here: Valkey, a prefill and a decode worker (one core each), the gateway."""
+    from pathlib import Path
+
+    from agentkv.stack import Stack, run_up
+
+    stack = Stack(port=port, model=model, api_keys=api_keys or None, redis_url=redis_url or None, log_dir=Path(log_dir) if log_dir else None)
+    raise typer.Exit(run_up(stack))
+
+
+@app.command()
+def demo(
+    as_json: bool = typer.Option(False, "--json", help='print one JSON object {"turns": [...]} instead of the table'),
+    port: int = typer.Option(8000, help="gateway port of the embedded stack"),
+) -> None:
+    """Start the embedded stack, run an agent session (examples/agent_loop.py), show the cache per turn."""
+    from agentkv.demo import DemoError, run_demo
+
+    try:
+        run_demo(port=port, as_json=as_json)
+    except DemoError as exc:
+        _fail(str(exc), code=1)
+
+
+@bench_app.command("agent")
+def bench_agent(
+    quick: bool = typer.Option(False, "--quick", help="small workloads sized to finish in under 10 minutes on 2 cores"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (progress goes to stderr)"),
+    out: str = typer.Option("", "--out", help="directory for agent.json, agent.md, plots and outcomes (default: a new temp dir)"),
+    modes: str = typer.Option("", help="comma list of modes (default: all): round_robin,sticky,prefix_aware,colocated,disaggregated,transformers_serve"),
+    trace: str = typer.Option("", help="replay this Mooncake-format trace (JSONL) instead of the synthetic agent workload"),
+    trace_length_scale: float = typer.Option(0.25, help="scale of the trace's prompt, block and output lengths"),
+    trace_time_scale: float = typer.Option(1.0, help="scale of the trace's inter-arrival times"),
+    trace_max_requests: int = typer.Option(0, help="replay only the first N requests (0: all)"),
+    sessions: int = typer.Option(0, help="agent sessions (0: the preset's)"),
+    turns: int = typer.Option(0, help="turns per agent session (0: the preset's)"),
+    max_tokens: int = typer.Option(0, help="output tokens per agent turn (0: the preset's)"),
+    model: str = typer.Option("smollm2", envvar="AGENTKV_MODEL"),
+) -> None:
+    """Agent traffic against routing policies, colocated vs disaggregated, and transformers serve."""
+    import msgspec
+
+    from bench.agent.mooncake import TraceError
+    from bench.agent.run import FULL_AGENT, QUICK_AGENT, TraceReplay, run
+
+    preset = QUICK_AGENT if quick else FULL_AGENT
+    changes = {k: v for k, v in {"sessions": sessions, "turns": turns, "max_tokens": max_tokens}.items() if v}
+    replay = TraceReplay(path=trace, length_scale=trace_length_scale, time_scale=trace_time_scale,
+                         max_requests=trace_max_requests or None) if trace else None  # fmt: skip
+    try:
+        result = run(quick=quick, out_dir=out or None, modes=[m.strip() for m in modes.split(",") if m.strip()] or None,
+                     model=model, agent=msgspec.structs.replace(preset, **changes), trace=replay)  # fmt: skip
+    except (ValueError, OSError, TraceError) as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        with open(result["files"]["markdown"]) as f:
+            sys.stdout.write(f.read())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import httpx
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
@@ -32,13 +33,16 @@ from litestar.exceptions import NotAuthorizedException, ServiceUnavailableExcept
 from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord, Role
 from kvstore.protocol import ErrorBody, GenerateRequest, PrefillRequest, PrefillResult, SamplingParams, TokenChunk
+from kvstore.pool import OutOfBlocks
 from kvstore.registry import NodeRegistry
+from kvstore.transfer import KVTransport, TransferError, TransferTimeout
 from kvstore.valkey import connect
-from workers.engine import Engine, InvalidRequest
+from workers.engine import AdoptedKV, Engine, InvalidRequest
 from workers.engine_loop import EngineLoop
 from workers.metrics import WorkerMetrics
 from workers.publisher import KVPublisher
@@ -63,6 +67,7 @@ class WorkerConfig:
     cpus: list[int] = field(default_factory=list)
     cluster_token: str | None = None
     transfer: str = "nixl"
+    transfer_timeout_s: float = 10.0
     heartbeat_ttl_s: float = 3.0
     drain_timeout_s: float = 5.0
     advertise_host: str | None = None
@@ -76,12 +81,17 @@ class WorkerConfig:
         return f"http://{self.advertise_host or self.host}:{self.port}"
 
 
+class PeerUnavailable(RuntimeError):
+    """The node named as the KV source cannot be reached or is not (or no longer) registered."""
+
+
 class Worker:
     """Everything the handlers share; built in the lifespan, so nothing is a module global."""
 
-    def __init__(self, config: WorkerConfig, engine: Engine, generation: int):
+    def __init__(self, config: WorkerConfig, engine: Engine, generation: int, transport: KVTransport | None = None):
         self.config = config
         self.engine = engine
+        self.transport = transport
         self.metrics = WorkerMetrics()
         self.draining = False
         self.record = NodeRecord(
@@ -93,6 +103,7 @@ class Worker:
             capacity_blocks=engine.pool.num_blocks,
             generation=generation,
             transfer_backend=config.transfer,
+            transfer_metadata=transport.metadata() if transport else b"",
             started_at=time.time(),
             model_name=engine.loaded.name,
             model_path=str(engine.loaded.path),
@@ -100,6 +111,8 @@ class Worker:
         )
         self.loop: EngineLoop | None = None
         self.publisher: KVPublisher | None = None
+        self.registry: NodeRegistry | None = None
+        self.transfer_fallbacks = 0
 
     def load(self) -> NodeLoad:
         e = self.engine
@@ -112,16 +125,98 @@ class Worker:
     async def start_generate(self, req: GenerateRequest) -> asyncio.Queue[TokenChunk]:
         self._check_accepting()
         self.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
+        adopted = None
         if req.remote_kv is not None and req.remote_kv.node_id != self.record.node_id:
-            # No transport is wired in this build step: compute locally (always correct).
-            self.metrics.transfer_fallbacks.inc()
+            adopted = await self.pull_remote_kv(req)
         return await self.loop.submit(
             req.request_id,
             lambda e: e.add_request(
                 req.request_id, req.prompt_token_ids, req.sampling,
-                session_id=req.session_id, pin_ttl_s=req.pin_ttl_s, hash_salt=req.hash_salt,
+                session_id=req.session_id, pin_ttl_s=req.pin_ttl_s, hash_salt=req.hash_salt, adopted=adopted,
             ),
         )
+
+    async def pull_remote_kv(self, req: GenerateRequest) -> AdoptedKV | None:
+        """Read from the prefill node only the blocks this pool lacks; None means "prefill here".
+
+        Our own cached leading blocks are referenced first (so nothing evicts them meanwhile), the
+        rest are reserved and filled by one transfer. Any failure (dead peer, timeout, no blocks,
+        unknown node) releases what we took and falls back to computing locally: a slower answer,
+        never a wrong one.
+        """
+        remote = req.remote_kv
+        n = len(remote.block_ids)
+
+        def reserve(engine: Engine) -> tuple[list[int], list[int]]:
+            engine.validate(req.prompt_token_ids, req.sampling)
+            own = engine.cached_prefix_blocks(req.prompt_token_ids[: remote.num_computed], req.hash_salt)[:n]
+            engine.pool.acquire(own)
+            try:
+                return own, engine.reserve_blocks(n - len(own))
+            except OutOfBlocks:
+                engine.pool.release(own)
+                raise
+
+        try:
+            own, fresh = await self.loop.call(reserve)
+        except OutOfBlocks as exc:
+            return self._fallback(remote, f"no room for the transfer ({exc})")
+        try:
+            if fresh:
+                await self._load_peer(remote)
+                handle = self.transport.read(
+                    remote.node_id, remote.block_ids[len(own) :], fresh,
+                    notif=req.request_id.encode(), timeout_s=self.config.transfer_timeout_s,
+                )
+                await handle.wait_async()
+            else:  # everything was local already: no read, so tell the prefill node to let go
+                await self._release_remote(remote)
+        except (TransferError, PeerUnavailable) as exc:
+            leaked = isinstance(exc, TransferTimeout) and exc.in_flight
+            await self.loop.call(lambda e: e.pool.release(own if leaked else own + fresh))
+            return self._fallback(remote, str(exc))
+        return AdoptedKV(
+            block_ids=own + fresh, num_computed=remote.num_computed, first_token=remote.first_token,
+            first_logprob=remote.first_logprob, local_blocks=len(own),
+        )
+
+    def _fallback(self, remote: PrefillResult, why: str) -> None:
+        log.warning("KV transfer from %s failed, recomputing locally: %s", remote.node_id, why)
+        self.metrics.transfer_fallbacks.inc()
+        self.transfer_fallbacks += 1
+        return None
+
+    async def _peer_record(self, remote: PrefillResult) -> NodeRecord:
+        """The sender as the registry knows it; metadata from anywhere else is never loaded."""
+        if self.transport is None or self.registry is None:
+            raise PeerUnavailable("this worker has no transport")
+        try:
+            record = await self.registry.get(remote.node_id)
+        except (RedisError, OSError) as exc:
+            raise PeerUnavailable(f"registry unreachable: {exc}") from exc
+        if record is None or record.generation != remote.generation:
+            raise PeerUnavailable(f"node {remote.node_id} (generation {remote.generation}) is not registered")
+        return record
+
+    async def _load_peer(self, remote: PrefillResult) -> None:
+        if self.transport.peers().get(remote.node_id) == remote.generation:
+            return
+        record = await self._peer_record(remote)
+        self.transport.add_peer(record.node_id, record.generation, record.transfer_metadata)
+
+    async def _release_remote(self, remote: PrefillResult) -> None:
+        record = await self._peer_record(remote)
+        headers = {TOKEN_HEADER: self.config.cluster_token} if self.config.cluster_token else {}
+        async with httpx.AsyncClient(timeout=5) as client:
+            await client.post(f"{record.address}/internal/release/{remote.request_id}", headers=headers)
+
+    async def release_on_read(self) -> None:
+        """Prefill side: a decode node's read notification ends the hold on those blocks."""
+        while True:
+            for note in self.transport.take_notifs():
+                if note.op == "read":
+                    self.release(note.notif.decode())
+            await asyncio.sleep(0.01)
 
     async def stream(self, request_id: str, chunks: asyncio.Queue[TokenChunk]) -> AsyncIterator[bytes]:
         """NDJSON lines until the final chunk; a consumer that goes away aborts the request."""
@@ -213,6 +308,8 @@ def health(worker: Worker) -> dict:
         "role": worker.record.role.value,
         "load": msgspec.to_builtins(worker.load()),
         "redis_connected": bool(worker.publisher and worker.publisher.connected),
+        "transfer": worker.transport.counters.snapshot() if worker.transport else None,
+        "transfer_fallbacks": worker.transfer_fallbacks,
     }
 
 
@@ -262,29 +359,34 @@ def _invalid_request(_: Request, exc: InvalidRequest) -> Response:
     return Response(ErrorBody(message=str(exc), code=exc.code, param=exc.param), status_code=400)
 
 
-def create_app(config: WorkerConfig, engine: Engine, generation: int) -> Litestar:
-    worker = Worker(config, engine, generation)
+def create_app(config: WorkerConfig, engine: Engine, generation: int, transport: KVTransport | None = None) -> Litestar:
+    worker = Worker(config, engine, generation, transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis = await connect(config.redis_url)
-        registry = NodeRegistry(redis)
+        registry = worker.registry = NodeRegistry(redis)
         worker.loop = EngineLoop(engine, asyncio.get_running_loop(), on_step=worker.on_step)
         worker.loop.start()
         worker.publisher = KVPublisher(
             worker.record, registry, BlockIndex(redis, registry=registry), worker.loop, worker.load,
             ttl_s=config.heartbeat_ttl_s,
         )
-        publishing = asyncio.create_task(worker.publisher.run(), name="kv-publisher")
+        tasks = [asyncio.create_task(worker.publisher.run(), name="kv-publisher")]
+        if worker.transport is not None:
+            tasks.append(asyncio.create_task(worker.release_on_read(), name="transfer-notifications"))
         try:
             yield
         finally:
             await worker.drain()
-            publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publishing
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await worker.publisher.deregister()
             worker.loop.stop()
+            if worker.transport is not None:
+                worker.transport.close()
             await redis.aclose()
 
     return Litestar(
@@ -298,14 +400,19 @@ def create_app(config: WorkerConfig, engine: Engine, generation: int) -> Litesta
 
 
 # -- process entry ----------------------------------------------------------------------------
-async def _preflight(config: WorkerConfig, record_of) -> int:
-    """Fail fast with one clear line: Redis unreachable, or a node that cannot join this cluster."""
+async def _next_generation(config: WorkerConfig) -> int:
     redis = await connect(config.redis_url)
     try:
-        registry = NodeRegistry(redis)
-        generation = await registry.next_generation(config.node_id)
-        await registry.register(record_of(generation), config.heartbeat_ttl_s)
-        return generation
+        return await NodeRegistry(redis).next_generation(config.node_id)
+    finally:
+        await redis.aclose()
+
+
+async def _register(config: WorkerConfig, record: NodeRecord) -> None:
+    """Fail fast: a node whose block size or model differs from the cluster's is refused here."""
+    redis = await connect(config.redis_url)
+    try:
+        await NodeRegistry(redis).register(record, config.heartbeat_ttl_s)
     finally:
         await redis.aclose()
 
@@ -316,6 +423,7 @@ def run_worker(config: WorkerConfig) -> None:
     import uvicorn
 
     from kvstore.registry import RegistryError
+    from kvstore.transfer import make_transport
     from kvstore.valkey import RedisUnavailable
     from workers.engine import EngineConfig
     from workers.loader import ModelNotFound, load_model
@@ -325,22 +433,17 @@ def run_worker(config: WorkerConfig) -> None:
         os.sched_setaffinity(0, config.cpus)
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     try:
-        asyncio.run(_check_redis(config.redis_url))
+        generation = asyncio.run(_next_generation(config))  # also: Redis reachable?
         model = load_model(config.model)
         engine = Engine(
             model,
             EngineConfig(block_size=config.block_size, kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), max_num_seqs=config.max_num_seqs),
         )
-        probe = Worker(config, engine, 0)
-        generation = asyncio.run(_preflight(config, lambda g: msgspec.structs.replace(probe.record, generation=g)))
-    except (RedisUnavailable, ModelNotFound, InvalidRequest, RegistryError) as exc:
+        transport = make_transport(config.transfer, config.node_id, engine.pool.kv, generation=generation, timeout_s=config.transfer_timeout_s)
+        app = create_app(config, engine, generation, transport)
+        asyncio.run(_register(config, app.state.worker.record))
+    except (RedisUnavailable, ModelNotFound, InvalidRequest, RegistryError, TransferError) as exc:
         print(f"agentkv worker: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = create_app(config, engine, generation)
     log.info("worker %s (%s) serving on %s", config.node_id, config.role.value, config.address)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=config.drain_timeout_s + 2)
-
-
-async def _check_redis(url: str) -> None:
-    redis = await connect(url)
-    await redis.aclose()
