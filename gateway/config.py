@@ -1,0 +1,85 @@
+"""Gateway configuration: one typed struct, built from CLI options and environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+import msgspec
+
+_TENANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # tenant ids are part of Redis keys: no ':'
+
+
+class RouterConfig(msgspec.Struct, kw_only=True):
+    """Weights of the router's cost function (docs/gateway.md#router); units are prompt tokens."""
+
+    # "prefix": the cost function. "sticky" / "round_robin": baselines for benchmarks (a session's
+    # last node, else decode nodes in turn; always local prefill; the index only feeds the header).
+    policy: Literal["prefix", "sticky", "round_robin"] = "prefix"
+    prefill_threshold_tokens: int = 64  # D lacking more than this may hand the prefill to a P node
+    load_tokens: float = 128.0  # cost of one running or waiting sequence on a node
+    affinity_tokens: float = 256.0  # bonus for the node that served the session's last turn
+    prefill_worth: float = 2.0  # P is used only if its cost <= prefill_worth x what D lacks
+    max_prefill_queue: int = 8  # a P node with more waiting prefills than this is skipped
+    index_timeout_s: float = 0.25  # lookup slower than this -> DEGRADED for this request
+
+
+class GatewayConfig(msgspec.Struct, kw_only=True):
+    redis_url: str = "redis://127.0.0.1:6379"
+    namespace: str = "akv"  # key prefix shared with the workers' registry and index
+    api_keys: dict[str, str] = msgspec.field(default_factory=dict)  # API key -> tenant id; empty = open
+    cluster_token: str | None = None  # sent to workers as x-agentkv-token
+    session_ttl_s: float = 300.0
+    max_session_ttl_s: float = 24 * 3600.0
+    default_max_tokens: int = 256
+    default_temperature: float = 1.0  # OpenAI's default
+    model_name: str | None = None  # name shown in /v1/models (default: the workers' model name)
+    tokenizer: str | None = None  # tokenizer directory or HF id (default: the workers' model_path)
+    worker_connect_timeout_s: float = 5.0
+    worker_read_timeout_s: float = 300.0  # longest silence on a worker stream (queueing, long prefill)
+    prefill_hold_timeout_s: float = 30.0
+    node_refresh_s: float = 1.0
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+
+    def open_access(self) -> bool:
+        return not self.api_keys
+
+
+def parse_api_keys(spec: str | None) -> dict[str, str]:
+    """`key1:tenant-a,key2:tenant-b` (a key without `:tenant` gets a tenant of its own), or
+    `@path` to a file with one `key[:tenant]` per line. Keys are secrets: never logged."""
+    if not spec:
+        return {}
+    if spec.startswith("@"):
+        with open(spec[1:], encoding="utf-8") as f:
+            items = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        items = [item.strip() for item in spec.split(",") if item.strip()]
+    keys: dict[str, str] = {}
+    for n, item in enumerate(items):
+        key, _, tenant = item.partition(":")
+        if not key:
+            raise ValueError(f"API key #{n + 1} is empty")
+        tenant = tenant or f"tenant-{n + 1}"
+        if not _TENANT_ID.fullmatch(tenant):
+            raise ValueError(f"tenant name {tenant!r} (key #{n + 1}): use 1-64 letters, digits, '.', '_' or '-'")
+        keys[key] = tenant
+    return keys
+
+
+def config_from_env(**overrides: object) -> GatewayConfig:
+    """Defaults <- AGENTKV_* environment <- explicit overrides (None means "not given")."""
+    env = {
+        "redis_url": os.environ.get("AGENTKV_REDIS_URL"),
+        "api_keys": parse_api_keys(os.environ.get("AGENTKV_API_KEYS")) or None,
+        "cluster_token": os.environ.get("AGENTKV_CLUSTER_TOKEN"),
+        "session_ttl_s": _float(os.environ.get("AGENTKV_SESSION_TTL")),
+    }
+    fields = {k: v for k, v in env.items() if v is not None}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(fields, GatewayConfig)
+
+
+def _float(value: str | None) -> float | None:
+    return None if value in (None, "") else float(value)

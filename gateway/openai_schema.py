@@ -1,0 +1,260 @@
+"""OpenAI wire format (the subset agentkv serves) as msgspec Structs.
+
+Unknown request fields are ignored (msgspec's default), so clients that send newer or vendor
+fields keep working. Response structs omit None fields the way OpenAI's own responses do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+# ---------------------------------------------------------------------------------------- requests
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; some clients send an object
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: str = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    type: str = "function"
+    function: NamedFunction
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[ChatMessage]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    logprobs: bool | None = None
+    # agentkv extensions (send with the openai client's `extra_body`)
+    session_id: str | None = None
+    session_ttl_s: float | None = None
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str | list[Any]  # a string, token ids, or a one-element list of either
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = 16  # OpenAI's default for legacy completions
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    session_id: str | None = None
+    session_ttl_s: float | None = None
+
+
+# --------------------------------------------------------------------------------------- responses
+
+
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
+
+
+class RouteStats(msgspec.Struct, kw_only=True):
+    """agentkv's per-turn accounting (an extension field of `usage`)."""
+
+    mode: str = "exact"
+    decode_node: str = ""
+    prefill_node: str | None = None
+    session_id: str | None = None
+    prefilled_tokens: int = 0  # prompt tokens computed for this turn (on P and/or D)
+    transferred_tokens: int = 0  # prompt tokens whose KV moved P -> D
+    transferred_blocks: int = 0
+    transferred_bytes: int = 0
+    ledger: str | None = None  # "extended" (exact-token continuation) | "full" | None
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    agentkv: RouteStats | None = None
+
+
+class ToolCallFunction(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallOut(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int | None = None  # only in stream deltas
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunction | None = None
+
+
+class AssistantMessage(msgspec.Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+    refusal: str | None = None
+
+
+class Choice(msgspec.Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    object: str = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None = None
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    object: str = "text_completion"
+    usage: Usage | None = None
+
+
+class Model(msgspec.Struct, kw_only=True):
+    id: str
+    created: int
+    owned_by: str = "agentkv"
+    object: str = "model"
+    max_model_len: int | None = None
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    data: list[Model]
+    object: str = "list"
+
+
+# ---------------------------------------------------------------------------------------- sessions
+
+
+class SessionCreate(msgspec.Struct, kw_only=True):
+    id: str | None = None  # default: a fresh random id
+    ttl_s: float | None = None
+
+
+class SessionOut(msgspec.Struct, kw_only=True):
+    id: str
+    tenant: str
+    created_at: float
+    last_used_at: float
+    expires_at: float
+    ttl_s: float
+    turns: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    transferred_tokens: int
+    transferred_blocks: int
+    node: str | None = None  # decode node of the last turn (where the session's blocks are pinned)
+    object: str = "session"
+
+
+class SessionList(msgspec.Struct, kw_only=True):
+    data: list[SessionOut]
+    object: str = "list"
+
+
+class SessionDeleted(msgspec.Struct, kw_only=True):
+    id: str
+    deleted: bool = True
+    unpinned_nodes: list[str] = msgspec.field(default_factory=list)
+    object: str = "session.deleted"

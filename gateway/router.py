@@ -1,0 +1,182 @@
+"""The router: where a turn runs, so that as little as possible is recomputed or moved.
+
+Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; docs/gateway.md):
+
+    miss(n)   = prompt_tokens - cached_tokens(n)             tokens node n would have to obtain
+    busy(n)   = load_tokens * (running(n) + waiting(n))      + full_penalty if n lacks free blocks
+    decode(n) = miss(n) + busy(n) - affinity_tokens * [n served the session's last turn]
+    D         = argmin decode(n) over decode-capable nodes   (ties: node id)
+    P         = argmin miss(p) + busy(p) over prefill-capable p != D with waiting(p) <= max_prefill_queue
+    use P  iff  miss(D) > prefill_threshold_tokens  and  miss(P) + busy(P) <= prefill_worth * miss(D)
+
+So D is the node that already holds most of the prompt unless it is much busier; a prefill node
+takes the prompt when D lacks a lot of it and P is not itself the bottleneck (and does not have
+to compute far more than D lacks); otherwise D prefills locally. Affinity is a score term: it
+breaks near-ties toward the session's node and is all that is left when the index is unreachable.
+
+Modes: EXACT (the index answered: cached_tokens are real) and DEGRADED (the lookup failed or took
+longer than index_timeout_s: every cached_tokens is 0, so load and affinity decide, from the last
+node snapshot). The mode is in metrics and in each response's `x-agentkv-route` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+
+from redis.exceptions import RedisError
+
+from gateway.config import RouterConfig
+from gateway.errors import ClusterMisconfigured, NoWorkers
+from kvstore.index import BlockIndex
+from kvstore.nodes import NodeLoad, NodeRecord, Role
+
+log = logging.getLogger("agentkv.gateway")
+
+FULL_PENALTY_SEQS = 4  # a node without room for the request costs like 4 more queued sequences
+
+
+class RouteMode(str, Enum):
+    EXACT = "exact"
+    DEGRADED = "degraded"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    record: NodeRecord
+    load: NodeLoad
+    cached_blocks: int = 0
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
+
+@dataclass
+class Route:
+    mode: RouteMode
+    decode: NodeRecord
+    prefill: NodeRecord | None
+    prompt_tokens: int
+    block_size: int
+    decode_cached_tokens: int  # what the index says D holds of the prompt
+    prefill_cached_tokens: int = 0
+    costs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "disaggregated" if self.prefill else "local"
+
+    @property
+    def planned_transfer_blocks(self) -> int:
+        """Blocks D is expected to pull from P: every prompt block it does not hold."""
+        if self.prefill is None:
+            return 0
+        return -(-self.prompt_tokens // self.block_size) - self.decode_cached_tokens // self.block_size
+
+    def nodes(self) -> list[NodeRecord]:
+        return [n for n in (self.prefill, self.decode) if n is not None]
+
+
+def check_compatible(records: list[NodeRecord]) -> None:
+    """Refuse loudly when live nodes disagree: their hashes would never match each other's."""
+    kinds = {(r.block_size, r.model_fingerprint) for r in records}
+    if len(kinds) > 1:
+        detail = ", ".join(f"{r.node_id}: block_size={r.block_size} model={r.model_fingerprint}" for r in records)
+        log.error("live nodes disagree on block size or model; refusing to route: %s", detail)
+        raise ClusterMisconfigured(
+            f"the live workers disagree on block size or model ({detail}); run them all with the same model and --block-size"
+        )
+
+
+def choose_route(
+    candidates: list[Candidate],
+    prompt_tokens: int,
+    max_tokens: int,
+    config: RouterConfig,
+    *,
+    mode: RouteMode = RouteMode.EXACT,
+    affinity: str | None = None,
+) -> Route:
+    """The cost function itself: pure, so it is tested without Redis or workers."""
+    if not candidates:
+        raise NoWorkers("no worker is registered: start one with `agentkv worker` (or use `agentkv up`)")
+    check_compatible([c.record for c in candidates])
+    bs = candidates[0].record.block_size
+
+    def cached(c: Candidate) -> int:
+        return min(c.cached_blocks * bs, prompt_tokens)
+
+    def busy(c: Candidate, need_tokens: int) -> float:
+        cost = config.load_tokens * (c.load.running + c.load.waiting)
+        need_blocks = -(-need_tokens // bs)
+        if c.load.total_blocks and c.load.free_blocks < need_blocks:
+            cost += config.load_tokens * FULL_PENALTY_SEQS
+        return cost
+
+    costs: dict[str, float] = {}
+    decoders = [c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)]
+    if not decoders:
+        raise NoWorkers("no decode-capable worker is live (only prefill nodes): start one with --role decode or both")
+    for c in decoders:
+        miss = prompt_tokens - cached(c)
+        costs[f"decode:{c.node_id}"] = miss + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
+    d = min(decoders, key=lambda c: (costs[f"decode:{c.node_id}"], c.node_id))
+    d_miss = prompt_tokens - cached(d)
+    route = Route(mode, d.record, None, prompt_tokens, bs, cached(d), costs=costs)
+    if d_miss <= config.prefill_threshold_tokens:
+        return route
+    prefillers = [
+        c for c in candidates
+        if c.record.role in (Role.PREFILL, Role.BOTH) and c.node_id != d.node_id and c.load.waiting <= config.max_prefill_queue
+    ]  # fmt: skip
+    for c in prefillers:
+        costs[f"prefill:{c.node_id}"] = (prompt_tokens - cached(c)) + busy(c, prompt_tokens)
+    if not prefillers:
+        return route
+    p = min(prefillers, key=lambda c: (costs[f"prefill:{c.node_id}"], c.node_id))
+    if costs[f"prefill:{p.node_id}"] <= config.prefill_worth * d_miss:
+        route.prefill, route.prefill_cached_tokens = p.record, cached(p)
+    return route
+
+
+def choose_baseline(candidates: list[Candidate], prompt_tokens: int, policy: str, turn: int, *,
+                    mode: RouteMode = RouteMode.EXACT, affinity: str | None = None) -> Route:  # fmt: skip
+    """The policies prefix-aware routing is measured against: `sticky` (the session's last node,
+    else in turn) and `round_robin` (decode nodes in turn). The chosen node always prefills locally."""
+    decoders = sorted((c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)), key=lambda c: c.node_id)
+    if not decoders:
+        return choose_route(candidates, prompt_tokens, 0, RouterConfig())  # raises the right NoWorkers
+    check_compatible([c.record for c in candidates])
+    by_id = {c.node_id: c for c in decoders}
+    d = by_id[affinity] if policy == "sticky" and affinity in by_id else decoders[turn % len(decoders)]
+    bs = d.record.block_size
+    return Route(mode, d.record, None, prompt_tokens, bs, min(d.cached_blocks * bs, prompt_tokens))
+
+
+class Router:
+    """Looks up the prompt's blocks in the index (or falls back to the node snapshot) and decides."""
+
+    def __init__(self, index: BlockIndex, snapshot, config: RouterConfig) -> None:
+        self.index = index
+        self.snapshot = snapshot  # () -> list[(NodeRecord, NodeLoad)]: the cluster's last view
+        self.config = config
+        self._turns = itertools.count()  # round-robin position of the baseline policies
+
+    async def choose(self, block_hashes: list[int], prompt_tokens: int, max_tokens: int, affinity: str | None,
+                     exclude: frozenset[str] = frozenset()) -> Route:  # fmt: skip
+        try:
+            found = await asyncio.wait_for(self.index.lookup_with_nodes(block_hashes), self.config.index_timeout_s)
+            candidates = [Candidate(rec, load, matched) for rec, load, matched in found]
+            mode = RouteMode.EXACT
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("block index unavailable (%s): routing DEGRADED on load and affinity", exc or type(exc).__name__)
+            candidates = [Candidate(rec, load, 0) for rec, load in self.snapshot()]
+            mode = RouteMode.DEGRADED
+        candidates = [c for c in candidates if c.node_id not in exclude]
+        if self.config.policy != "prefix":
+            return choose_baseline(candidates, prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)
+        return choose_route(candidates, prompt_tokens, max_tokens, self.config, mode=mode, affinity=affinity)

@@ -1,0 +1,222 @@
+"""Agent sessions in Redis, so every gateway replica sees the same sessions and ledgers.
+
+A session is one agent's conversation: which node holds its blocks (affinity), running totals,
+a TTL that slides with every turn, and its exact-token ledger (gateway/ledger.py). Sessions are
+created explicitly (`POST /v1/sessions`) or implicitly by the first request that names them. They
+belong to one tenant: every key embeds the tenant id, so another tenant's id is simply unknown
+(404), and the id the workers pin blocks under is a digest of (tenant, id).
+
+Layout (prefix `{namespace}:gw:`), all keys expiring `ttl_s` after the last turn:
+
+    sess:{tenant}:{id}     HASH   created, last_used, ttl, node, turns and token counters
+    nodes:{tenant}:{id}    SET    nodes that served a turn (unpinned on DELETE)
+    ledger:{tenant}:{id}   STRING msgpack Ledger
+    sessions:{tenant}      ZSET   id -> expires_at (listing; expired members pruned on read)
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import msgspec
+import redis.asyncio as aredis
+import xxhash
+from redis.exceptions import RedisError
+
+from gateway.errors import InvalidRequest, SessionNotFound, StateUnavailable
+from gateway.ledger import Ledger
+from gateway.openai_schema import SessionOut
+
+# Header names agent tools already send, most specific first (Dynamo's canonical header, Claude
+# Code's and Codex's), then our own.
+SESSION_HEADERS = ("x-session-id", "x-dynamo-session-id", "x-claude-code-session-id", "session-id")
+COUNTERS = ("turns", "prompt_tokens", "completion_tokens", "cached_tokens", "prefilled_tokens",
+            "transferred_tokens", "transferred_blocks")  # fmt: skip
+
+_encode_ledger = msgspec.msgpack.Encoder().encode
+_decode_ledger = msgspec.msgpack.Decoder(Ledger).decode
+
+
+class TurnStats(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    transferred_tokens: int = 0
+    transferred_blocks: int = 0
+
+
+@dataclass
+class Session:
+    id: str
+    tenant: str
+    ttl_s: float
+    node: str | None  # decode node of the last turn
+    ledger: Ledger | None
+
+    @property
+    def worker_key(self) -> str:
+        """The id workers pin this session's blocks under: unique across tenants, reveals nothing."""
+        return worker_session_key(self.tenant, self.id)
+
+
+def worker_session_key(tenant: str, session_id: str) -> str:
+    return "s" + xxhash.xxh3_128_hexdigest(f"{tenant}\0{session_id}".encode())
+
+
+def validate_session_id(session_id: str) -> str:
+    if not 0 < len(session_id) <= 256 or any(ch.isspace() or not ch.isprintable() for ch in session_id):
+        raise InvalidRequest("a session id has 1-256 printable characters and no spaces", param="session_id")
+    return session_id
+
+
+class SessionStore:
+    def __init__(self, redis: aredis.Redis, namespace: str, default_ttl_s: float, max_ttl_s: float) -> None:
+        self.redis = redis
+        self.prefix = f"{namespace}:gw:"
+        self.default_ttl_s = default_ttl_s
+        self.max_ttl_s = max_ttl_s
+
+    def ttl(self, requested: float | None, current: float | None = None) -> float:
+        ttl = requested if requested is not None else (current or self.default_ttl_s)
+        if not 0 < ttl <= self.max_ttl_s:
+            raise InvalidRequest(f"session TTL must be in (0, {self.max_ttl_s:g}] seconds, got {ttl:g}", param="session_ttl_s")
+        return ttl
+
+    # -- the request path -----------------------------------------------------------------
+    async def open(self, tenant: str, session_id: str, ttl_s: float | None = None) -> Session:
+        """The named session of `tenant`, created if new; its ledger loaded."""
+        validate_session_id(session_id)
+        ttl = self.ttl(ttl_s)  # validate before touching Redis
+        keys = self._keys(tenant, session_id)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(keys.hash, "ttl", "node")
+            pipe.get(keys.ledger)
+            (stored_ttl, node), raw_ledger = await pipe.execute()
+            if stored_ttl is None:
+                await self._create(tenant, session_id, ttl)
+            else:
+                ttl = self.ttl(ttl_s, float(stored_ttl))
+        except RedisError as exc:
+            raise StateUnavailable(f"session store unreachable: {exc}") from None
+        ledger = None
+        if raw_ledger:
+            try:
+                ledger = _decode_ledger(raw_ledger)
+            except msgspec.DecodeError:
+                ledger = None  # written by an incompatible gateway version: start afresh
+        return Session(session_id, tenant, ttl, node.decode() if node else None, ledger)
+
+    async def record_turn(self, session: Session, stats: TurnStats, node_id: str, ledger: Ledger | None) -> None:
+        """Count the turn, remember where its blocks are pinned and the next ledger; slide the TTL."""
+        keys = self._keys(session.tenant, session.id)
+        now = time.time()
+        ttl_ms = int(session.ttl_s * 1000)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(keys.hash, "turns", 1)
+        for name in COUNTERS[1:]:
+            pipe.hincrby(keys.hash, name, getattr(stats, name))
+        pipe.hset(keys.hash, mapping={"last_used": repr(now), "node": node_id, "ttl": repr(session.ttl_s)})
+        pipe.hsetnx(keys.hash, "created", repr(now))
+        pipe.sadd(keys.nodes, node_id)
+        if ledger is not None:
+            pipe.set(keys.ledger, _encode_ledger(ledger), px=ttl_ms)
+        else:
+            pipe.delete(keys.ledger)
+        pipe.pexpire(keys.hash, ttl_ms)
+        pipe.pexpire(keys.nodes, ttl_ms)
+        pipe.zadd(keys.index, {session.id: now + session.ttl_s})
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            raise StateUnavailable(f"session store unreachable: {exc}") from None
+
+    # -- the sessions API -----------------------------------------------------------------
+    async def create(self, tenant: str, session_id: str | None, ttl_s: float | None) -> tuple[SessionOut, bool]:
+        """(the session, whether it was created now). An existing id is returned as it is."""
+        session_id = validate_session_id(session_id) if session_id else "sess_" + secrets.token_hex(12)
+        ttl = self.ttl(ttl_s)
+        created = await self._create(tenant, session_id, ttl)
+        return await self.get(tenant, session_id), created
+
+    async def get(self, tenant: str, session_id: str) -> SessionOut:
+        raw = await self._guard(self.redis.hgetall(self._keys(tenant, session_id).hash))
+        if not raw:
+            raise SessionNotFound(f"no session {session_id!r} (it expired, was deleted, or belongs to another API key)")
+        return _session_out(tenant, session_id, raw)
+
+    async def list(self, tenant: str) -> list[SessionOut]:
+        index = self._keys(tenant, "").index
+        now = time.time()
+        await self._guard(self.redis.zremrangebyscore(index, "-inf", now))
+        ids = [x.decode() for x in await self._guard(self.redis.zrangebyscore(index, now, "+inf"))]
+        pipe = self.redis.pipeline(transaction=False)
+        for session_id in ids:
+            pipe.hgetall(self._keys(tenant, session_id).hash)
+        raws = await self._guard(pipe.execute())
+        return [_session_out(tenant, sid, raw) for sid, raw in zip(ids, raws) if raw]
+
+    async def delete(self, tenant: str, session_id: str) -> list[str]:
+        """Forget the session; returns the nodes that may hold its pinned blocks."""
+        keys = self._keys(tenant, session_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.exists(keys.hash)
+        pipe.smembers(keys.nodes)
+        pipe.delete(keys.hash, keys.nodes, keys.ledger)
+        pipe.zrem(keys.index, session_id)
+        exists, nodes, _, _ = await self._guard(pipe.execute())
+        if not exists:
+            raise SessionNotFound(f"no session {session_id!r} (it expired, was deleted, or belongs to another API key)")
+        return sorted(n.decode() for n in nodes)
+
+    # -- internals ------------------------------------------------------------------------
+    async def _create(self, tenant: str, session_id: str, ttl: float) -> bool:
+        keys = self._keys(tenant, session_id)
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hsetnx(keys.hash, "created", repr(now))
+        pipe.hsetnx(keys.hash, "last_used", repr(now))
+        pipe.hsetnx(keys.hash, "ttl", repr(ttl))
+        pipe.pexpire(keys.hash, int(ttl * 1000))
+        pipe.zadd(keys.index, {session_id: now + ttl})
+        created, *_ = await self._guard(pipe.execute())
+        return bool(created)
+
+    def _keys(self, tenant: str, session_id: str) -> _Keys:
+        p = self.prefix
+        return _Keys(f"{p}sess:{tenant}:{session_id}", f"{p}nodes:{tenant}:{session_id}",
+                     f"{p}ledger:{tenant}:{session_id}", f"{p}sessions:{tenant}")  # fmt: skip
+
+    @staticmethod
+    async def _guard(awaitable):
+        try:
+            return await awaitable
+        except RedisError as exc:
+            raise StateUnavailable(f"session store unreachable: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Keys:
+    hash: str
+    nodes: str
+    ledger: str
+    index: str
+
+
+def _session_out(tenant: str, session_id: str, raw: dict[bytes, bytes]) -> SessionOut:
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+    last_used = float(f.get("last_used", 0))
+    ttl = float(f.get("ttl", 0))
+    return SessionOut(
+        id=session_id,
+        tenant=tenant,
+        created_at=float(f.get("created", last_used)),
+        last_used_at=last_used,
+        expires_at=last_used + ttl,
+        ttl_s=ttl,
+        node=f.get("node"),
+        **{name: int(f.get(name, 0)) for name in COUNTERS},
+    )

@@ -1,0 +1,361 @@
+"""The gateway's HTTP API in-process, in front of fake workers and a real Valkey (fast)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gateway_fakes import FakeWorker, fake_gateway, tokenizer  # noqa: F401  (fixture)
+
+from gateway.config import GatewayConfig, RouterConfig
+from gateway.sessions import worker_session_key
+from kvstore.index import BlockIndex
+from kvstore.nodes import Role
+from kvstore.protocol import GenerateRequest, PrefillRequest
+
+KEYS = GatewayConfig(api_keys={"key-a": "alice", "key-b": "bob"})
+A = {"authorization": "Bearer key-a"}
+B = {"authorization": "Bearer key-b"}
+LONG_SYSTEM = "You are a coding agent. " + " ".join(f"Rule {i}: check every tool result." for i in range(30))
+TOOL_REPLY = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def chat(content: str = "Hi", **extra) -> dict:
+    return {"model": "anything", "messages": [{"role": "user", "content": content}], "temperature": 0, **extra}
+
+
+@pytest.fixture
+def workers(tokenizer):
+    def make(*specs: tuple[str, Role], **kw) -> list[FakeWorker]:
+        return [FakeWorker(node_id, role, tokenizer, model_path="unused", **kw) for node_id, role in specs]
+
+    return make
+
+
+@pytest.fixture
+def gateway(aio, redis_client, tokenizer):
+    """gateway(workers, scenario, config=...): runs `await scenario(client, cluster)` against a fresh app."""
+
+    def run(fakes, scenario, config=None):
+        async def main():
+            async with fake_gateway(redis_client, tokenizer, fakes, config) as (client, cluster):
+                return await scenario(client, cluster)
+
+        return aio.run(main())
+
+    return run
+
+
+def route_of(response) -> dict[str, str]:
+    return dict(part.strip().split("=", 1) for part in response.headers["x-agentkv-route"].split(";"))
+
+
+# -- OpenAI surface ------------------------------------------------------------------------------
+
+
+def test_chat_completion_has_the_openai_shape_usage_and_route_header(gateway, workers):
+    async def scenario(client, cluster):
+        r = await client.post("/v1/chat/completions", json=chat(), headers=A)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello from the fake.", "tool_calls": None, "refusal": None}
+        assert body["choices"][0]["finish_reason"] == "stop"
+        usage = body["usage"]
+        assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == len(cluster.workers["d1"].reply_ids())
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+        route = route_of(r)
+        assert route["mode"] == "exact" and route["decode"] == "d1" and route["source"] == "actual"
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_streaming_chat_sends_role_content_finish_usage_and_done(gateway, workers):
+    async def scenario(client, cluster):
+        body = chat(stream=True, stream_options={"include_usage": True})
+        r = await client.post("/v1/chat/completions", json=body, headers=A)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == "Hello from the fake."
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(cluster.workers["d1"].reply_ids())
+        assert route_of(r)["source"] == "planned"
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_tool_call_output_becomes_structured_calls_whole_and_streamed(gateway, workers):
+    fakes = workers(("d1", Role.DECODE), reply=TOOL_REPLY)
+
+    async def scenario(client, cluster):
+        r = await client.post("/v1/chat/completions", json=chat("Weather?", tools=[WEATHER]), headers=A)
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        assert GenerateRequest is type(cluster.workers["d1"].requests[-1])
+        assert "</tool_call>" in cluster.workers["d1"].requests[-1].sampling.stop
+
+        r = await client.post("/v1/chat/completions", json=chat("Weather?", tools=[WEATHER], stream=True), headers=A)
+        deltas = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines() if line.startswith("data: {")]
+        calls = [d["delta"]["tool_calls"][0] for d in deltas if d["delta"].get("tool_calls")]
+        assert calls[0]["index"] == 0 and calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_weather"
+        assert all("id" not in c and "name" not in c["function"] for c in calls[1:])
+        assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Paris"}
+        assert deltas[-1]["finish_reason"] == "tool_calls"
+
+        r = await client.post("/v1/chat/completions", json=chat("Weather?", tools=[WEATHER], tool_choice="none"), headers=A)
+        assert r.json()["choices"][0]["message"]["content"] == TOOL_REPLY  # none: no parsing
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_completions_and_models(gateway, workers):
+    async def scenario(client, cluster):
+        r = await client.post("/v1/completions", json={"model": "m", "prompt": "Once upon", "max_tokens": 3}, headers=A)
+        body = r.json()
+        assert r.status_code == 200 and body["object"] == "text_completion"
+        assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
+        r = await client.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3], "stream": True}, headers=A)
+        assert r.text.rstrip().endswith("data: [DONE]")
+        models = (await client.get("/v1/models", headers=A)).json()
+        assert models["object"] == "list" and models["data"][0]["id"] == "fake-smollm2"
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_errors_use_the_openai_envelope_and_status(gateway, workers):
+    fakes = workers(("d1", Role.DECODE), max_model_len=64)
+
+    async def scenario(client, cluster):
+        cases = [
+            (await client.post("/v1/chat/completions", content=b'{"model": "m", "messages": [', headers={**A, "content-type": "application/json"}), 400, None),
+            (await client.post("/v1/chat/completions", json={"model": "m", "messages": "hi"}, headers=A), 400, None),
+            (await client.post("/v1/chat/completions", json=chat(n=2), headers=A), 400, "unsupported_parameter"),
+            (await client.post("/v1/chat/completions", json=chat("word " * 100), headers=A), 400, "context_length_exceeded"),
+            (await client.post("/v1/chat/completions", json=chat(max_tokens=0), headers=A), 400, "invalid_request"),
+            (await client.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer nope"}), 401, "invalid_api_key"),
+            (await client.post("/v1/chat/completions", json=chat()), 401, "invalid_api_key"),
+            (await client.get("/v1/models", headers=B | {"authorization": "Bearer x"}), 401, "invalid_api_key"),
+            (await client.get("/v1/sessions/unknown", headers=A), 404, "session_not_found"),
+            (await client.post("/v1/chat/completions", json=chat(tool_choice="required"), headers=A), 400, "invalid_request"),
+        ]
+        for n, (r, status, code) in enumerate(cases):
+            assert r.status_code == status, (n, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], (n, err)
+            if code:
+                assert err["code"] == code, (n, err)
+        assert cases[0][0].json()["error"]["type"] == "invalid_request_error"
+        assert cases[3][0].json()["error"]["param"] == "messages"
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_no_workers_is_a_503_and_a_worker_refusal_is_passed_through(gateway, workers):
+    async def scenario(client, cluster):
+        r = await client.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_workers"
+
+    gateway([], scenario)
+
+
+# -- sessions and tenants -------------------------------------------------------------------------
+
+
+def test_session_turns_extend_the_ledger_hit_the_cache_and_pin_on_the_decode_node(gateway, workers):
+    fakes = workers(("d1", Role.DECODE), ("d2", Role.DECODE))
+
+    async def scenario(client, cluster):
+        messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Start."}]
+        headers = {**A, "x-session-id": "agent-1"}
+        r1 = await client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "session_ttl_s": 60}, headers=headers)
+        u1 = r1.json()["usage"]
+        assert r1.headers["x-session-id"] == "agent-1" and u1["agentkv"]["ledger"] == "full"
+        node = u1["agentkv"]["decode_node"]
+        messages += [{"role": "assistant", "content": "Hello from the fake."}, {"role": "user", "content": "Go on."}]
+        r2 = await client.post("/v1/chat/completions", json={"model": "m", "messages": messages}, headers=headers)
+        u2 = r2.json()["usage"]
+        assert u2["agentkv"]["ledger"] == "extended" and u2["agentkv"]["decode_node"] == node
+        assert u2["prompt_tokens_details"]["cached_tokens"] >= 0.9 * (u1["prompt_tokens"] + u1["completion_tokens"]) - 16
+        last = cluster.workers[node].requests[-1]
+        assert last.session_id == worker_session_key("alice", "agent-1") and last.pin_ttl_s == 60
+        assert cluster.workers[node].pins[last.session_id] > 0
+
+        info = (await client.get("/v1/sessions/agent-1", headers=A)).json()
+        assert info["turns"] == 2 and info["tenant"] == "alice" and info["node"] == node and info["ttl_s"] == 60
+        assert info["cached_tokens"] == u2["prompt_tokens_details"]["cached_tokens"]
+        assert (await client.get("/v1/sessions/agent-1", headers=B)).status_code == 404  # another tenant's id
+        deleted = (await client.delete("/v1/sessions/agent-1", headers=A)).json()
+        assert deleted["deleted"] and deleted["unpinned_nodes"] == [node]
+        assert cluster.workers[node].pins == {}
+        assert (await client.get("/v1/sessions/agent-1", headers=A)).status_code == 404
+        assert (await client.delete("/v1/sessions/agent-1", headers=A)).status_code == 404
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_sessions_api_create_list_and_the_session_sources(gateway, workers):
+    async def scenario(client, cluster):
+        r = await client.post("/v1/sessions", json={"id": "s1", "ttl_s": 30}, headers=A)
+        assert r.status_code == 201 and r.json()["ttl_s"] == 30 and r.json()["turns"] == 0
+        assert (await client.post("/v1/sessions", json={"id": "s1"}, headers=A)).status_code == 200
+        fresh = (await client.post("/v1/sessions", headers=A)).json()
+        assert "id" in fresh, fresh
+        assert fresh["id"].startswith("sess_")
+        for headers, body in [({"x-dynamo-session-id": "s2"}, {}), ({"x-claude-code-session-id": "s3"}, {}),
+                              ({}, {"prompt_cache_key": "s4"}), ({}, {"user": "s5"})]:  # fmt: skip
+            r = await client.post("/v1/chat/completions", json=chat(**body), headers={**A, **headers})
+            assert r.status_code == 200
+        ids = {s["id"] for s in (await client.get("/v1/sessions", headers=A)).json()["data"]}
+        assert ids == {"s1", fresh["id"], "s2", "s3", "s4", "s5"}
+        assert (await client.get("/v1/sessions", headers=B)).json()["data"] == []
+        bad = await client.post("/v1/chat/completions", json=chat(session_ttl_s=-1), headers={**A, "x-session-id": "s6"})
+        assert bad.status_code == 400
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_the_same_prompt_under_two_tenants_shares_no_cache(gateway, workers):
+    async def scenario(client, cluster):
+        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
+        first = (await client.post("/v1/chat/completions", json=body, headers=A)).json()["usage"]
+        again = (await client.post("/v1/chat/completions", json=body, headers=A)).json()["usage"]
+        other = (await client.post("/v1/chat/completions", json=body, headers=B)).json()["usage"]
+        assert first["prompt_tokens_details"]["cached_tokens"] == 0
+        assert again["prompt_tokens_details"]["cached_tokens"] > 0.8 * again["prompt_tokens"]
+        assert other["prompt_tokens_details"]["cached_tokens"] == 0
+        salts = {r.hash_salt for r in cluster.workers["d1"].requests}
+        assert salts == {"tenant:alice", "tenant:bob"}
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+# -- routing and orchestration ----------------------------------------------------------------------
+
+
+def test_a_long_prompt_is_prefilled_on_p_and_its_hold_released(gateway, workers):
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+
+    async def scenario(client, cluster):
+        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
+        r = await client.post("/v1/chat/completions", json=body, headers=A)
+        route = route_of(r)
+        assert route["prefill"] == "p1" and route["decode"] == "d1"
+        p, d = cluster.workers["p1"], cluster.workers["d1"]
+        assert isinstance(p.requests[-1], PrefillRequest) and d.requests[-1].remote_kv.node_id == "p1"
+        assert p.released == [d.requests[-1].request_id] and p.holds == {}
+        usage = r.json()["usage"]
+        assert usage["agentkv"]["transferred_blocks"] == int(route_of(r)["transfer_blocks"]) == -(-usage["prompt_tokens"] // 16)
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_a_failing_prefill_node_falls_back_to_local_prefill(gateway, workers):
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+    fakes[1].fail_prefill = True
+
+    async def scenario(client, cluster):
+        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
+        r = await client.post("/v1/chat/completions", json=body, headers=A)
+        assert r.status_code == 200 and route_of(r)["prefill"] == "-"
+        assert cluster.workers["d1"].requests[-1].remote_kv is None
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_an_unreachable_decode_node_is_routed_around(gateway, workers):
+    fakes = workers(("d1", Role.DECODE), ("d2", Role.DECODE))
+
+    async def scenario(client, cluster):
+        cluster.down.add("d1")  # registered and live in Redis, but refuses connections
+        r = await client.post("/v1/chat/completions", json=chat(), headers=A)
+        assert r.status_code == 200 and route_of(r)["decode"] == "d2"
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_index_failure_routes_degraded_visible_in_header_and_metrics(gateway, workers, monkeypatch):
+    async def broken(self, hashes):
+        raise ConnectionError("index down")
+
+    async def scenario(client, cluster):
+        monkeypatch.setattr(BlockIndex, "lookup_with_nodes", broken)
+        r = await client.post("/v1/chat/completions", json=chat(), headers=A)
+        assert r.status_code == 200 and route_of(r)["mode"] == "degraded"
+        metrics = (await client.get("/metrics")).text
+        assert 'agentkv_gateway_routes_total{kind="local",mode="degraded"} 1.0' in metrics
+        assert "agentkv_gateway_index_degraded 1.0" in metrics
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_ops_endpoints_health_metrics_and_openapi(gateway, workers):
+    async def scenario(client, cluster):
+        await client.post("/v1/chat/completions", json=chat(), headers=A)
+        health = (await client.get("/health")).json()
+        assert health["status"] == "ok" and health["redis"] and health["nodes"][0]["node_id"] == "d1"
+        metrics = (await client.get("/metrics")).text
+        for name in ("agentkv_gateway_ttft_seconds", "agentkv_gateway_inter_token_seconds", "agentkv_gateway_requests_total",
+                     "agentkv_gateway_cached_tokens_total", "agentkv_gateway_prefilled_tokens_total",
+                     "agentkv_gateway_transferred_tokens_total", "agentkv_gateway_routes_total"):  # fmt: skip
+            assert name in metrics
+        assert 'endpoint="/v1/chat/completions",status="200"' in metrics
+        schema = (await client.get("/schema/openapi.json")).json()
+        assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/sessions"} <= set(schema["paths"])
+
+    gateway(workers(("d1", Role.DECODE)), scenario, GatewayConfig(router=RouterConfig()))
+
+
+def test_a_turn_that_ends_early_is_aborted_on_every_node_it_touched(aio, workers):
+    """What a client disconnect does: the consumer stops; P and D both get the abort, P's hold is released."""
+    import httpx
+    from gateway_fakes import FakeCluster
+
+    from gateway.metrics import GatewayMetrics
+    from gateway.orchestrator import Orchestrator, Trace
+    from gateway.router import Candidate, choose_route
+    from kvstore.nodes import NodeLoad
+    from kvstore.protocol import SamplingParams
+
+    d, p = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+
+    async def main():
+        async with httpx.AsyncClient(transport=FakeCluster([d, p])) as http:
+            orchestrator = Orchestrator(http, GatewayMetrics())
+            candidates = [Candidate(w.record(), NodeLoad(total_blocks=256, free_blocks=256)) for w in (d, p)]
+            route = choose_route(candidates, 300, 16, RouterConfig())
+            assert route.prefill is not None
+            request = GenerateRequest(request_id="r-1", prompt_token_ids=list(range(300)), sampling=SamplingParams(max_tokens=16))
+            chunks = orchestrator.run(route, request, Trace())
+            await anext(chunks)
+            await anext(chunks)
+            await chunks.aclose()  # the client went away
+
+    aio.run(main())
+    assert d.aborted[-1] == "r-1" and p.aborted[-1] == "r-1"
+    assert p.released == ["r-1"] and p.holds == {}
+
+
+def test_api_keys_config_and_tenant_ids():
+    from gateway.config import parse_api_keys
+    from gateway.errors import AuthenticationFailed
+    from gateway.tenants import TenantDirectory
+
+    assert parse_api_keys("k1:alice, k2:bob,k3") == {"k1": "alice", "k2": "bob", "k3": "tenant-3"}
+    with pytest.raises(ValueError, match="tenant name"):
+        parse_api_keys("k1:a:b")  # ':' would make Redis keys ambiguous
+    tenants = TenantDirectory({"k1": "alice"})
+    assert tenants.authenticate("Bearer k1").salt == "tenant:alice"
+    assert tenants.authenticate(None, x_api_key="k1").id == "alice"
+    with pytest.raises(AuthenticationFailed):
+        tenants.authenticate("Basic k1")
+    assert TenantDirectory({}).authenticate(None).id == "local"

@@ -1,0 +1,124 @@
+"""The router's cost function (pure) and its EXACT/DEGRADED modes (with a fake index)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway.config import RouterConfig
+from gateway.errors import ClusterMisconfigured, NoWorkers
+from gateway.router import Candidate, RouteMode, Router, choose_route
+from kvstore.nodes import NodeLoad, NodeRecord, Role
+
+CFG = RouterConfig(prefill_threshold_tokens=64, load_tokens=128, affinity_tokens=256, prefill_worth=2.0, max_prefill_queue=8)
+
+
+def node(node_id: str, role: Role = Role.DECODE, cached_blocks: int = 0, running: int = 0, waiting: int = 0,
+         free: int = 1000, block_size: int = 16, fingerprint: str = "m") -> Candidate:  # fmt: skip
+    rec = NodeRecord(node_id=node_id, role=role, address=f"http://{node_id}", block_size=block_size,
+                     model_fingerprint=fingerprint, capacity_blocks=1000, generation=1)  # fmt: skip
+    return Candidate(rec, NodeLoad(running=running, waiting=waiting, free_blocks=free, total_blocks=1000), cached_blocks)
+
+
+def test_decode_node_holding_the_longest_prefix_wins():
+    route = choose_route([node("d1", cached_blocks=2), node("d2", cached_blocks=30)], 500, 16, CFG)
+    assert route.decode.node_id == "d2" and route.decode_cached_tokens == 480 and route.prefill is None
+
+
+def test_a_much_busier_node_loses_its_cache_advantage():
+    # d2 holds 64 more tokens than d1 but runs 3 more sequences (3 x 128 tokens of cost).
+    route = choose_route([node("d1", cached_blocks=26), node("d2", cached_blocks=30, running=3)], 500, 16, CFG)
+    assert route.decode.node_id == "d1"
+
+
+def test_affinity_breaks_near_ties_but_does_not_pin():
+    tie = [node("d1", cached_blocks=10), node("d2", cached_blocks=10)]
+    assert choose_route(tie, 500, 16, CFG).decode.node_id == "d1"  # node id breaks exact ties
+    assert choose_route(tie, 500, 16, CFG, affinity="d2").decode.node_id == "d2"
+    far = [node("d1", cached_blocks=30), node("d2", cached_blocks=0)]  # 480 tokens > the 256 bonus
+    assert choose_route(far, 500, 16, CFG, affinity="d2").decode.node_id == "d1"
+
+
+def test_a_node_without_room_is_penalised():
+    route = choose_route([node("d1", cached_blocks=4, free=3), node("d2", cached_blocks=0)], 100, 16, CFG)
+    assert route.decode.node_id == "d2"
+
+
+def test_prefill_node_takes_a_prompt_the_decode_node_lacks():
+    route = choose_route([node("d1"), node("p1", Role.PREFILL)], 500, 16, CFG)
+    assert route.kind == "disaggregated" and route.prefill.node_id == "p1"
+    assert route.planned_transfer_blocks == 32  # ceil(500 / 16): D holds nothing
+
+
+def test_decode_node_prefills_locally_below_the_threshold():
+    route = choose_route([node("d1", cached_blocks=28), node("p1", Role.PREFILL)], 500, 16, CFG)  # lacks 52
+    assert route.prefill is None and route.kind == "local"
+
+
+def test_prefill_node_is_chosen_by_its_own_cached_prefix():
+    cands = [node("d1"), node("p1", Role.PREFILL, cached_blocks=2), node("p2", Role.PREFILL, cached_blocks=20)]
+    route = choose_route(cands, 500, 16, CFG)
+    assert route.prefill.node_id == "p2" and route.prefill_cached_tokens == 320
+
+
+def test_prefill_node_that_is_not_worth_it_is_skipped():
+    # D lacks 100 tokens; P would have to compute all 500 (> 2 x 100): D prefills locally.
+    route = choose_route([node("d1", cached_blocks=25), node("p1", Role.PREFILL)], 500, 16, CFG)
+    assert route.prefill is None
+    queued = [node("d1"), node("p1", Role.PREFILL, waiting=9)]  # over max_prefill_queue
+    assert choose_route(queued, 500, 16, CFG).prefill is None
+
+
+def test_roles_are_respected():
+    with pytest.raises(NoWorkers):
+        choose_route([node("p1", Role.PREFILL)], 100, 16, CFG)
+    with pytest.raises(NoWorkers):
+        choose_route([], 100, 16, CFG)
+    both = choose_route([node("b1", Role.BOTH), node("b2", Role.BOTH, cached_blocks=1)], 500, 16, CFG)
+    assert both.decode.node_id == "b2" and both.prefill.node_id == "b1"  # a `both` node never prefills for itself
+
+
+def test_nodes_that_disagree_on_block_size_or_model_are_refused_loudly():
+    with pytest.raises(ClusterMisconfigured, match="block_size"):
+        choose_route([node("d1"), node("d2", block_size=32)], 100, 16, CFG)
+    with pytest.raises(ClusterMisconfigured):
+        choose_route([node("d1"), node("d2", fingerprint="other")], 100, 16, CFG)
+
+
+class FakeIndex:
+    def __init__(self, result=None, error: Exception | None = None, delay_s: float = 0.0):
+        self.result, self.error, self.delay_s = result, error, delay_s
+
+    async def lookup_with_nodes(self, hashes):
+        await asyncio.sleep(self.delay_s)
+        if self.error:
+            raise self.error
+        return self.result
+
+
+def test_router_is_exact_when_the_index_answers_and_degraded_when_it_does_not(aio):
+    d1, d2 = node("d1"), node("d2")
+    snapshot = lambda: [(d1.record, d1.load), (d2.record, d2.load)]  # noqa: E731
+    exact = Router(FakeIndex([(d1.record, d1.load, 0), (d2.record, d2.load, 30)]), snapshot, CFG)
+    route = aio.run(exact.choose([1, 2, 3], 500, 16, affinity="d1"))
+    assert route.mode is RouteMode.EXACT and route.decode.node_id == "d2"  # 480 cached tokens beat affinity
+
+    down = Router(FakeIndex(error=RedisConnectionError("gone")), snapshot, CFG)
+    route = aio.run(down.choose([1, 2, 3], 500, 16, affinity="d2"))
+    assert route.mode is RouteMode.DEGRADED and route.decode.node_id == "d2" and route.decode_cached_tokens == 0
+
+    slow = Router(FakeIndex([], delay_s=1.0), snapshot, RouterConfig(index_timeout_s=0.05))
+    assert aio.run(slow.choose([1], 80, 16, affinity=None)).mode is RouteMode.DEGRADED
+
+
+def test_baseline_policies_for_benchmarks():
+    from gateway.router import choose_baseline
+
+    cands = [node("b2", Role.BOTH, cached_blocks=30), node("b1", Role.BOTH), node("p1", Role.PREFILL)]
+    picks = [choose_baseline(cands, 500, "round_robin", turn).decode.node_id for turn in range(4)]
+    assert picks == ["b1", "b2", "b1", "b2"]  # in turn, whatever they hold
+    sticky = choose_baseline(cands, 500, "sticky", 0, affinity="b2")
+    assert sticky.decode.node_id == "b2" and sticky.prefill is None and sticky.decode_cached_tokens == 480
+    assert choose_baseline(cands, 500, "sticky", 1, affinity="gone").decode.node_id == "b2"

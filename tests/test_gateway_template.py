@@ -1,0 +1,124 @@
+"""Messages and tools -> prompt text, with the real SmolLM2 tokenizer and a Hermes-style template."""
+
+from __future__ import annotations
+
+import json
+
+import jinja2
+import pytest
+from gateway_fakes import tokenizer  # noqa: F401  (fixture)
+
+from gateway.chat_template import ChatRenderer
+from gateway.errors import InvalidRequest, Unsupported
+from gateway.openai_schema import (
+    ChatMessage,
+    ContentPart,
+    FunctionCall,
+    FunctionDefinition,
+    NamedFunction,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+)
+
+WEATHER = Tool(function=FunctionDefinition(name="get_weather", description="Weather of a city",
+                                           parameters={"type": "object", "properties": {"city": {"type": "string"}}}))  # fmt: skip
+CLOCK = Tool(function=FunctionDefinition(name="get_time", parameters={}))
+
+
+def msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role=r, content=c) for r, c in pairs]
+
+
+@pytest.fixture(scope="module")
+def smol(tokenizer):
+    return ChatRenderer(tokenizer)
+
+
+def test_plain_chat_is_the_models_own_template(smol, tokenizer):
+    messages = msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Capital of France?"))
+    text = smol.render(smol.template_messages(messages, None), None, add_generation_prompt=True)
+    expected = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                             add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert text == expected
+
+
+def test_developer_is_system_and_text_parts_are_joined(smol):
+    parts = [ContentPart(type="text", text="a"), ContentPart(type="text", text="b")]
+    out = smol.template_messages([ChatMessage(role="developer", content="rules"), ChatMessage(role="user", content=parts)], None)
+    assert out == [{"role": "system", "content": "rules"}, {"role": "user", "content": "a\nb"}]
+
+
+def test_non_text_parts_and_unknown_roles_are_clear_400s(smol):
+    with pytest.raises(Unsupported, match="image_url"):
+        smol.template_messages([ChatMessage(role="user", content=[ContentPart(type="image_url", image_url={"url": "x"})])], None)
+    with pytest.raises(InvalidRequest, match="role"):
+        smol.template_messages([ChatMessage(role="robot", content="beep")], None)
+
+
+def test_tools_go_into_the_system_message_for_a_template_without_tool_support(smol):
+    assert not smol.native_tools
+    out = smol.template_messages(msgs(("system", "Be brief."), ("user", "Weather?")), [WEATHER])
+    assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.\n\n# Tools")
+    assert '"name": "get_weather"' in out[0]["content"] and "<tool_call>[{" in out[0]["content"]
+    inserted = smol.template_messages(msgs(("user", "Weather?")), [WEATHER])
+    assert inserted[0]["role"] == "system" and inserted[1] == {"role": "user", "content": "Weather?"}
+
+
+def test_assistant_calls_and_tool_results_are_written_in_smollm2_form(smol):
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))
+    out = smol.template_messages([ChatMessage(role="assistant", tool_calls=[call]),
+                                  ChatMessage(role="tool", tool_call_id="call_1", content='{"temp": 21}')], None)  # fmt: skip
+    assert out[0] == {"role": "assistant", "content": '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'}
+    assert out[1] == {"role": "tool", "content": '<tool_response>\n{"temp": 21}\n</tool_response>'}
+
+
+def test_tool_choice_shapes_only_the_start_of_the_reply(smol):
+    auto = smol.tool_policy([WEATHER, CLOCK], "auto", None)
+    assert auto.parse and auto.forced_prefix == "" and auto.stop == ("</tool_call>",)
+    assert not smol.tool_policy([WEATHER], "none", None).parse
+    required = smol.tool_policy([WEATHER, CLOCK], "required", None)
+    assert required.forced_prefix == '<tool_call>[{"name": "'
+    single = smol.tool_policy([WEATHER], "required", None)  # one tool: required means that tool
+    assert single.forced_prefix == '<tool_call>[{"name": "get_weather", "arguments": {"'
+    named = smol.tool_policy([WEATHER, CLOCK], NamedToolChoice(function=NamedFunction(name="get_time")), True)
+    assert named.forced_prefix == '<tool_call>[{"name": "get_time", "arguments": {' and not named.parallel
+    with pytest.raises(InvalidRequest, match="not in `tools`"):
+        smol.tool_policy([WEATHER], NamedToolChoice(function=NamedFunction(name="nope")), None)
+    with pytest.raises(InvalidRequest, match="needs `tools`"):
+        smol.tool_policy(None, "required", None)
+
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{{ c.function | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class HermesTokenizer:
+    """Just enough of a tokenizer whose template knows `tools` (like Qwen's)."""
+
+    chat_template = HERMES_TEMPLATE
+    eos_token_id = 2
+
+    def __init__(self) -> None:
+        env = jinja2.Environment()
+        env.filters["tojson"] = lambda v: json.dumps(v)
+        self._template = env.from_string(HERMES_TEMPLATE)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False, tools=None):
+        return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+
+def test_a_template_with_tool_support_gets_tools_and_calls_as_data():
+    hermes = ChatRenderer(HermesTokenizer())
+    assert hermes.native_tools
+    call = ToolCall(id="c1", function=FunctionCall(name="get_weather", arguments='{"city": "Oslo"}'))
+    messages = [ChatMessage(role="user", content="Weather?"), ChatMessage(role="assistant", tool_calls=[call])]
+    text = hermes.render(hermes.template_messages(messages, [WEATHER]), [WEATHER], add_generation_prompt=False)
+    assert '<tools>{"type": "function", "function": {"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
+    policy = hermes.tool_policy([WEATHER, CLOCK], "required", None)
+    assert policy.forced_prefix == '<tool_call>\n{"name": "' and policy.stop == ()  # one block per call
