@@ -79,9 +79,11 @@ class EngineLoop:
         return stream
 
     def abort(self, request_id: str, error: str | None = None) -> asyncio.Future[None]:
-        """Stop a request and free its blocks; its stream (if any) gets the final chunk."""
+        """Stop a request and free its blocks (a finished prefill's hold too); its stream, if any,
+        gets the final chunk."""
 
         def job(engine: Engine) -> None:
+            engine.release_held(request_id)
             chunk = engine.abort(request_id)
             if chunk is not None:
                 chunk.error = error
