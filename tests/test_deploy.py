@@ -1,0 +1,227 @@
+"""deploy/: validated, not run (no container engine or cluster on these machines).
+
+- docker-compose.yml against the Compose Specification's JSON schema (vendored in
+  deploy/schema/, source in deploy/README.md), plus what the schema cannot say: one GPU per
+  worker, both roles in each profile, health checks, the shared model cache, the model from env.
+  `docker compose config` runs too where the compose plugin exists.
+- The Kubernetes manifests against the API schemas bundled by `kubernetes-validate` (offline,
+  strict: unknown fields fail), plus the wiring between them; `kubectl kustomize` builds the
+  kustomization where kubectl exists (it needs no cluster).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+K8S = DEPLOY / "k8s"
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@functools.cache
+def compose_validator():
+    import jsonschema
+
+    return jsonschema.Draft7Validator(json.loads((DEPLOY / "schema" / "compose-spec.json").read_text()))
+
+
+def services(profile: str) -> dict[str, dict]:
+    """The services `docker compose --profile <profile> up` starts."""
+    return {name: s for name, s in compose()["services"].items() if not s.get("profiles") or profile in s["profiles"]}
+
+
+def role(service: dict) -> str | None:
+    cmd = service.get("command") or []
+    return cmd[cmd.index("--role") + 1] if "--role" in cmd else None
+
+
+# ------------------------------------------------------------------------------------- compose
+
+
+def test_compose_file_matches_the_compose_specification_schema():
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator().iter_errors(compose())]
+    assert not errors, "\n".join(errors)
+
+
+def test_compose_schema_check_catches_a_broken_file():
+    broken = compose()
+    broken["services"]["gateway"]["healthcheck"]["interval"] = ["10s"]
+    broken["services"]["gateway"]["gpus"] = {"count": "all"}
+    assert len(list(compose_validator().iter_errors(broken))) == 2
+
+
+def test_gpu_profile_puts_each_worker_on_its_own_gpu():
+    workers = {name: s for name, s in services("gpu").items() if role(s)}
+    assert {role(s) for s in workers.values()} == {"prefill", "decode"}
+    assert sum(role(s) == "prefill" for s in workers.values()) >= 2 and sum(role(s) == "decode" for s in workers.values()) >= 2
+    gpus = []
+    for name, s in workers.items():
+        [device] = s["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
+        gpus += device["device_ids"]
+        cmd = s["command"]
+        assert cmd[cmd.index("--node-id") + 1] == name and cmd[cmd.index("--advertise-host") + 1] == name
+    assert len(gpus) == len(set(gpus)) == len(workers), f"a GPU is shared: {gpus}"
+
+
+def test_cpu_profile_needs_no_gpu():
+    cpu = services("cpu")
+    workers = {name: s for name, s in cpu.items() if role(s)}
+    assert sorted(role(s) for s in workers.values()) == ["decode", "prefill"]
+    assert all("deploy" not in s for s in cpu.values())
+    assert {"valkey", "gateway"} <= set(cpu)
+
+
+def test_every_service_has_a_health_check_and_depends_only_on_services_that_start():
+    for profile in ("gpu", "cpu"):
+        started = services(profile)
+        for name, s in started.items():
+            assert s["healthcheck"]["test"], name
+            for dep, cond in (s.get("depends_on") or {}).items():
+                assert dep in started and cond["condition"] == "service_healthy", (profile, name, dep)
+
+
+def test_workers_and_gateway_share_the_model_cache_and_read_the_model_from_env():
+    doc = compose()
+    assert "model-cache" in doc["volumes"]
+    for name, s in doc["services"].items():
+        if name == "valkey":
+            continue
+        assert any(v.startswith("model-cache:/cache") for v in s["volumes"]), name
+        env = s["environment"]
+        assert env["AGENTKV_MODEL"].startswith("${AGENTKV_MODEL:-") and env["AGENTKV_CACHE"].startswith("/cache")
+        assert env["AGENTKV_REDIS_URL"] == "redis://valkey:6379/0"
+    published = [name for name, s in doc["services"].items() if s.get("ports")]
+    assert published == ["gateway"], "only the gateway is reachable from outside"
+
+
+def test_compose_variables_have_defaults_or_say_what_to_set():
+    for match in re.finditer(r"\$\{([A-Z_]+)([^}]*)\}", COMPOSE.read_text()):
+        name, rest = match.groups()
+        assert rest.startswith((":-", ":?")), f"${{{name}}} has neither a default nor an error message"
+
+
+def test_dockerfile_uses_cuda_and_a_non_root_user():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+$", text, re.M) and "FROM ${CUDA_IMAGE}" in text
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert "--no-deps" in text and 'ENTRYPOINT ["agentkv"]' in text
+    for copied in re.findall(r"^COPY (\S+) ", text, re.M):
+        assert (DEPLOY.parent / copied).exists(), f"the Dockerfile copies {copied}, which does not exist"
+
+
+def _docker_compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _docker_compose_available(), reason="no `docker compose` plugin here (validated by schema instead)")
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_docker_compose_config_accepts_the_file(profile):
+    env = {"AGENTKV_CLUSTER_TOKEN": "test-token", "PATH": "/usr/bin:/bin:/usr/local/bin"}
+    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--profile", profile, "config", "-q"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------- kubernetes
+
+
+def manifests() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        out += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return out
+
+
+def by_kind(kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for _, doc in manifests() if doc["kind"] == kind}
+
+
+def test_manifests_match_the_kubernetes_api_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="test dependency kubernetes-validate")
+    version = kubernetes_validate.latest_version()
+    for name, doc in manifests():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']}: {exc}")
+
+
+def test_kubernetes_schema_check_catches_a_broken_manifest():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="test dependency kubernetes-validate")
+    deployment = dict(by_kind("Deployment")["agentkv-decode"])
+    deployment["spec"] = {**deployment["spec"], "replicas": "two"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_prefill_and_decode_deployments_request_one_gpu_each():
+    deployments = by_kind("Deployment")
+    for name, expected_role in (("agentkv-prefill", "prefill"), ("agentkv-decode", "decode")):
+        [container] = deployments[name]["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        assert args[0] == "worker" and args[args.index("--role") + 1] == expected_role
+        assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"  # other pods reach it by IP
+        for kind in ("requests", "limits"):
+            assert container["resources"][kind]["nvidia.com/gpu"] == 1, (name, kind)
+        assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
+
+
+def test_gateway_service_selects_the_gateway_pods():
+    service = by_kind("Service")["agentkv-gateway"]
+    deployment = by_kind("Deployment")["agentkv-gateway"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    port_names = {p["name"] for p in container["ports"]}
+    assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
+
+
+def test_valkey_statefulset_is_reachable_at_the_configured_url():
+    statefulset = by_kind("StatefulSet")["valkey"]
+    headless = by_kind("Service")[statefulset["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    url = by_kind("ConfigMap")["agentkv-config"]["data"]["AGENTKV_REDIS_URL"]
+    namespace = statefulset["metadata"]["namespace"]
+    assert url.startswith(f"redis://{statefulset['metadata']['name']}-0.{headless['metadata']['name']}.{namespace}.svc")
+
+
+def test_every_pod_runs_as_non_root():
+    for name, doc in manifests():
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            pod = doc["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, name
+            for c in pod["containers"]:
+                assert c["securityContext"]["allowPrivilegeEscalation"] is False, (name, c["name"])
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl here")
+def test_kubectl_kustomize_builds_the_manifests():
+    proc = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    built = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    assert len(built) == len(manifests())
+    assert all(doc["metadata"].get("namespace") == "agentkv" for doc in built if doc["kind"] != "Namespace")
