@@ -196,5 +196,16 @@ def bench_agent(
             sys.stdout.write(f.read())
 
 
+@bench_app.command("transfer")
+def bench_transfer(
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    repeats: int = typer.Option(5, min=1),
+) -> None:
+    """Cross-process KV block transfer throughput (NIXL, ucxx) against a warm memcpy of the same bytes."""
+    from bench.transfer import run
+
+    _emit(run(repeats=repeats), as_json)
+
+
 if __name__ == "__main__":
     app()

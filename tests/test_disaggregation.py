@@ -69,7 +69,7 @@ def test_only_the_blocks_the_decode_node_lacks_move(pair):
     assert final["cached_tokens"] == k * 16
     assert final["transferred_blocks"] == n - k
     moved = after["transfer"]["bytes_received"] - before["transfer"]["bytes_received"]
-    assert moved == final["transferred_bytes"] == (n - k) * 368_640  # SmolLM2 fp32: 30x2x16x3x64x4 B/block
+    assert moved == final["transferred_bytes"] == (n - k) * 737_280  # SmolLM2 fp32: 30 layers x K,V x 16 x 3 heads x 64 x 4 B
     assert after["transfer"]["blocks_received"] - before["transfer"]["blocks_received"] == n - k
     local_tokens, _ = generate_on(prefill, f"delta-local-{backend}", prompt)
     assert tokens == local_tokens

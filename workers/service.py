@@ -164,8 +164,9 @@ class Worker:
         try:
             if fresh:
                 await self._load_peer(remote)
-                handle = self.transport.read(
-                    remote.node_id, remote.block_ids[len(own) :], fresh,
+                # NIXL may copy inside read() itself (~90 ms for 1024 blocks): keep it off the event loop.
+                handle = await asyncio.to_thread(
+                    self.transport.read, remote.node_id, remote.block_ids[len(own) :], fresh,
                     notif=req.request_id.encode(), timeout_s=self.config.transfer_timeout_s,
                 )
                 await handle.wait_async()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kvstore.transfer.base import (
+    DEFAULT_TIMEOUT_S,
     IncompatiblePeer,
     InvalidBlocks,
     KVTransport,
@@ -33,16 +34,22 @@ from kvstore.transfer.base import (
 BACKENDS = ("nixl", "ucxx")
 
 
-def make_transport(backend: str, name: str, kv: torch.Tensor, **options: Any) -> KVTransport:
-    """The transport for `backend` over the pool tensor `kv` (first dim = blocks, contiguous)."""
+def make_transport(backend: str, name: str, kv: torch.Tensor, *, generation: int = 0,
+                   timeout_s: float = DEFAULT_TIMEOUT_S, host: str | None = None, **options: Any) -> KVTransport:
+    """The transport for `backend` over the pool tensor `kv` (first dim = blocks, contiguous).
+
+    `name`/`generation` are the node's id and incarnation (as in its NodeRecord); `host` is the
+    address peers dial for ucxx (NIXL's agent metadata carries its own); `options` are the
+    backend's own knobs (see NixlTransport / UcxxTransport).
+    """
     if backend == "nixl":
         from kvstore.transfer.nixl_transport import NixlTransport
 
-        return NixlTransport(name, kv, **options)
+        return NixlTransport(name, kv, generation=generation, timeout_s=timeout_s, **options)
     if backend == "ucxx":
         from kvstore.transfer.ucxx_transport import UcxxTransport
 
-        return UcxxTransport(name, kv, **options)
+        return UcxxTransport(name, kv, generation=generation, timeout_s=timeout_s, host=host, **options)
     raise ValueError(f"unknown transfer backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 

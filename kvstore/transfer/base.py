@@ -182,9 +182,10 @@ def decode_envelope(raw: bytes) -> Envelope | None:
     if not raw.startswith(_ENVELOPE_MAGIC):
         return None
     try:
-        return _decode_env(raw[len(_ENVELOPE_MAGIC):])
+        env = _decode_env(raw[len(_ENVELOPE_MAGIC):])
     except msgspec.DecodeError:
         return None
+    return env if env.op in ("read", "write") and env.blocks >= 0 else None
 
 
 _ENVELOPE_MAGIC = b"akv1"
@@ -259,6 +260,7 @@ class TransferHandle(ABC):
 
     The caller keeps the request's blocks referenced until the handle is finished (done() True or
     an error raised): that is the in-flight refcount rule; the transport never frees pool blocks.
+    A handle belongs to one thread (or one task) at a time; the transport itself is shared.
     """
 
     def __init__(self, transport: KVTransport, peer: str, op: Op, notif: bytes, blocks: int, timeout_s: float):
@@ -300,11 +302,12 @@ class TransferHandle(ABC):
         return False
 
     def wait(self, timeout_s: float | None = None) -> None:
-        """Block until done (or raise). `timeout_s` can only shorten the request's own deadline."""
-        limit = self.deadline if timeout_s is None else min(self.deadline, time.monotonic() + timeout_s)
+        """Block until done (or raise). A `timeout_s` shorter than the request's own deadline raises
+        TransferTimeout(in_flight=True) and leaves the request running (wait again later)."""
+        limit = None if timeout_s is None else time.monotonic() + timeout_s
         backoff = _Backoff()
-        while not self.done():
-            if time.monotonic() >= limit:  # caller's shorter limit: the request stays in flight
+        while not self.done():  # done() itself raises at the request's deadline
+            if limit is not None and limit < self.deadline and time.monotonic() >= limit:
                 raise TransferTimeout(f"{self.op} with {self.peer!r} still running after {timeout_s}s", in_flight=True)
             time.sleep(backoff.next())
 

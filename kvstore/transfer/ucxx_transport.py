@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import secrets
 import threading
 from typing import Any
@@ -48,6 +49,11 @@ log = logging.getLogger("agentkv.transfer.ucxx")
 # UCX settings this transport sets unless the operator already did (see docs/transfer.md).
 UCXX_UCX_DEFAULTS: dict[str, str] = {
     "UCX_WARN_UNUSED_ENV_VARS": "n",  # ucxx sets UCX_MEMTYPE_CACHE, which UCX then warns about
+    # The bytes go over TCP here (see above): 512 KiB segments instead of the 64 KiB default cut
+    # the per-segment overhead; measured 256 x 368,640-byte blocks, median of 3 runs, loaded
+    # 2-CPU VM: read 0.57 -> 0.87 GB/s, write 0.55 -> 1.39 GB/s (1 and 2 MiB were no better).
+    "UCX_TCP_TX_SEG_SIZE": "512k",
+    "UCX_TCP_RX_SEG_SIZE": "512k",
 }
 
 
@@ -106,8 +112,6 @@ class UcxxTransport(KVTransport):
         """`host` is the address peers dial (default: ucxx's pick of this machine's interfaces);
         `port` 0 lets the OS choose; `ucx_env` forces UCX_* settings over the environment."""
         super().__init__(name, kv, generation=generation, timeout_s=timeout_s)
-        import os
-
         os.environ.update(ucx_env or {})
         self.ucx_env_applied = apply_env_defaults(UCXX_UCX_DEFAULTS)
         import ucxx  # sets its own UCX defaults on import; only when this backend is chosen
@@ -117,7 +121,7 @@ class UcxxTransport(KVTransport):
         self._host_bytes = self._bytes.numpy() if kv.device.type == "cpu" else None
         self._connect_timeout_s = connect_timeout_s
         self._loop = _Loop.get()
-        self._eps: dict[str, Any] = {}  # peer -> endpoint of the loaded generation (loop thread only)
+        self._eps: dict[str, tuple[int, Any]] = {}  # peer -> (generation, endpoint); loop thread only
         self._connecting: dict[str, asyncio.Lock] = {}
         self._served: set[asyncio.Task] = set()
         self._server_eps: set[Any] = set()
@@ -142,20 +146,21 @@ class UcxxTransport(KVTransport):
         self._loop.submit(self._close_ep(info.name))
 
     async def _close_ep(self, peer: str) -> None:
-        ep = self._eps.pop(peer, None)
+        _, ep = self._eps.pop(peer, (None, None))
         if ep is not None:
             ep.abort()  # cancels its in-flight requests: UCX stops touching our blocks
 
     async def _connect(self, info: PeerInfo) -> Any:
         lock = self._connecting.setdefault(info.name, asyncio.Lock())
         async with lock:
-            ep = self._eps.get(info.name)
-            if ep is not None and not ep.closed:
+            generation, ep = self._eps.get(info.name, (None, None))
+            if ep is not None and generation == info.generation and not ep.closed:
                 return ep
+            await self._close_ep(info.name)
             where = _decode_listen(info.endpoint)
             ep = await self._ucxx.create_endpoint(where.host, where.port, endpoint_error_handling=True,
                                                   connect_timeout=self._connect_timeout_s)
-            self._eps[info.name] = ep
+            self._eps[info.name] = (info.generation, ep)
             return ep
 
     # -- initiator --------------------------------------------------------------------------------
@@ -226,7 +231,9 @@ class UcxxTransport(KVTransport):
         tags = [req.tag_base + i for i in range(len(views))]
         move = ep.recv if req.op == "write" else ep.send
         try:
-            await asyncio.wait_for(asyncio.gather(*(move(v, tag=t) for v, t in zip(views, tags))), req.timeout_s)
+            # Our own deadline wins over the peer's: posted receives must not pin our blocks forever.
+            timeout_s = min(req.timeout_s, self.timeout_s)
+            await asyncio.wait_for(asyncio.gather(*(move(v, tag=t) for v, t in zip(views, tags))), timeout_s)
         except Exception as e:  # timeout or peer failure: cancel whatever still touches our blocks
             log.info("%s from %s failed on our side: %r", req.op, req.sender, e)
             self._served_failure()
@@ -239,7 +246,7 @@ class UcxxTransport(KVTransport):
     def close(self) -> None:
         async def shutdown() -> None:
             self._listener.close()
-            for ep in list(self._eps.values()) + list(self._server_eps):
+            for ep in [ep for _, ep in self._eps.values()] + list(self._server_eps):
                 ep.abort()
             self._eps.clear()
             for task in list(self._served):
