@@ -7,6 +7,7 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
     decode(n) = miss(n) + busy(n) - affinity_tokens * [n served the session's last turn]
     D         = argmin decode(n) over decode-capable nodes   (ties: node id)
     P         = argmin miss(p) + busy(p) over prefill-capable p != D with waiting(p) <= max_prefill_queue
+                and miss(p) <= miss(D) + block_size   (P never recomputes what D already holds)
     use P  iff  miss(D) > prefill_threshold_tokens  and  miss(P) + busy(P) <= prefill_worth * miss(D)
 
 So D is the node that already holds most of the prompt unless it is much busier; a prefill node
@@ -132,6 +133,7 @@ def choose_route(
     prefillers = [
         c for c in candidates
         if c.record.role in (Role.PREFILL, Role.BOTH) and c.node_id != d.node_id and c.load.waiting <= config.max_prefill_queue
+        and prompt_tokens - cached(c) <= d_miss + bs
     ]  # fmt: skip
     for c in prefillers:
         costs[f"prefill:{c.node_id}"] = (prompt_tokens - cached(c)) + busy(c, prompt_tokens)

@@ -57,6 +57,12 @@ def test_decode_node_prefills_locally_below_the_threshold():
     assert route.prefill is None and route.kind == "local"
 
 
+def test_prefill_node_never_recomputes_more_than_the_decode_node_lacks():
+    # D lacks 180 tokens; the only prefill node lacks all 500: D prefills its 180 itself.
+    route = choose_route([node("d1", Role.BOTH, cached_blocks=20), node("p1", Role.BOTH)], 500, 16, CFG)
+    assert route.decode.node_id == "d1" and route.prefill is None
+
+
 def test_prefill_node_is_chosen_by_its_own_cached_prefix():
     cands = [node("d1"), node("p1", Role.PREFILL, cached_blocks=2), node("p2", Role.PREFILL, cached_blocks=20)]
     route = choose_route(cands, 500, 16, CFG)
