@@ -84,7 +84,7 @@ class Stack:
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pinned = len(cores) >= 2
         for n, role in enumerate(("prefill", "decode")):
-            port = _free_port()
+            port = free_port()
             self.nodes[role] = f"http://127.0.0.1:{port}"
             args = ["worker", "--role", role, "--port", str(port), "--redis-url", self.redis_url,
                     "--node-id", f"{role}-0", "--model", self.model, "--block-size", str(self.block_size),
@@ -106,7 +106,7 @@ class Stack:
             process = subprocess.Popen(
                 [sys.executable, "-m", "agentkv.cli", *args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=_child_setup(core),
+                start_new_session=True, preexec_fn=child_setup(core),
             )  # fmt: skip
         self.children.append(Child(name, process, log))
 
@@ -189,13 +189,13 @@ def run_up(stack: Stack) -> int:
     return code
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _child_setup(core: int | None):
+def child_setup(core: int | None):
     """Runs in the child before exec: pin to `core`, and die with us (PR_SET_PDEATHSIG)."""
 
     def setup() -> None:

@@ -33,7 +33,7 @@ from typing import Literal
 
 import httpx
 
-from agentkv.stack import Child, StackError, _child_setup, _free_port
+from agentkv.stack import Child, StackError, child_setup, free_port
 from kvstore.valkey import EmbeddedValkey
 
 Routing = Literal["prefix", "sticky", "round_robin"]
@@ -102,7 +102,7 @@ class Processes:
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, cpus: tuple[int, ...] = ()) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        die_with_parent = _child_setup(None)
+        die_with_parent = child_setup(None)
 
         def setup() -> None:
             if cpus:
@@ -180,12 +180,12 @@ class AgentkvCluster:
         cli = [sys.executable, "-m", "agentkv.cli"]
         for n, spec in enumerate(self.workers):
             self.procs.spawn(f"{spec.role}-{n}", [
-                *cli, "worker", "--role", spec.role, "--port", str(_free_port()), "--redis-url", self.valkey.url,
+                *cli, "worker", "--role", spec.role, "--port", str(free_port()), "--redis-url", self.valkey.url,
                 "--node-id", f"{spec.role}-{n}", "--model", self.model, "--block-size", str(self.block_size),
                 "--kv-cache-gb", str(self.kv_cache_gb), "--threads", str(spec.threads), "--cpus", ",".join(map(str, spec.cpus)),
             ], self.env)  # fmt: skip
         for routing in self.routings:
-            port = _free_port()
+            port = free_port()
             self.procs.spawn(f"gateway-{routing}", [
                 *cli, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", self.valkey.url,
                 "--session-ttl", str(self.session_ttl_s), "--routing", routing,
@@ -238,7 +238,7 @@ class TransformersServe:
         exe = str(exe) if exe.exists() else shutil.which("transformers")
         if exe is None:
             raise StackError("the `transformers` command is missing: install transformers[serving]")
-        port = _free_port()
+        port = free_port()
         threads = str(len(self.cpus))
         self.procs.spawn("transformers-serve", [
             exe, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
