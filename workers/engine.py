@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.hashing import hash_seed
+from kvstore.hashing import block_hashes, hash_seed
 from kvstore.pool import BlockPool, KVLayout
 from kvstore.protocol import SamplingParams, TokenChunk
 from workers.detokenizer import IncrementalDetokenizer
@@ -95,7 +95,6 @@ class Engine:
         self._seeds: dict[str, int] = {}
         self._held: dict[str, list[int]] = {}
         self._pending: list[TokenChunk] = []  # chunks produced outside a step (adopted first tokens)
-        self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "decode_tokens": 0, "steps": 0}
 
     # -- requests --------------------------------------------------------------------------
     def hash_seed(self, salt: str = "") -> int:
@@ -210,14 +209,9 @@ class Engine:
         return pending + self._postprocess(batch, logits)
 
     def _postprocess(self, batch, logits: torch.Tensor) -> list[TokenChunk]:
-        self.stats["steps"] += 1
         # Sequences in the middle of a long prompt advance without sampling.
         sampled_rows = []
         for row, (seq, qlen) in enumerate(zip(batch.seqs, batch.query_lens)):
-            if batch.is_prefill:
-                self.stats["prefill_tokens"] += qlen
-            else:
-                self.stats["decode_tokens"] += 1
             seq.num_computed += qlen
             self.kv_cache.commit(seq)
             if seq.num_computed == len(seq):
@@ -257,7 +251,6 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
         self.sampler.forget(seq.request_id)
-        self.stats["cached_tokens"] += seq.num_cached_tokens
         chunk = self._chunk(seq, [], "", None)
         chunk.finished, chunk.finish_reason = True, reason
         return chunk
@@ -289,8 +282,6 @@ class Engine:
     # -- disaggregation hooks --------------------------------------------------------------
     def cached_prefix_blocks(self, token_ids: list[int], hash_salt: str = "") -> list[int]:
         """Pool blocks that hold the leading full blocks of `token_ids` (no reference taken)."""
-        from kvstore.hashing import block_hashes
-
         return self.pool.cached_prefix(block_hashes(token_ids, self.pool.block_size, self.hash_seed(hash_salt)))
 
     def held_blocks(self, request_id: str) -> list[int]:
