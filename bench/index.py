@@ -61,9 +61,10 @@ async def _run(url: str, blocks: int, nodes: int, prefix_blocks: int, lookups: i
             raise AssertionError(f"lookup returned {got}, expected {expected}")
         for _ in range(min(100, lookups)):
             await index.lookup(prefix)
-        ping_us = await _timed(lookups, redis.ping)  # the floor: one round trip doing nothing
         await redis.config_resetstat()
-        lookup_us = await _timed(lookups, lambda: index.lookup(prefix))
+        # Lookups interleaved with empty round trips (the floor set by the client and the machine),
+        # so that both see the same noise on a shared machine.
+        ping_us, lookup_us = await _timed_pair(lookups, redis.ping, lambda: index.lookup(prefix))
         server_us = (await redis.info("commandstats"))["cmdstat_evalsha"]["usec_per_call"]
         with_nodes_us = await _timed(lookups, lambda: index.lookup_with_nodes(prefix))
 
@@ -113,7 +114,7 @@ def _workload(rng, prefix, blocks, nodes, gens) -> tuple[list[KVEventBatch], dic
         chains = [prefix[:held]] if held else []
         chains += [rest[s : s + _CHAIN] for s in range(0, len(rest), _CHAIN)]
         for s in range(0, len(chains), _EVENTS_PER_BATCH):
-            events = [BlockStored(c) for c in chains[s : s + _EVENTS_PER_BATCH]]
+            events = [BlockStored(c) for c in chains[s : s + _EVENTS_PER_BATCH]]  # each chain from its root
             batches.append(KVEventBatch(node_id, gens[node_id], events))
     return batches, expected
 
@@ -130,14 +131,14 @@ end
 async def _per_block_key_bytes(redis, batches: list[KVEventBatch]) -> float:
     """Bytes per (node, block) entry of the per-block-key layout, filled with the same entries."""
     fill = redis.register_script(_FILL_PER_BLOCK_KEYS)
-    await redis.flushall()
+    await redis.flushall(asynchronous=False)
     before = await _used_memory(redis)
     for batch in batches:
         packed = [np.asarray(e.block_hashes, dtype="<u8").tobytes() for e in batch.events]
         await fill(args=[batch.node_id, str(batch.generation), *packed])
     after = await _used_memory(redis)
     entries = sum(_events(b) for b in batches)
-    await redis.flushall()
+    await redis.flushall(asynchronous=False)
     return round((after - before) / max(entries, 1), 1)
 
 
@@ -151,6 +152,21 @@ async def _timed(n: int, call) -> dict[str, float]:
         t0 = time.perf_counter_ns()
         await call()
         samples[i] = (time.perf_counter_ns() - t0) / 1000
+    return _percentiles(samples)
+
+
+async def _timed_pair(n: int, baseline, call) -> tuple[dict[str, float], dict[str, float]]:
+    """Time `baseline` and `call` alternately, n times each."""
+    samples = np.empty((2, n))
+    for i in range(n):
+        for j, fn in enumerate((baseline, call)):
+            t0 = time.perf_counter_ns()
+            await fn()
+            samples[j, i] = (time.perf_counter_ns() - t0) / 1000
+    return _percentiles(samples[0]), _percentiles(samples[1])
+
+
+def _percentiles(samples: np.ndarray) -> dict[str, float]:
     return {"p50": round(float(np.percentile(samples, 50)), 1), "p99": round(float(np.percentile(samples, 99)), 1)}
 
 

@@ -22,7 +22,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api import OpenAIController, SessionController, health, metrics
-from gateway.cluster import ClusterView, Renderers
+from gateway.cluster import ClusterView, Renderers, purge_dead_index_entries
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS, APIError
 from gateway.metrics import GatewayMetrics
@@ -71,7 +71,8 @@ def create_app(
                 stack.push_async_callback(client.aclose)
             registry = NodeRegistry(r, config.namespace)
             cluster = ClusterView(registry, config.node_refresh_s, config.model_name)
-            router = Router(BlockIndex(r, config.namespace, registry), cluster.nodes, config.router)
+            index = BlockIndex(r, config.namespace, registry)
+            router = Router(index, cluster.nodes, config.router)
             orchestrator = Orchestrator(client, gateway_metrics, config.cluster_token, config.prefill_hold_timeout_s)
             sessions = SessionStore(r, config.namespace, config.session_ttl_s, config.max_session_ttl_s)
             rend = renderers or Renderers(tokenizer_path=config.tokenizer)
@@ -79,6 +80,7 @@ def create_app(
             app.state.services = Services(cluster, rend, orchestrator, sessions, turns)
             await cluster.refresh()
             for task in (asyncio.create_task(cluster.run(), name="agentkv-cluster-refresh"),
+                         asyncio.create_task(purge_dead_index_entries(index, config.index_purge_s), name="agentkv-index-purge"),
                          asyncio.create_task(_warm_tokenizer(cluster, rend), name="agentkv-tokenizer")):  # fmt: skip
                 stack.callback(task.cancel)
             yield

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from gateway.chat_template import ChatRenderer
 from gateway.errors import NoWorkers
 from gateway.router import check_compatible
+from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord
 from kvstore.registry import NodeRegistry
 
@@ -84,6 +85,18 @@ def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+async def purge_dead_index_entries(index: BlockIndex, every_s: float) -> None:
+    """Background loop: drop the index entries of expired and restarted nodes (lookups already
+    ignore them; this bounds Redis memory). Idempotent, so several gateways may run it."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            for node_id, generation in await index.purge_dead():
+                log.info("dropped the index entries of node %s generation %s", node_id, generation)
+        except (RedisError, OSError) as exc:
+            log.debug("index purge skipped: %s", exc)
 
 
 class Renderers:

@@ -40,6 +40,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True):
     worker_read_timeout_s: float = 300.0  # longest silence on a worker stream (queueing, long prefill)
     prefill_hold_timeout_s: float = 30.0
     node_refresh_s: float = 1.0
+    index_purge_s: float = 5.0  # how often dead or restarted nodes' index entries are dropped
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
 
     def open_access(self) -> bool:

@@ -9,9 +9,15 @@ import msgspec
 
 
 class BlockStored(msgspec.Struct, tag="stored", frozen=True):
-    """Full blocks that became cached (hashes in prefix order)."""
+    """Full blocks that became cached: one chain, in prefix order, each block the child of the one
+    before it and the first the child of `parent_hash` (None: the first block of a prompt).
+
+    The parent lets the index know, per node, which blocks have their whole prefix cached, so a
+    lookup binary-searches instead of checking every block (kvstore/index.py).
+    """
 
     block_hashes: list[int]
+    parent_hash: int | None = None
 
 
 class BlockRemoved(msgspec.Struct, tag="removed", frozen=True):

@@ -1,17 +1,28 @@
 """The block index: which live node holds the longest prefix of a request's block hashes.
 
-Layout: one Redis SET per node incarnation, `akv:blk:{node_id}:{generation}`, whose members are the
-node's block hashes as 8 little-endian bytes, plus `akv:blksets`, the SET of `{node_id}:{generation}`
-that have entries (so cleanup never needs SCAN). Liveness and the live generation come from the
-registry's `akv:node:{id}` hash (kvstore/registry.py).
+Layout, per node incarnation (`{id}:{gen}`), block hashes as 8 little-endian bytes:
 
-Why per-node sets rather than one key per block hash (llm-d's layout: block hash -> hash of pods)?
-- Memory: one member per (node, block) and no key per block: 54 B against 69-88 B per block (docs/index.md).
-- Generations for free: a restarted node writes a new key, so its old entries are invisible the moment
-  it registers, stale events cannot touch the live set, and purging an incarnation is one UNLINK.
-- `cleared` is one UNLINK too, and the index shrinks exactly as pools evict (an empty SET vanishes).
-The lookup checks each live node's set with SMISMEMBER in chunks that grow 16, 64, 256, ... and stops
-at the node's first miss, so a node that shares nothing costs one small call.
+- `akv:blk:{id}:{gen}` HASH: block hash -> parent hash (empty for a prompt's first block) plus one
+  state byte, `F` when the node holds the block's whole prefix ("full") and `h` when some ancestor
+  is missing (held, but unreachable by prefix matching);
+- `akv:kid:{id}:{gen}` HASH: parent hash -> the node's blocks that name it as parent, concatenated
+  (so a store or eviction in the middle of a chain can update its descendants' state);
+- `akv:blksets` SET of `{id}:{gen}` that have entries (so cleanup never needs SCAN).
+
+Liveness and the live generation come from the registry's `akv:node:{id}` hash (kvstore/registry.py).
+
+Why the `F` state: "node holds blocks 1..i of this prompt" is exactly "block i is full on the node",
+and fullness is monotone along a prompt (a full block's parent is full). So a lookup finds each node's
+longest prefix by binary search, about log2(n) probes, instead of checking every block: 512 blocks x 8
+nodes cost ~1,600 membership checks before, ~40 probes now. Writes pay for it: a store or removal that
+changes a block's state walks its held descendants (none in the usual tail-first eviction order).
+The state is exact for any event order; it trusts that events name the true parent, which the chained
+block hashes guarantee (a block hash determines its whole prefix).
+
+Why per-node hashes rather than one key per block hash (llm-d's layout: block hash -> pods):
+- Generations for free: a restarted node writes new keys, so its old entries are invisible the moment
+  it registers, stale events cannot touch the live ones, and purging an incarnation is two UNLINKs.
+- `cleared` is two UNLINKs too, and the index shrinks exactly as pools evict (an empty hash vanishes).
 
 Why EVALSHA scripts rather than FUNCTION LOAD: a script is addressed by the hash of its text, so two
 gateway versions with different scripts share one Redis without clashing over a library name, and
@@ -21,7 +32,7 @@ the scripts touch keys they compute from node ids, so the index needs a single p
 
 Round trips: `apply`, `lookup`, `purge_node`, `sizes`: one each; `purge_dead`: two. `lookup_with_nodes`:
 one, plus one to fetch records the first time a node incarnation is seen (records are immutable per
-generation and cached). `resync`: two (upload into a temporary key, then swap it in atomically).
+generation and cached). `resync`: two (upload into temporary keys, then swap them in atomically).
 """
 
 from __future__ import annotations
@@ -36,120 +47,184 @@ from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvstore.nodes import NodeLoad, NodeRecord
 from kvstore.registry import NodeRegistry, require_binary_responses
 
-_decode_load = msgspec.msgpack.Decoder(NodeLoad).decode
-_NO_LOAD = msgspec.msgpack.encode(NodeLoad())
+_decode_matches = msgspec.msgpack.Decoder(list[tuple[str, str, int, NodeLoad | None]]).decode
 
-# Lua helpers. Hashes arrive packed (8 bytes each) in one argument: cheaper for the client to encode
-# than one argument per hash, and struct.unpack splits them in C, about twice as fast as string.sub.
-# Lua's stack holds a few thousand values, so both work in chunks of at most 1024 hashes.
-_LUA_HASHES = """
-local function split(packed, first, last)
-  local t = {struct.unpack(string.rep('c8', last - first + 1), packed, 8 * first - 7)}
-  t[#t] = nil  -- struct.unpack also returns the next position
-  return t
-end
-local function all_hashes(packed)
-  local n = #packed / 8
-  if n <= 1024 then return n == 0 and {} or split(packed, 1, n) end
-  local hashes = {}
-  for i = 1, n, 1024 do
-    for _, h in ipairs(split(packed, i, math.min(n, i + 1023))) do hashes[#hashes + 1] = h end
-  end
-  return hashes
-end
-local function each_chunk(packed, cmd, key)
-  local n = #packed / 8
-  for i = 1, n, 1024 do redis.call(cmd, key, unpack(split(packed, i, math.min(n, i + 1023)))) end
-  return n
-end
-"""
+FULL, HELD = b"F", b"h"  # the state byte at the end of a `blk` value
 
-_APPLY = (
-    _LUA_HASHES
-    + """
--- ARGV: prefix, id, gen, then (op, packed hashes) pairs; op is s(tored), r(emoved) or c(leared).
--- Events of any generation but the node's newest are dropped: a zombie cannot write.
+_APPLY = """
+-- ARGV: prefix, id, gen, then (op, parent, packed hashes) triples; op is s(tored), r(emoved) or
+-- c(leared), parent is 8 bytes or empty. Events of any generation but the node's newest are dropped:
+-- a zombie cannot write. Returns the number of entries added or removed, -1 if dropped.
 local p, id, gen = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('GET', p .. 'gen:' .. id) ~= gen then return -1 end
-local key = p .. 'blk:' .. id .. ':' .. gen
-local applied = 0
-for a = 4, #ARGV, 2 do
-  local op = ARGV[a]
-  if op == 'c' then
-    redis.call('UNLINK', key)
-  else
-    applied = applied + each_chunk(ARGV[a + 1], op == 's' and 'SADD' or 'SREM', key)
+local blk = p .. 'blk:' .. id .. ':' .. gen
+local kid = p .. 'kid:' .. id .. ':' .. gen
+
+-- Give the held descendants of h the state s ('F' or 'h'). A block that has it already ends the
+-- walk below it (its own descendants are consistent with it), which also bounds every walk.
+local function mark(h, s)
+  local todo = {h}
+  while #todo > 0 do
+    local kids = redis.call('HGET', kid, table.remove(todo))
+    if kids then
+      for j = 1, #kids, 8 do
+        local c = string.sub(kids, j, j + 7)
+        local v = redis.call('HGET', blk, c)
+        if v and string.sub(v, -1) ~= s then
+          redis.call('HSET', blk, c, string.sub(v, 1, -2) .. s)
+          todo[#todo + 1] = c
+        end
+      end
+    end
   end
 end
-if redis.call('EXISTS', key) == 1 then
+
+local function drop_kid(parent, h)
+  local kids = redis.call('HGET', kid, parent)
+  local at = 1
+  while kids do
+    local i = string.find(kids, h, at, true)
+    if not i then return end
+    if i % 8 == 1 then
+      local rest = string.sub(kids, 1, i - 1) .. string.sub(kids, i + 8)
+      if rest == '' then redis.call('HDEL', kid, parent) else redis.call('HSET', kid, parent, rest) end
+      return
+    end
+    at = i + 1
+  end
+end
+
+local function store(parent, packed)
+  local s = 'F'
+  if parent ~= '' then
+    local v = redis.call('HGET', blk, parent)
+    if not v or string.sub(v, -1) ~= 'F' then s = 'h' end
+  end
+  local added = 0
+  for i = 1, #packed, 8 do
+    local h = string.sub(packed, i, i + 7)
+    local v = redis.call('HGET', blk, h)
+    if v then
+      s = string.sub(v, -1)  -- held already: its parent and state stand
+    else
+      redis.call('HSET', blk, h, parent .. s)
+      if parent ~= '' then
+        redis.call('HSET', kid, parent, (redis.call('HGET', kid, parent) or '') .. h)
+      end
+      if s == 'F' then mark(h, 'F') end
+      added = added + 1
+    end
+    parent = h
+  end
+  return added
+end
+
+local function remove(packed)
+  local removed = 0
+  for i = 1, #packed, 8 do
+    local h = string.sub(packed, i, i + 7)
+    local v = redis.call('HGET', blk, h)
+    if v then
+      redis.call('HDEL', blk, h)
+      local parent = string.sub(v, 1, -2)
+      if parent ~= '' then drop_kid(parent, h) end
+      if string.sub(v, -1) == 'F' then mark(h, 'h') end
+      removed = removed + 1
+    end
+  end
+  return removed
+end
+
+local changed = 0
+for a = 4, #ARGV, 3 do
+  local op = ARGV[a]
+  if op == 'c' then
+    redis.call('UNLINK', blk, kid)
+  elseif op == 's' then
+    changed = changed + store(ARGV[a + 1], ARGV[a + 2])
+  else
+    changed = changed + remove(ARGV[a + 2])
+  end
+end
+if redis.call('EXISTS', blk) == 1 then
   redis.call('SADD', p .. 'blksets', id .. ':' .. gen)
 else
   redis.call('SREM', p .. 'blksets', id .. ':' .. gen)
 end
-return applied
+return changed
 """
-)
 
-_LOOKUP = (
-    _LUA_HASHES
-    + """
--- ARGV: prefix, packed hashes. Returns id, gen, matched, load for every live node.
-local p = ARGV[1]
-local hashes = all_hashes(ARGV[2])
-local n = #hashes
-local out = {}
+_LOOKUP = """
+-- ARGV: prefix, packed hashes. Returns, as one msgpack string (one bulk reply parses far faster in
+-- the client than an array of 4 x nodes), [[id, gen, matched, load], ...] for every live node; load
+-- is stored as msgpack already and goes in as it is. A node's match is the last block of the prefix it holds in state F: blocks 1..i are all held
+-- exactly when block i is full, so a binary search over the prefix finds it.
+local p, packed = ARGV[1], ARGV[2]
+local n = #packed / 8
+local function at(i) return string.sub(packed, 8 * i - 7, 8 * i) end
+local function full(v) return v and string.byte(v, -1) == 70 end  -- 70 = 'F'
+local first, last = at(1), at(n)
+local function array(k) return k < 16 and string.char(0x90 + k) or string.char(0xdc) .. struct.pack('>H', k) end
+local NIL = string.char(0xc0)
+local out, count = {}, 0
 for _, id in ipairs(redis.call('SMEMBERS', p .. 'nodes')) do
   local node = redis.call('HMGET', p .. 'node:' .. id, 'gen', 'load')
   local gen = node[1]
   if gen then
-    local key = p .. 'blk:' .. id .. ':' .. gen
-    local matched, step = 0, 16
-    while matched < n do
-      local upto = math.min(n, matched + step)
-      local hits = redis.call('SMISMEMBER', key, unpack(hashes, matched + 1, upto))
-      local k = 1
-      while hits[k] == 1 do k = k + 1 end
-      matched = matched + k - 1
-      if matched < upto then break end
-      step = math.min(step * 4, 4096)
+    local matched = 0
+    if n > 0 then
+      local key = p .. 'blk:' .. id .. ':' .. gen
+      local ends = redis.call('HMGET', key, first, last)
+      if full(ends[2]) then
+        matched = n
+      elseif full(ends[1]) then
+        local lo, hi = 1, n  -- block lo is full, block hi is not
+        while hi - lo > 1 do
+          local mid = math.floor((lo + hi) / 2)
+          if full(redis.call('HGET', key, at(mid))) then lo = mid else hi = mid end
+        end
+        matched = lo
+      end
     end
-    out[#out + 1] = id
-    out[#out + 1] = gen
-    out[#out + 1] = matched
-    out[#out + 1] = node[2] or ''
+    out[#out + 1] = array(4) .. cmsgpack.pack(id) .. cmsgpack.pack(gen) .. cmsgpack.pack(matched) .. (node[2] or NIL)
+    count = count + 1
   end
 end
-return out
+return array(count) .. table.concat(out)
 """
-)
 
 _RESYNC_COMMIT = """
--- ARGV: prefix, id, gen, temporary key. Swaps the uploaded set in if gen is still the node's newest.
-local p, id, gen, tmp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- ARGV: prefix, id, gen, temporary blk key, temporary kid key. Swaps the uploads in if gen is
+-- still the node's newest.
+local p, id, gen, tmp_blk, tmp_kid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if redis.call('GET', p .. 'gen:' .. id) ~= gen then
-  redis.call('UNLINK', tmp)
+  redis.call('UNLINK', tmp_blk, tmp_kid)
   return 0
 end
-local key = p .. 'blk:' .. id .. ':' .. gen
-if redis.call('EXISTS', tmp) == 1 then
-  redis.call('RENAME', tmp, key)
-  redis.call('PERSIST', key)
+local blk, kid = p .. 'blk:' .. id .. ':' .. gen, p .. 'kid:' .. id .. ':' .. gen
+redis.call('UNLINK', blk, kid)
+if redis.call('EXISTS', tmp_blk) == 1 then
+  redis.call('RENAME', tmp_blk, blk)
+  redis.call('PERSIST', blk)
   redis.call('SADD', p .. 'blksets', id .. ':' .. gen)
 else
-  redis.call('UNLINK', key)
   redis.call('SREM', p .. 'blksets', id .. ':' .. gen)
+end
+if redis.call('EXISTS', tmp_kid) == 1 then
+  redis.call('RENAME', tmp_kid, kid)
+  redis.call('PERSIST', kid)
 end
 return 1
 """
 
 _PURGE_DEAD = """
--- ARGV: prefix. Unlinks every entry set whose generation is not its node's live one.
+-- ARGV: prefix. Unlinks the entries of every incarnation that is not its node's live one.
 local p = ARGV[1]
 local purged = {}
 for _, m in ipairs(redis.call('SMEMBERS', p .. 'blksets')) do
   local id, gen = string.match(m, '^(.*):(%d+)$')
   if redis.call('HGET', p .. 'node:' .. id, 'gen') ~= gen then
-    redis.call('UNLINK', p .. 'blk:' .. m)
+    redis.call('UNLINK', p .. 'blk:' .. m, p .. 'kid:' .. m)
     redis.call('SREM', p .. 'blksets', m)
     purged[#purged + 1] = m
   end
@@ -159,8 +234,9 @@ return purged
 
 _PURGE_NODE = """
 -- ARGV: prefix, id, gen
-redis.call('SREM', ARGV[1] .. 'blksets', ARGV[2] .. ':' .. ARGV[3])
-return redis.call('UNLINK', ARGV[1] .. 'blk:' .. ARGV[2] .. ':' .. ARGV[3])
+local m = ARGV[2] .. ':' .. ARGV[3]
+redis.call('SREM', ARGV[1] .. 'blksets', m)
+return redis.call('UNLINK', ARGV[1] .. 'blk:' .. m, ARGV[1] .. 'kid:' .. m)
 """
 
 _SIZES = """
@@ -171,7 +247,7 @@ for _, id in ipairs(redis.call('SMEMBERS', p .. 'nodes')) do
   local gen = redis.call('HGET', p .. 'node:' .. id, 'gen')
   if gen then
     out[#out + 1] = id
-    out[#out + 1] = redis.call('SCARD', p .. 'blk:' .. id .. ':' .. gen)
+    out[#out + 1] = redis.call('HLEN', p .. 'blk:' .. id .. ':' .. gen)
   end
 end
 return out
@@ -207,12 +283,13 @@ class BlockIndex:
         for event in batch.events:
             if isinstance(event, BlockStored):
                 if event.block_hashes:
-                    args += ("s", _pack(event.block_hashes))
+                    parent = b"" if event.parent_hash is None else _pack([event.parent_hash])
+                    args += ("s", parent, _pack(event.block_hashes))
             elif isinstance(event, BlockRemoved):
                 if event.block_hashes:
-                    args += ("r", _pack(event.block_hashes))
+                    args += ("r", b"", _pack(event.block_hashes))
             elif isinstance(event, AllCleared):
-                args += ("c", b"")
+                args += ("c", b"", b"")
             else:
                 raise TypeError(f"not a KV event: {event!r}")
         return int(await self._apply(args=args)) >= 0
@@ -242,23 +319,26 @@ class BlockIndex:
         result.sort(key=lambda r: (-r[2], r[0].node_id))
         return result
 
-    async def resync(self, node_id: str, generation: int, all_hashes: list[int]) -> bool:
-        """Replace the node's whole entry set with `all_hashes` atomically (after a Redis restart or a
-        lapsed heartbeat, the worker re-registers and republishes its pool). Two round trips.
+    async def resync(self, node_id: str, generation: int, blocks: list[tuple[int, int | None]]) -> bool:
+        """Replace the node's whole entry set with `blocks`, (hash, parent hash) pairs, atomically
+        (after a Redis restart or a lapsed heartbeat, the worker re-registers and republishes its
+        pool). Two round trips.
 
         Returns False, changing nothing, if `generation` is not the node's newest registered one.
         Call it from the task that publishes the node's events: a batch applied during the upload
         would be overwritten by the swap.
         """
+        entries, kids = block_entries(blocks)
         tmp = f"{self.prefix}tmp:{node_id}:{generation}:{secrets.token_hex(4)}"
+        tmp_blk, tmp_kid = f"{tmp}:blk", f"{tmp}:kid"
         pipe = self.redis.pipeline(transaction=False)
-        for start in range(0, len(all_hashes), _RESYNC_CHUNK):
-            chunk = all_hashes[start : start + _RESYNC_CHUNK]
-            packed = _pack(chunk)
-            pipe.sadd(tmp, *(packed[i : i + 8] for i in range(0, len(packed), 8)))
-        pipe.pexpire(tmp, 120_000)  # an abandoned upload cleans itself up
+        for key, mapping in ((tmp_blk, entries), (tmp_kid, kids)):
+            items = list(mapping.items())
+            for start in range(0, len(items), _RESYNC_CHUNK):
+                pipe.hset(key, mapping=dict(items[start : start + _RESYNC_CHUNK]))
+            pipe.pexpire(key, 120_000)  # an abandoned upload cleans itself up
         await pipe.execute()
-        return bool(await self._resync_commit(args=[self.prefix, node_id, str(generation), tmp]))
+        return bool(await self._resync_commit(args=[self.prefix, node_id, str(generation), tmp_blk, tmp_kid]))
 
     async def purge_node(self, node_id: str, generation: int) -> bool:
         """Drop every entry of one node incarnation now (e.g. on clean shutdown). True if there were any."""
@@ -281,11 +361,42 @@ class BlockIndex:
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def _matches(self, block_hashes: list[int]) -> list[tuple[str, int, int, NodeLoad]]:
-        flat = await self._lookup(args=[self.prefix, _pack(block_hashes)])
-        return [
-            (flat[i].decode(), int(flat[i + 1]), int(flat[i + 2]), _decode_load(flat[i + 3] or _NO_LOAD))
-            for i in range(0, len(flat), 4)
-        ]
+        reply = _decode_matches(await self._lookup(args=[self.prefix, _pack(block_hashes)]))
+        return [(node_id, int(gen), matched, load or NodeLoad()) for node_id, gen, matched, load in reply]
+
+
+def block_entries(blocks: list[tuple[int, int | None]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """The `blk` and `kid` hash contents for a node holding `blocks`, (hash, parent hash) pairs:
+    what the apply script would have built from events, computed in one pass for a resync."""
+    parents = dict(blocks)
+    full: dict[int, bool] = {}
+    for h in parents:
+        path: list[int] = []
+        on_path: set[int] = set()
+        x = h
+        while x not in full:
+            path.append(x)
+            on_path.add(x)
+            parent = parents[x]
+            if parent is None:
+                verdict = True
+                break
+            if parent not in parents or parent in on_path:  # an ancestor is missing (or a cycle)
+                verdict = False
+                break
+            x = parent
+        else:
+            verdict = full[x]
+        for y in path:
+            full[y] = verdict
+    entries: dict[bytes, bytes] = {}
+    kids: dict[bytes, bytes] = {}
+    for h, parent in parents.items():
+        packed_parent = b"" if parent is None else _pack([parent])
+        entries[_pack([h])] = packed_parent + (FULL if full[h] else HELD)
+        if parent is not None:
+            kids[packed_parent] = kids.get(packed_parent, b"") + _pack([h])
+    return entries, kids
 
 
 def _pack(block_hashes: list[int]) -> bytes:

@@ -31,6 +31,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and cached
+    parent_hash: int | None = None  # the hash of the block before it in its sequence (None: the first)
 
 
 @dataclass(slots=True)
@@ -91,9 +92,9 @@ class BlockPool:
             found.append(block_id)
         return found
 
-    def cached_hashes(self) -> list[int]:
-        """Every hash this pool can serve now (used to resync the index)."""
-        return list(self._by_hash)
+    def cached_blocks(self) -> list[tuple[int, int | None]]:
+        """(hash, parent hash) of every block this pool can serve now (used to resync the index)."""
+        return [(h, self.blocks[block_id].parent_hash) for h, block_id in self._by_hash.items()]
 
     def acquire(self, block_ids: list[int]) -> None:
         """Take a reference on existing blocks (a cache hit, a transfer source, a pin)."""
@@ -103,8 +104,9 @@ class BlockPool:
                 del self._free[block_id]
             block.ref_count += 1
 
-    def cache(self, block_id: int, block_hash: int) -> int:
-        """Mark a full block as holding the prefix named by `block_hash`.
+    def cache(self, block_id: int, block_hash: int, parent_hash: int | None) -> int:
+        """Mark a full block as holding the prefix named by `block_hash`, the child of the block
+        named `parent_hash` (None for a sequence's first block).
 
         Returns the block that now serves the hash: an older block that already serves it wins,
         so two sequences that computed the same block do not both publish it.
@@ -118,8 +120,9 @@ class BlockPool:
         if block.block_hash is not None:
             raise ValueError(f"block {block_id} already holds hash {block.block_hash:#x}")
         block.block_hash = block_hash
+        block.parent_hash = parent_hash
         self._by_hash[block_hash] = block_id
-        self._record(BlockStored([block_hash]))
+        self._record(BlockStored([block_hash], parent_hash))
         return block_id
 
     # -- allocation -------------------------------------------------------------------------
@@ -155,7 +158,7 @@ class BlockPool:
         if self._by_hash.get(block.block_hash) == block.block_id:
             del self._by_hash[block.block_hash]
             self._record(BlockRemoved([block.block_hash]))
-        block.block_hash = None
+        block.block_hash = block.parent_hash = None
 
     # -- pins (agent sessions between turns) -----------------------------------------------
     def pin(self, session_id: str, block_ids: list[int], ttl_s: float, now: float | None = None) -> None:
@@ -185,20 +188,23 @@ class BlockPool:
     def reset_cache(self) -> None:
         """Forget every cached hash (blocks in use keep their contents, just not their names)."""
         for block in self.blocks:
-            block.block_hash = None
+            block.block_hash = block.parent_hash = None
         self._by_hash.clear()
         self._record(AllCleared())
 
     # -- events ----------------------------------------------------------------------------
     def _record(self, event: KVEvent) -> None:
         last = self._events[-1] if self._events else None
-        if type(event) is type(last) and not isinstance(event, AllCleared):
-            last.block_hashes.extend(event.block_hashes)  # type: ignore[union-attr]
+        if isinstance(event, BlockRemoved) and isinstance(last, BlockRemoved):
+            last.block_hashes.extend(event.block_hashes)
+        elif isinstance(event, BlockStored) and isinstance(last, BlockStored) and event.parent_hash == last.block_hashes[-1]:
+            last.block_hashes.extend(event.block_hashes)  # the chain goes on
         else:
             self._events.append(event)
 
     def drain_events(self) -> list[KVEvent]:
-        """Events since the last drain, in order, with runs of the same kind merged."""
+        """Events since the last drain, in order; removals in a row and stores that continue one
+        chain are merged."""
         events, self._events = self._events, []
         return events
 

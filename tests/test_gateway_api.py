@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -313,6 +314,23 @@ def test_ops_endpoints_health_metrics_and_openapi(gateway, workers):
         assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/sessions"} <= set(schema["paths"])
 
     gateway(workers(("d1", Role.DECODE)), scenario, GatewayConfig(router=RouterConfig()))
+
+
+def test_the_gateway_drops_a_restarted_nodes_index_entries_in_the_background(gateway, workers):
+    async def scenario(client, cluster):
+        d1 = cluster.workers["d1"]
+        assert (await client.post("/v1/chat/completions", json=chat(LONG_SYSTEM), headers=A)).status_code == 200
+        old = d1.generation
+        redis, registry = d1.index.redis, d1.index.registry
+        assert await redis.exists(f"akv:blk:d1:{old}") == 1
+        await d1.join(registry, d1.index)  # the worker restarted: a new generation, an empty pool
+        for _ in range(100):
+            if not await redis.exists(f"akv:blk:d1:{old}", f"akv:kid:d1:{old}"):
+                break
+            await asyncio.sleep(0.05)
+        assert await redis.exists(f"akv:blk:d1:{old}", f"akv:kid:d1:{old}") == 0
+
+    gateway(workers(("d1", Role.DECODE)), scenario, GatewayConfig(api_keys=KEYS.api_keys, index_purge_s=0.1))
 
 
 def test_a_turn_that_ends_early_is_aborted_on_every_node_it_touched(aio, workers):

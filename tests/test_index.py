@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
-from kvstore.index import BlockIndex
+from kvstore.index import BlockIndex, block_entries
 from kvstore.nodes import NodeLoad, NodeRecord, Role
 from kvstore.registry import NodeRegistry
 
@@ -22,6 +22,7 @@ CHAIN_B = CHAIN_A[:4] + [_rng.getrandbits(64) for _ in range(6)]
 CHAIN_C = [_rng.getrandbits(64) for _ in range(10)]
 CHAINS = [CHAIN_A, CHAIN_B, CHAIN_C]
 ALL_HASHES = sorted(set(CHAIN_A + CHAIN_B + CHAIN_C))
+PARENT = {h: chain[i - 1] if i else None for chain in CHAINS for i, h in enumerate(chain)}
 NODES = ["n0", "n1", "n2"]
 
 
@@ -39,8 +40,18 @@ async def join(registry: NodeRegistry, node_id: str, ttl_s: float = 60.0, **over
     return generation
 
 
-def stored(node_id: str, generation: int, hashes: list[int]) -> KVEventBatch:
-    return KVEventBatch(node_id, generation, [BlockStored(hashes)])
+def segment(chain: list[int], start: int, stop: int | None = None) -> BlockStored:
+    """Blocks chain[start:stop] stored, with their true parent (the block before `start`)."""
+    return BlockStored(chain[start:stop], chain[start - 1] if start else None)
+
+
+def stored(node_id: str, generation: int, chain: list[int], start: int = 0, stop: int | None = None) -> KVEventBatch:
+    return KVEventBatch(node_id, generation, [segment(chain, start, stop)])
+
+
+def chain_blocks(chain: list[int]) -> set[tuple[int, int | None]]:
+    """(hash, parent) pairs of a chain, as a pool reports them for a resync."""
+    return {(h, chain[i - 1] if i else None) for i, h in enumerate(chain)}
 
 
 def leading(held: set[int], prefix: list[int]) -> int:
@@ -70,7 +81,7 @@ batch_strategy = st.tuples(
 def to_event(spec: tuple):
     if spec[0] == "stored":
         _, chain, a, b = spec
-        return BlockStored(CHAINS[chain][min(a, b) : max(a, b)])
+        return segment(CHAINS[chain], min(a, b), max(a, b))
     if spec[0] == "removed":
         return BlockRemoved(list(spec[1]))
     return AllCleared()
@@ -106,8 +117,17 @@ def test_lookup_equals_a_reference_model_for_random_event_sequences(aio, redis_c
                 expected = {n: leading(reference[n], prefix) for n in NODES}
                 assert await index.lookup(prefix) == expected
         assert await index.sizes() == {n: len(reference[n]) for n in NODES}
+        for n in NODES:  # what the events built, state bytes included, is what a resync would upload
+            entries, kids = block_entries([(h, PARENT[h]) for h in reference[n]])
+            assert await redis_client.hgetall(f"akv:blk:{n}:{live[n]}") == entries
+            got_kids = await redis_client.hgetall(f"akv:kid:{n}:{live[n]}")
+            assert {p: sorted(_split(v)) for p, v in got_kids.items()} == {p: sorted(_split(v)) for p, v in kids.items()}
 
     aio.run(body())
+
+
+def _split(packed: bytes) -> list[bytes]:
+    return [packed[i : i + 8] for i in range(0, len(packed), 8)]
 
 
 # ------------------------------------------------------------------------------------ examples
@@ -118,9 +138,29 @@ def test_lookup_counts_only_leading_blocks_and_stops_at_the_first_miss(aio, redi
         registry = NodeRegistry(redis_client)
         index = BlockIndex(redis_client, registry=registry)
         g0, g1 = await join(registry, "n0"), await join(registry, "n1")
-        await index.apply(stored("n0", g0, CHAIN_A[:2] + CHAIN_A[3:]))  # block 2 missing
-        await index.apply(stored("n1", g1, CHAIN_A[1:]))  # block 0 missing
+        await index.apply(KVEventBatch("n0", g0, [segment(CHAIN_A, 0, 2), segment(CHAIN_A, 3)]))  # block 2 missing
+        await index.apply(stored("n1", g1, CHAIN_A, 1))  # block 0 missing
         assert await index.lookup(CHAIN_A) == {"n0": 2, "n1": 0}
+
+    aio.run(body())
+
+
+def test_a_stored_parent_completes_the_blocks_below_it_and_a_removed_one_cuts_them(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g = await join(registry, "n0")
+        # Tail first, then the middle, then the head: nothing is reachable until the head arrives.
+        await index.apply(KVEventBatch("n0", g, [segment(CHAIN_A, 6), segment(CHAIN_A, 2, 6)]))
+        assert await index.lookup(CHAIN_A) == {"n0": 0}
+        await index.apply(stored("n0", g, CHAIN_A, 0, 2))
+        assert await index.lookup(CHAIN_A) == {"n0": 10}
+        await index.apply(KVEventBatch("n0", g, [BlockRemoved([CHAIN_A[4]])]))
+        assert await index.lookup(CHAIN_A) == {"n0": 4}
+        assert await index.lookup(CHAIN_B) == {"n0": 4}  # B branches off A after block 3
+        await index.apply(stored("n0", g, CHAIN_A, 4, 5))
+        assert await index.lookup(CHAIN_A) == {"n0": 10}
+        assert await index.sizes() == {"n0": 10}
 
     aio.run(body())
 
@@ -137,14 +177,25 @@ def test_lookup_reports_every_live_node_even_without_a_match(aio, redis_client):
     aio.run(body())
 
 
-def test_lookup_handles_prefixes_longer_than_one_lua_chunk(aio, redis_client):
+def test_lookup_reports_more_nodes_than_a_small_msgpack_array_holds(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        gens = {f"n{i:02d}": await join(registry, f"n{i:02d}") for i in range(17)}
+        await index.apply(stored("n16", gens["n16"], CHAIN_A, 0, 5))
+        assert await index.lookup(CHAIN_A) == {n: 5 if n == "n16" else 0 for n in gens}
+
+    aio.run(body())
+
+
+def test_lookup_handles_long_prefixes(aio, redis_client):
     async def body():
         registry = NodeRegistry(redis_client)
         index = BlockIndex(redis_client, registry=registry)
         g = await join(registry, "n0")
         rng = random.Random(7)
         long_prefix = [rng.getrandbits(64) for _ in range(5000)]
-        await index.apply(stored("n0", g, long_prefix[:4500]))
+        await index.apply(stored("n0", g, long_prefix, 0, 4500))
         assert await index.lookup(long_prefix) == {"n0": 4500}
         await index.apply(KVEventBatch("n0", g, [BlockRemoved([long_prefix[2999]])]))
         assert await index.lookup(long_prefix) == {"n0": 2999}
@@ -159,7 +210,7 @@ def test_lookup_ignores_a_node_whose_heartbeat_expired(aio, redis_client):
         g0 = await join(registry, "n0", ttl_s=1.0)
         g1 = await join(registry, "n1", ttl_s=60.0)
         await index.apply(stored("n0", g0, CHAIN_A))
-        await index.apply(stored("n1", g1, CHAIN_A[:3]))
+        await index.apply(stored("n1", g1, CHAIN_A, 0, 3))
         assert await index.lookup(CHAIN_A) == {"n0": 10, "n1": 3}
         await asyncio.sleep(1.2)
         assert await index.lookup(CHAIN_A) == {"n1": 3}
@@ -180,7 +231,7 @@ def test_lookup_ignores_entries_of_a_restarted_node_at_once(aio, redis_client):
         assert await index.lookup(CHAIN_A) == {"n0": 0}
         # The old incarnation, still running somewhere, cannot write into the index any more.
         assert await index.apply(stored("n0", old, CHAIN_C)) is False
-        assert await index.apply(stored("n0", new, CHAIN_B[:2])) is True
+        assert await index.apply(stored("n0", new, CHAIN_B, 0, 2)) is True
         assert await index.lookup(CHAIN_A) == {"n0": 2}
         assert await index.purge_dead() == [("n0", old)]
         assert await redis_client.exists(f"akv:blk:n0:{old}") == 0
@@ -208,12 +259,12 @@ def test_removing_every_block_leaves_no_block_keys(aio, redis_client):
         index = BlockIndex(redis_client, registry=registry)
         gens = {n: await join(registry, n) for n in NODES}
         for n, g in gens.items():
-            await index.apply(stored(n, g, CHAIN_A + CHAIN_C))
+            await index.apply(KVEventBatch(n, g, [segment(CHAIN_A, 0), segment(CHAIN_C, 0)]))
         assert await index.sizes() == {n: 20 for n in NODES}
         for n, g in gens.items():
             await index.apply(KVEventBatch(n, g, [BlockRemoved(CHAIN_A), BlockRemoved(CHAIN_C)]))
         assert await index.sizes() == {n: 0 for n in NODES}
-        assert await redis_client.keys("akv:blk:*") == []
+        assert await redis_client.keys("akv:blk:*") == [] and await redis_client.keys("akv:kid:*") == []
         assert await redis_client.scard("akv:blksets") == 0
 
     aio.run(body())
@@ -226,7 +277,7 @@ def test_cleared_drops_all_of_the_nodes_entries_and_only_its(aio, redis_client):
         g0, g1 = await join(registry, "n0"), await join(registry, "n1")
         await index.apply(stored("n0", g0, CHAIN_A))
         await index.apply(stored("n1", g1, CHAIN_A))
-        await index.apply(KVEventBatch("n0", g0, [AllCleared(), BlockStored(CHAIN_C[:1])]))
+        await index.apply(KVEventBatch("n0", g0, [AllCleared(), segment(CHAIN_C, 0, 1)]))
         assert await index.lookup(CHAIN_A) == {"n0": 0, "n1": 10}
         assert await index.sizes() == {"n0": 1, "n1": 10}
 
@@ -245,7 +296,7 @@ def test_resync_makes_the_index_exact_after_a_redis_restart(aio, redis_client):
         assert await registry.heartbeat("n0", g, NodeLoad(), ttl_s=60) is False
         assert await index.apply(stored("n0", g, CHAIN_B)) is False
         await registry.register(record("n0", g), ttl_s=60)
-        pool = set(CHAIN_A[:6]) | set(CHAIN_C)
+        pool = chain_blocks(CHAIN_A[:6]) | chain_blocks(CHAIN_C)
         assert await index.resync("n0", g, sorted(pool)) is True
         assert await index.lookup(CHAIN_A) == {"n0": 6}
         assert await index.lookup(CHAIN_C) == {"n0": 10}
@@ -261,14 +312,14 @@ def test_resync_replaces_the_whole_entry_set_and_refuses_a_stale_generation(aio,
         index = BlockIndex(redis_client, registry=registry)
         old = await join(registry, "n0")
         await index.apply(stored("n0", old, CHAIN_A))
-        assert await index.resync("n0", old, CHAIN_C) is True
+        assert await index.resync("n0", old, sorted(chain_blocks(CHAIN_C))) is True
         assert await index.lookup(CHAIN_A) == {"n0": 0}
         assert await index.lookup(CHAIN_C) == {"n0": 10}
         assert await index.resync("n0", old, []) is True
         assert await index.sizes() == {"n0": 0}
 
         new = await join(registry, "n0")
-        assert await index.resync("n0", old, CHAIN_A) is False
+        assert await index.resync("n0", old, sorted(chain_blocks(CHAIN_A))) is False
         assert await index.lookup(CHAIN_A) == {"n0": 0}
         assert await redis_client.keys(f"akv:*:n0:{old}*") == []
         assert new > old
@@ -282,8 +333,8 @@ def test_lookup_with_nodes_returns_record_load_and_match_longest_first(aio, redi
         index = BlockIndex(redis_client, registry=registry)
         g0 = await join(registry, "n0", role=Role.PREFILL)
         g1 = await join(registry, "n1", role=Role.DECODE)
-        await index.apply(stored("n0", g0, CHAIN_A[:3]))
-        await index.apply(stored("n1", g1, CHAIN_A[:7]))
+        await index.apply(stored("n0", g0, CHAIN_A, 0, 3))
+        await index.apply(stored("n1", g1, CHAIN_A, 0, 7))
         load = NodeLoad(running=3, waiting=1, free_blocks=10, total_blocks=1000)
         await registry.heartbeat("n1", g1, load, ttl_s=60)
 

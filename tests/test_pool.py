@@ -32,7 +32,7 @@ def test_one_block_is_one_contiguous_range():
 def test_freed_block_keeps_its_hash_until_reused():
     pool = make_pool(n=2)
     [b] = pool.allocate(1)
-    pool.cache(b, 111)
+    pool.cache(b, 111, None)
     pool.release([b])
     assert pool.cached_prefix([111]) == [b]  # lazy eviction: still a hit
     pool.allocate(2)  # reuses it
@@ -44,7 +44,7 @@ def test_eviction_takes_least_recently_freed_first():
     pool = make_pool(n=3)
     a, b, c = pool.allocate(3)
     for blk, h in ((a, 1), (b, 2), (c, 3)):
-        pool.cache(blk, h)
+        pool.cache(blk, h, None)
     pool.release([c])
     pool.release([a])
     pool.release([b])
@@ -56,7 +56,7 @@ def test_sequence_release_evicts_tail_before_prefix():
     pool = make_pool(n=3)
     blocks = pool.allocate(3)
     for i, blk in enumerate(blocks):
-        pool.cache(blk, 10 + i)
+        pool.cache(blk, 10 + i, 10 + i - 1 if i else None)
     pool.release(blocks)
     pool.allocate(1)
     assert pool.cached_prefix([10, 11]) == blocks[:2]
@@ -65,7 +65,7 @@ def test_sequence_release_evicts_tail_before_prefix():
 def test_pinned_block_is_never_evicted_until_expiry():
     pool = make_pool(n=2)
     [b] = pool.allocate(1)
-    pool.cache(b, 7)
+    pool.cache(b, 7, None)
     now = time.monotonic()
     pool.pin("s1", [b], ttl_s=10, now=now)
     pool.release([b])
@@ -79,19 +79,21 @@ def test_pinned_block_is_never_evicted_until_expiry():
 def test_duplicate_block_keeps_the_first_publisher():
     pool = make_pool()
     a, b = pool.allocate(2)
-    assert pool.cache(a, 5) == a
-    assert pool.cache(b, 5) == a
+    assert pool.cache(a, 5, None) == a
+    assert pool.cache(b, 5, None) == a
     assert pool.drain_events() == [BlockStored([5])]
 
 
-def test_events_merge_runs_and_reset_clears():
-    pool = make_pool()
-    blocks = pool.allocate(3)
-    for i, blk in enumerate(blocks):
-        pool.cache(blk, i + 1)
+def test_events_merge_chains_and_reset_clears():
+    pool = make_pool(n=8)
+    blocks = pool.allocate(5)
+    for i, blk in enumerate(blocks[:3]):
+        pool.cache(blk, i + 1, i if i else None)  # one chain: 1 <- 2 <- 3
+    pool.cache(blocks[3], 9, 1)  # a branch off block 1: a new event
+    assert sorted(pool.cached_blocks()) == [(1, None), (2, 1), (3, 2), (9, 1)]
     pool.reset_cache()
-    assert pool.drain_events() == [BlockStored([1, 2, 3]), AllCleared()]
-    assert pool.cached_hashes() == []
+    assert pool.drain_events() == [BlockStored([1, 2, 3]), BlockStored([9], 1), AllCleared()]
+    assert pool.cached_blocks() == []
 
 
 def test_out_of_blocks_is_a_clear_error():

@@ -27,9 +27,10 @@ T = TypeVar("T")
 
 @dataclass
 class CacheSnapshot:
-    """Every hash the pool serves at one point of the event stream (for a full index resync)."""
+    """(hash, parent hash) of every block the pool serves at one point of the event stream (for a
+    full index resync)."""
 
-    block_hashes: list[int]
+    blocks: list[tuple[int, int | None]]
 
 
 class EngineLoop:
@@ -145,7 +146,7 @@ class EngineLoop:
 
     def _push_snapshot(self) -> None:
         self._flush_events()
-        snap = CacheSnapshot(self.engine.pool.cached_hashes())
+        snap = CacheSnapshot(self.engine.pool.cached_blocks())
         self.loop.call_soon_threadsafe(self.events.put_nowait, snap)
 
 

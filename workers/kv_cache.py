@@ -57,7 +57,7 @@ class KVCacheManager:
             return
         extend_block_hashes(seq.block_hashes, seq.token_ids[: full * bs], bs, seq.hash_seed)
         for i in range(seq.num_cached_blocks, full):
-            self.pool.cache(seq.block_table[i], seq.block_hashes[i])
+            self.pool.cache(seq.block_table[i], seq.block_hashes[i], seq.block_hashes[i - 1] if i else None)
         seq.num_cached_blocks = full
 
     def full_blocks(self, seq: Sequence) -> list[int]:

@@ -99,7 +99,7 @@ class KVPublisher:
             item = await asyncio.wait_for(self.engine_loop.events.get(), timeout=30)
             if isinstance(item, CacheSnapshot):
                 break
-        await self.index.resync(self.record.node_id, self.record.generation, item.block_hashes)
+        await self.index.resync(self.record.node_id, self.record.generation, item.blocks)
         self.needs_resync = False
         self.resyncs += 1
 
