@@ -42,6 +42,7 @@ import struct
 
 import msgspec
 import redis.asyncio as aredis
+from redis.exceptions import RedisError
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvstore.nodes import NodeLoad, NodeRecord
@@ -198,16 +199,21 @@ return array(count) .. table.concat(out)
 """
 
 _RESYNC_COMMIT = """
--- ARGV: prefix, id, gen, temporary blk key, temporary kid key. Swaps the uploads in if gen is
--- still the node's newest.
-local p, id, gen, tmp_blk, tmp_kid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+-- ARGV: prefix, id, gen, temporary blk key, temporary kid key, number of uploaded entries.
+-- Swaps the uploads in if gen is still the node's newest. Returns 1 (done), 0 (stale generation)
+-- or -1 (the upload expired before this call: nothing changed, upload again).
+local p, id, gen, tmp_blk, tmp_kid, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 if redis.call('GET', p .. 'gen:' .. id) ~= gen then
   redis.call('UNLINK', tmp_blk, tmp_kid)
   return 0
 end
+if redis.call('HLEN', tmp_blk) ~= count then
+  redis.call('UNLINK', tmp_blk, tmp_kid)
+  return -1
+end
 local blk, kid = p .. 'blk:' .. id .. ':' .. gen, p .. 'kid:' .. id .. ':' .. gen
 redis.call('UNLINK', blk, kid)
-if redis.call('EXISTS', tmp_blk) == 1 then
+if count > 0 then
   redis.call('RENAME', tmp_blk, blk)
   redis.call('PERSIST', blk)
   redis.call('SADD', p .. 'blksets', id .. ':' .. gen)
@@ -258,6 +264,10 @@ return out
 """
 
 _RESYNC_CHUNK = 8192
+
+
+class ResyncExpired(RedisError):
+    """A resync's upload expired (or was removed) before it could be swapped in; nothing changed."""
 
 
 class BlockIndex:
@@ -328,7 +338,8 @@ class BlockIndex:
         (after a Redis restart or a lapsed heartbeat, the worker re-registers and republishes its
         pool). Two round trips.
 
-        Returns False, changing nothing, if `generation` is not the node's newest registered one.
+        Returns False, changing nothing, if `generation` is not the node's newest registered one;
+        raises ResyncExpired (a RedisError: callers retry) if the upload expired before the swap.
         Call it from the task that publishes the node's events: a batch applied during the upload
         would be overwritten by the swap.
         """
@@ -342,7 +353,10 @@ class BlockIndex:
                 pipe.hset(key, mapping=dict(items[start : start + _RESYNC_CHUNK]))
             pipe.pexpire(key, 120_000)  # an abandoned upload cleans itself up
         await pipe.execute()
-        return bool(await self._resync_commit(args=[self.prefix, node_id, str(generation), tmp_blk, tmp_kid]))
+        done = int(await self._resync_commit(args=[self.prefix, node_id, str(generation), tmp_blk, tmp_kid, len(entries)]))
+        if done < 0:
+            raise ResyncExpired(f"the resync upload of node {node_id!r} expired before it was swapped in; upload again")
+        return bool(done)
 
     async def purge_node(self, node_id: str, generation: int) -> bool:
         """Drop every entry of one node incarnation now (e.g. on clean shutdown). True if there were any."""

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
-from kvstore.index import BlockIndex, block_entries
+from kvstore.index import BlockIndex, ResyncExpired, block_entries
 from kvstore.nodes import NodeLoad, NodeRecord, Role
 from kvstore.registry import NodeRegistry
 
@@ -323,6 +323,27 @@ def test_resync_replaces_the_whole_entry_set_and_refuses_a_stale_generation(aio,
         assert await index.lookup(CHAIN_A) == {"n0": 0}
         assert await redis_client.keys(f"akv:*:n0:{old}*") == []
         assert new > old
+
+    aio.run(body())
+
+
+def test_a_resync_whose_upload_expired_changes_nothing_and_says_so(aio, redis_client, monkeypatch):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g = await join(registry, "n0")
+        await index.apply(stored("n0", g, CHAIN_A))
+        commit = index._resync_commit
+
+        async def expire_first(args):  # the upload's TTL ran out before the swap
+            await redis_client.delete(args[3], args[4])
+            return await commit(args=args)
+
+        monkeypatch.setattr(index, "_resync_commit", expire_first)
+        with pytest.raises(ResyncExpired):
+            await index.resync("n0", g, sorted(chain_blocks(CHAIN_C)))
+        assert await index.lookup(CHAIN_A) == {"n0": 10}  # the old entries stand
+        assert await index.lookup(CHAIN_C) == {"n0": 0}
 
     aio.run(body())
 
