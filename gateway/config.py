@@ -23,6 +23,7 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     prefill_worth: float = 2.0  # P is used only if its cost <= prefill_worth x what D lacks
     max_prefill_queue: int = 8  # a P node with more waiting prefills than this is skipped
     index_timeout_s: float = 0.25  # lookup slower than this -> DEGRADED for this request
+    load_report_age_s: float = 0.6  # how old a node's reported load can be (worker heartbeat 0.5 s + margin)
 
 
 class GatewayConfig(msgspec.Struct, kw_only=True):

@@ -10,6 +10,11 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
                 and miss(p) <= miss(D) + block_size   (P never recomputes what D already holds)
     use P  iff  miss(D) > prefill_threshold_tokens  and  miss(P) + busy(P) <= prefill_worth * miss(D)
 
+running/waiting are the node's reported load corrected by what this gateway knows that the report
+(up to `load_report_age_s` old) cannot: turns it sent there and has not seen finish count at once,
+and its turns that finished there since the report was possibly taken no longer count (`LoadTracker`).
+Without that, turns that arrive together all see the same stale snapshot and herd onto one node.
+
 So D is the node that already holds most of the prompt unless it is much busier; a prefill node
 takes the prompt when D lacks a lot of it and P is not itself the bottleneck (and does not have
 to compute far more than D lacks); otherwise D prefills locally. Affinity is a score term: it
@@ -25,9 +30,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+import msgspec
 from redis.exceptions import RedisError
 
 from gateway.config import RouterConfig
@@ -159,6 +167,39 @@ def choose_baseline(candidates: list[Candidate], prompt_tokens: int, policy: str
     return Route(mode, d.record, None, prompt_tokens, bs, min(d.cached_blocks * bs, prompt_tokens))
 
 
+class LoadTracker:
+    """This gateway's own turns per node, to correct the nodes' reported loads, which lag by up to
+    one heartbeat: a reported count includes turns that have finished since, and misses turns sent
+    since. Call `started` when a route is taken and `finished` when its turn ends."""
+
+    def __init__(self, report_age_s: float, clock=time.monotonic) -> None:
+        self.report_age_s = report_age_s
+        self.clock = clock
+        self.in_flight: Counter[str] = Counter()
+        self._finished: dict[str, deque[float]] = {}
+
+    def started(self, route: Route) -> None:
+        for record in route.nodes():
+            self.in_flight[record.node_id] += 1
+
+    def finished(self, route: Route) -> None:
+        now = self.clock()
+        for record in route.nodes():
+            self.in_flight[record.node_id] -= 1
+            self._finished.setdefault(record.node_id, deque()).append(now)
+
+    def corrected(self, node_id: str, load: NodeLoad) -> NodeLoad:
+        """`load` with running + waiting = max(own turns in flight, reported - own turns finished
+        within the report's possible age). Other gateways' turns stay in the reported part."""
+        done = self._finished.get(node_id)
+        horizon = self.clock() - self.report_age_s
+        while done and done[0] < horizon:
+            done.popleft()
+        total = max(self.in_flight[node_id], load.running + load.waiting - len(done or ()))
+        waiting = min(load.waiting, total)
+        return msgspec.structs.replace(load, running=total - waiting, waiting=waiting)
+
+
 class Router:
     """Looks up the prompt's blocks in the index (or falls back to the node snapshot) and decides."""
 
@@ -166,6 +207,7 @@ class Router:
         self.index = index
         self.snapshot = snapshot  # () -> list[(NodeRecord, NodeLoad)]: the cluster's last view
         self.config = config
+        self.loads = LoadTracker(config.load_report_age_s)
         self._turns = itertools.count()  # round-robin position of the baseline policies
 
     async def choose(self, block_hashes: list[int], prompt_tokens: int, max_tokens: int, affinity: str | None,
@@ -178,7 +220,8 @@ class Router:
             log.warning("block index unavailable (%s): routing DEGRADED on load and affinity", exc or type(exc).__name__)
             candidates = [Candidate(rec, load, 0) for rec, load in self.snapshot()]
             mode = RouteMode.DEGRADED
-        candidates = [c for c in candidates if c.node_id not in exclude]
+        candidates = [Candidate(c.record, self.loads.corrected(c.node_id, c.load), c.cached_blocks)
+                      for c in candidates if c.node_id not in exclude]  # fmt: skip
         if self.config.policy != "prefix":
             return choose_baseline(candidates, prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)
         return choose_route(candidates, prompt_tokens, max_tokens, self.config, mode=mode, affinity=affinity)

@@ -152,10 +152,12 @@ class Turns:
                 hash_salt=turn.tenant.salt,
             )
             started = False
+            route = turn.route
+            self.router.loads.started(route)
             try:
                 # aclosing: if our consumer stops early, the workers' iterator is closed (and its
                 # aborts sent) now, not whenever the garbage collector gets to it.
-                async with contextlib.aclosing(self.orchestrator.run(turn.route, request, trace)) as chunks:
+                async with contextlib.aclosing(self.orchestrator.run(route, request, trace)) as chunks:
                     async for chunk in chunks:
                         started = True
                         self._observe(turn, chunk)
@@ -171,6 +173,8 @@ class Turns:
                                                       len(turn.prompt_ids), turn.sampling.max_tokens,
                                                       turn.session.node if turn.session else None,
                                                       exclude=frozenset(excluded))  # fmt: skip
+            finally:
+                self.router.loads.finished(route)
 
     async def finish(self, turn: Turn, content: str | None, calls: list[tuple[str, str]]) -> None:
         """Record a finished turn: session ledger and totals, metrics. Never fails the response."""

@@ -119,6 +119,34 @@ def test_router_is_exact_when_the_index_answers_and_degraded_when_it_does_not(ai
     assert aio.run(slow.choose([1], 80, 16, affinity=None)).mode is RouteMode.DEGRADED
 
 
+def test_turns_that_arrive_together_do_not_herd_onto_one_node(aio):
+    """Both nodes hold the same prefix and report no load: the gateway's own in-flight turns spread them."""
+    d1, d2 = node("d1", cached_blocks=30), node("d2", cached_blocks=30)
+    router = Router(FakeIndex([(d1.record, d1.load, 30), (d2.record, d2.load, 30)]), lambda: [], CFG)
+    chosen = []
+    for _ in range(4):
+        route = aio.run(router.choose([1, 2, 3], 500, 16, affinity=None))
+        router.loads.started(route)
+        chosen.append(route.decode.node_id)
+    assert sorted(chosen) == ["d1", "d1", "d2", "d2"]
+
+
+def test_a_stale_report_of_the_gateways_own_finished_turns_does_not_repel_the_next_turn(aio):
+    """d1 still reports the 4 turns that just finished there; the session's next turn goes back to it."""
+    now = [100.0]
+    d1, d2 = node("d1", running=4), node("d2")
+    router = Router(FakeIndex([(d1.record, d1.load, 30), (d2.record, d2.load, 28)]), lambda: [], CFG)
+    router.loads.clock = lambda: now[0]
+    finished = [aio.run(router.choose([1], 500, 16, affinity=None)) for _ in range(4)]
+    for route in finished:
+        route.decode = d1.record  # they ran on d1
+        router.loads.started(route)
+        router.loads.finished(route)
+    assert aio.run(router.choose([1, 2, 3], 500, 16, affinity="d1")).decode.node_id == "d1"
+    now[0] += CFG.load_report_age_s + 0.1  # a report this old would not count them any more
+    assert aio.run(router.choose([1, 2, 3], 500, 16, affinity="d1")).decode.node_id == "d2"
+
+
 def test_baseline_policies_for_benchmarks():
     from gateway.router import choose_baseline
 
