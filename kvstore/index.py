@@ -61,20 +61,19 @@ if redis.call('GET', p .. 'gen:' .. id) ~= gen then return -1 end
 local blk = p .. 'blk:' .. id .. ':' .. gen
 local kid = p .. 'kid:' .. id .. ':' .. gen
 
--- Give the held descendants of h the state s ('F' or 'h'). A block that has it already ends the
--- walk below it (its own descendants are consistent with it), which also bounds every walk.
-local function mark(h, s)
-  local todo = {h}
+-- Give the held blocks in `kids` (a kid list) and their held descendants the state s ('F' or 'h').
+-- A block that has it already ends the walk below it (its own descendants are consistent with it),
+-- which also bounds every walk.
+local function mark(kids, s)
+  local todo = {kids}
   while #todo > 0 do
-    local kids = redis.call('HGET', kid, table.remove(todo))
-    if kids then
-      for j = 1, #kids, 8 do
-        local c = string.sub(kids, j, j + 7)
-        local v = redis.call('HGET', blk, c)
-        if v and string.sub(v, -1) ~= s then
-          redis.call('HSET', blk, c, string.sub(v, 1, -2) .. s)
-          todo[#todo + 1] = c
-        end
+    local list = table.remove(todo)
+    for j = 1, #list, 8 do
+      local c = string.sub(list, j, j + 7)
+      local v = redis.call('HGET', blk, c)
+      if v and string.sub(v, -1) ~= s then
+        redis.call('HSET', blk, c, string.sub(v, 1, -2) .. s)
+        todo[#todo + 1] = redis.call('HGET', kid, c) or nil
       end
     end
   end
@@ -101,21 +100,24 @@ local function store(parent, packed)
     local v = redis.call('HGET', blk, parent)
     if not v or string.sub(v, -1) ~= 'F' then s = 'h' end
   end
-  local added = 0
+  local added, siblings = 0, nil  -- siblings: parent's kid list when this loop has just read it
   for i = 1, #packed, 8 do
     local h = string.sub(packed, i, i + 7)
     local v = redis.call('HGET', blk, h)
+    local kids = nil
     if v then
       s = string.sub(v, -1)  -- held already: its parent and state stand
     else
       redis.call('HSET', blk, h, parent .. s)
       if parent ~= '' then
-        redis.call('HSET', kid, parent, (redis.call('HGET', kid, parent) or '') .. h)
+        if siblings == nil then siblings = redis.call('HGET', kid, parent) or '' end
+        redis.call('HSET', kid, parent, siblings .. h)
       end
-      if s == 'F' then mark(h, 'F') end
+      kids = redis.call('HGET', kid, h) or ''  -- blocks stored before h that name it as parent
+      if s == 'F' and kids ~= '' then mark(kids, 'F') end
       added = added + 1
     end
-    parent = h
+    parent, siblings = h, kids
   end
   return added
 end
@@ -129,7 +131,7 @@ local function remove(packed)
       redis.call('HDEL', blk, h)
       local parent = string.sub(v, 1, -2)
       if parent ~= '' then drop_kid(parent, h) end
-      if string.sub(v, -1) == 'F' then mark(h, 'h') end
+      if string.sub(v, -1) == 'F' then mark(redis.call('HGET', kid, h) or '', 'h') end
       removed = removed + 1
     end
   end
