@@ -31,10 +31,12 @@ def aio() -> Iterator[asyncio.Runner]:
 
 @pytest.fixture
 def redis_client(valkey_url: str, aio: asyncio.Runner) -> Iterator[aredis.Redis]:
-    """An async client on an empty server (FLUSHALL before the test)."""
+    """An async client on an empty server (FLUSHALL before the test, and after it: nodes a test
+    registered must not outlive it and refuse the next test's workers as incompatible)."""
     client = aio.run(connect(valkey_url))
     aio.run(client.flushall())
     try:
         yield client
     finally:
+        aio.run(client.flushall())
         aio.run(client.aclose())
