@@ -433,6 +433,7 @@ def run_worker(config: WorkerConfig) -> None:
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    transport: KVTransport | None = None
     try:
         generation = asyncio.run(_next_generation(config))  # also: Redis reachable?
         model = load_model(config.model)
@@ -444,6 +445,8 @@ def run_worker(config: WorkerConfig) -> None:
         app = create_app(config, engine, generation, transport)
         asyncio.run(_register(config, app.state.worker.record))
     except (RedisUnavailable, ModelNotFound, InvalidRequest, RegistryError, TransferError) as exc:
+        if transport is not None:  # its native progress threads must stop before the interpreter exits
+            transport.close()
         print(f"agentkv worker: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     log.info("worker %s (%s) serving on %s", config.node_id, config.role.value, config.address)
