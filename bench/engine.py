@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kvstore.protocol import SamplingParams
+from kvstore.wire import SamplingParams
 from workers.engine import Engine, EngineConfig
 from workers.loader import LoadedModel, load_model
 

@@ -96,7 +96,7 @@ def _reply(conn: Connection, timeout_s: float = 120):
 def _peer_main(conn: Connection, backend: str, role: str, num_blocks: int, block_nbytes: int, options: dict) -> None:
     import torch
 
-    from kvstore.transfer import make_transport
+    from workers.transfer import make_transport
 
     torch.set_num_threads(1)
     kv = torch.empty((num_blocks, block_nbytes // 4), dtype=torch.float32)

@@ -31,7 +31,7 @@ from gateway.responses import chat_completion, chat_events, completion, completi
 from gateway.sessions import SESSION_HEADERS, SessionStore, validate_session_id, worker_session_key
 from gateway.tenants import Tenant, TenantDirectory
 from gateway.turns import Turn, Turns
-from kvstore.protocol import TokenChunk
+from kvstore.wire import TokenChunk
 
 ROUTE_HEADER = "x-agentkv-route"
 SESSION_HEADER = "x-session-id"

@@ -99,7 +99,7 @@ _WORKER_CODES: dict[str, type[APIError]] = {"context_length_exceeded": ContextLe
 
 def from_worker(status: int, body: bytes) -> APIError:
     """Map a worker's error reply (ErrorBody JSON) to the gateway's error types."""
-    from kvstore.protocol import ErrorBody
+    from kvstore.wire import ErrorBody
 
     try:
         err = msgspec.json.decode(body, type=ErrorBody)

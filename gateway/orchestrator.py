@@ -21,7 +21,7 @@ from gateway.errors import APIError, UpstreamError, from_worker
 from gateway.metrics import GatewayMetrics
 from gateway.router import Route
 from kvstore.nodes import NodeRecord
-from kvstore.protocol import GenerateRequest, PrefillRequest, PrefillResult, TokenChunk
+from kvstore.wire import GenerateRequest, PrefillRequest, PrefillResult, TokenChunk
 
 log = logging.getLogger("agentkv.gateway")
 

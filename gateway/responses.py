@@ -30,7 +30,7 @@ from gateway.openai_schema import (
 )
 from gateway.tool_calls import CallDelta, ContentDelta, ParsedCall, ToolCallParser
 from gateway.turns import Turn, Turns
-from kvstore.protocol import TokenChunk
+from kvstore.wire import TokenChunk
 
 log = logging.getLogger("agentkv.gateway")
 _encode = msgspec.json.encode

@@ -28,7 +28,7 @@ from gateway.router import Route, Router
 from gateway.sessions import Session, SessionStore, TurnStats
 from gateway.tenants import Tenant
 from kvstore.hashing import block_hashes, hash_seed
-from kvstore.protocol import GenerateRequest, SamplingParams, TokenChunk
+from kvstore.wire import GenerateRequest, SamplingParams, TokenChunk
 
 log = logging.getLogger("agentkv.gateway")
 

@@ -40,3 +40,6 @@ class NodeRecord(msgspec.Struct):
     model_name: str = ""
     model_path: str = ""  # directory with the tokenizer (and weights) the node loaded
     max_model_len: int = 0
+    engine: str = "builtin"  # builtin | vllm
+    # What the engine supports beyond generate/prefill/abort; the gateway degrades visibly without them.
+    features: list[str] = msgspec.field(default_factory=lambda: ["session_pins"])

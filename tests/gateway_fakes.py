@@ -24,7 +24,7 @@ from kvstore.events import BlockStored, KVEventBatch
 from kvstore.hashing import block_hashes, hash_seed
 from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord, Role
-from kvstore.protocol import ErrorBody, GenerateRequest, PrefillRequest, PrefillResult, TokenChunk
+from kvstore.wire import ErrorBody, GenerateRequest, PrefillRequest, PrefillResult, TokenChunk
 from kvstore.registry import NodeRegistry
 
 FINGERPRINT = "fake-model"

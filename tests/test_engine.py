@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvstore.protocol import SamplingParams
+from kvstore.wire import SamplingParams
 from model_fixtures import smollm2  # noqa: F401  (fixture)
 from workers.engine import AdoptedKV, Engine, EngineConfig, InvalidRequest
 

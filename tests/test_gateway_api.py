@@ -12,7 +12,7 @@ from gateway.config import GatewayConfig, RouterConfig
 from gateway.sessions import worker_session_key
 from kvstore.index import BlockIndex
 from kvstore.nodes import Role
-from kvstore.protocol import GenerateRequest, PrefillRequest
+from kvstore.wire import GenerateRequest, PrefillRequest
 
 KEYS = GatewayConfig(api_keys={"key-a": "alice", "key-b": "bob"})
 A = {"authorization": "Bearer key-a"}
@@ -342,7 +342,7 @@ def test_a_turn_that_ends_early_is_aborted_on_every_node_it_touched(aio, workers
     from gateway.orchestrator import Orchestrator, Trace
     from gateway.router import Candidate, choose_route
     from kvstore.nodes import NodeLoad
-    from kvstore.protocol import SamplingParams
+    from kvstore.wire import SamplingParams
 
     d, p = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
 

@@ -9,8 +9,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored
 from kvstore.hashing import block_hashes, hash_seed
-from kvstore.pool import BlockPool, KVLayout, OutOfBlocks
-from kvstore.protocol import SamplingParams
+from workers.pool import BlockPool, KVLayout, OutOfBlocks
+from kvstore.wire import SamplingParams
 from workers.kv_cache import KVCacheManager
 from workers.sequence import Sequence
 

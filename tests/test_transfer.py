@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore.transfer.base import (
+from workers.transfer.base import (
     InvalidBlocks,
     PeerInfo,
     PoolLayout,

@@ -34,7 +34,7 @@ def fill_pattern(kv, seed: int) -> None:
 
 
 def block_digests(kv) -> list[str]:
-    from kvstore.transfer.base import pool_bytes
+    from workers.transfer.base import pool_bytes
 
     b = pool_bytes(kv)
     return [hashlib.sha1(b[i].numpy().tobytes()).hexdigest() for i in range(kv.shape[0])]
@@ -44,7 +44,7 @@ def serve(conn: Connection, backend: str, name: str, generation: int, num_blocks
           options: dict | None = None) -> None:
     import torch
 
-    from kvstore.transfer import make_transport
+    from workers.transfer import make_transport
 
     kv = torch.empty((num_blocks, *BLOCK_SHAPE), dtype=torch.float32)
     fill_pattern(kv, seed)
@@ -95,7 +95,7 @@ class PeerProcess:
     def __init__(self, backend: str, name: str, *, generation: int = 1, num_blocks: int = 32, seed: int = 0,
                  options: dict | None = None):
         ctx = mp.get_context("forkserver")  # forks from a clean server that imported torch once
-        ctx.set_forkserver_preload(["torch", "numpy", "msgspec", "kvstore.transfer.base"])
+        ctx.set_forkserver_preload(["torch", "numpy", "msgspec", "workers.transfer.base"])
         self.conn, child = ctx.Pipe()
         self.name = name
         self.generation = generation

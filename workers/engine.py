@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.hashing import block_hashes, hash_seed
-from kvstore.pool import BlockPool, KVLayout
-from kvstore.protocol import SamplingParams, TokenChunk
+from workers.pool import BlockPool, KVLayout
+from kvstore.wire import SamplingParams, TokenChunk
 from workers.detokenizer import IncrementalDetokenizer
 from workers.kv_cache import KVCacheManager, blocks_for
 from workers.loader import LoadedModel

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvstore.events import KVEvent
-from kvstore.protocol import TokenChunk
+from kvstore.wire import TokenChunk
 from workers.engine import Engine
 
 log = logging.getLogger("agentkv.worker")

@@ -8,7 +8,7 @@ are full (prompt AND generated tokens, so the next agent turn hits them); finish
 from __future__ import annotations
 
 from kvstore.hashing import block_hashes, extend_block_hashes
-from kvstore.pool import BlockPool, OutOfBlocks
+from workers.pool import BlockPool, OutOfBlocks
 from workers.sequence import Sequence
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from kvstore.pool import OutOfBlocks
+from workers.pool import OutOfBlocks
 from workers.kv_cache import KVCacheManager
 from workers.sequence import Sequence, SequenceStatus
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from kvstore.protocol import SamplingParams
+from kvstore.wire import SamplingParams
 
 
 class SequenceStatus(Enum):

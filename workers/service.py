@@ -37,10 +37,10 @@ from redis.exceptions import RedisError
 
 from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord, Role
-from kvstore.protocol import ErrorBody, GenerateRequest, PrefillRequest, PrefillResult, SamplingParams, TokenChunk
-from kvstore.pool import OutOfBlocks
+from kvstore.wire import ErrorBody, GenerateRequest, PrefillRequest, PrefillResult, SamplingParams, TokenChunk
+from workers.pool import OutOfBlocks
 from kvstore.registry import NodeRegistry
-from kvstore.transfer import KVTransport, TransferError, TransferTimeout
+from workers.transfer import KVTransport, TransferError, TransferTimeout
 from kvstore.valkey import connect
 from workers.engine import AdoptedKV, Engine, InvalidRequest
 from workers.engine_loop import EngineLoop
@@ -424,7 +424,7 @@ def run_worker(config: WorkerConfig) -> None:
     import uvicorn
 
     from kvstore.registry import RegistryError
-    from kvstore.transfer import make_transport
+    from workers.transfer import make_transport
     from kvstore.valkey import RedisUnavailable
     from workers.engine import EngineConfig
     from workers.loader import ModelNotFound, load_model

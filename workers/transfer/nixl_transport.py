@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.transfer.base import (
+from workers.transfer.base import (
     DEFAULT_TIMEOUT_S,
     Envelope,
     IncompatiblePeer,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvstore.transfer.base import (
+from workers.transfer.base import (
     DEFAULT_TIMEOUT_S,
     IncompatiblePeer,
     InvalidBlocks,
@@ -43,11 +43,11 @@ def make_transport(backend: str, name: str, kv: torch.Tensor, *, generation: int
     backend's own knobs (see NixlTransport / UcxxTransport).
     """
     if backend == "nixl":
-        from kvstore.transfer.nixl_transport import NixlTransport
+        from workers.transfer.nixl_transport import NixlTransport
 
         return NixlTransport(name, kv, generation=generation, timeout_s=timeout_s, **options)
     if backend == "ucxx":
-        from kvstore.transfer.ucxx_transport import UcxxTransport
+        from workers.transfer.ucxx_transport import UcxxTransport
 
         return UcxxTransport(name, kv, generation=generation, timeout_s=timeout_s, host=host, **options)
     raise ValueError(f"unknown transfer backend {backend!r}: choose one of {', '.join(BACKENDS)}")

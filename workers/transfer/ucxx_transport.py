@@ -31,7 +31,7 @@ import msgspec
 import numpy as np
 import torch
 
-from kvstore.transfer.base import (
+from workers.transfer.base import (
     DEFAULT_TIMEOUT_S,
     Envelope,
     KVTransport,
