@@ -1,5 +1,5 @@
-"""Shared KV-cache plumbing used by both the gateway and the workers.
+"""What the gateway and the workers both import: hashing (block hashes), events (pool -> index),
+nodes (the node record), index + registry (Redis, Lua in lua/), valkey (connecting), wire (internal API).
 
-hashing (block hashes), pool (paged KV memory), events (pool -> index wire format),
-nodes (the node record), index (Redis block index), transfer (NIXL / ucxx block moves).
+Kept import-free: the SDK's base install imports kvstore.wire without redis, xxhash or torch.
 """

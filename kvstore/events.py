@@ -1,6 +1,6 @@
 """KV events: what a node's pool tells the index. Small tagged msgspec structs, batched per step.
 
-The index applies them in order; `AllCleared` resets a node (e.g. after a restart or resync).
+The index applies them in order; `AllCleared` drops all of a node's entries (the pool's `reset_cache`).
 """
 
 from __future__ import annotations

@@ -28,18 +28,13 @@ def hash_block(parent: int, token_ids: Sequence[int]) -> int:
 
 def block_hashes(token_ids: Sequence[int], block_size: int, seed: int) -> list[int]:
     """Hashes of every full block of `token_ids`; a trailing partial block is not hashed."""
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    hashes: list[int] = []
-    parent = seed
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
-        hashes.append(parent)
-    return hashes
+    return extend_block_hashes([], token_ids, block_size, seed)
 
 
 def extend_block_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int, seed: int) -> list[int]:
     """Append the hashes of blocks completed since `hashes` was computed (incremental, O(new blocks))."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     parent = hashes[-1] if hashes else seed
     for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size])

@@ -23,6 +23,9 @@ import redis
 import redis.asyncio as aredis
 
 
+_STARTUP_TIMEOUT_S = 10.0
+
+
 class RedisUnavailable(RuntimeError):
     """Redis cannot be reached (or refuses us) at start; the message is one line a user can act on."""
 
@@ -75,28 +78,23 @@ def _redis_scheme(url: str) -> str:
 class EmbeddedValkey:
     """A private Valkey server on a free loopback port, without persistence, in a temporary directory.
 
-    Use as `with EmbeddedValkey() as v:` or `async with ...`, or `start()`/`stop()`. The server never
+    Use as `with EmbeddedValkey() as v:` or `start()`/`stop()`. The server never
     outlives us: `stop()` runs on exit from the context (exception or not) and at interpreter exit,
     and on Linux the kernel sends it SIGTERM if the thread that started it dies (even on SIGKILL), so
     call `start()` from a long-lived thread (the main thread or the event loop's), not a short worker.
     """
 
-    def __init__(self, port: int | None = None, *, startup_timeout_s: float = 10.0) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self._requested_port = port
-        self._startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._port: int | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    @property
-    def port(self) -> int:
         if self._port is None:
             raise EmbeddedValkeyError("the embedded Valkey is not running; call start() first")
-        return self._port
+        return f"redis://127.0.0.1:{self._port}"
 
     @property
     def pid(self) -> int:
@@ -153,7 +151,7 @@ class EmbeddedValkey:
             self._process = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
             )
-        deadline = time.monotonic() + self._startup_timeout_s
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 in_use = "Address already in use" in self._log_tail()
@@ -165,7 +163,7 @@ class EmbeddedValkey:
                 self._port = port
                 return True
             time.sleep(0.02)
-        raise EmbeddedValkeyError(f"Valkey did not answer PING within {self._startup_timeout_s:g} s")
+        raise EmbeddedValkeyError(f"Valkey did not answer PING within {_STARTUP_TIMEOUT_S:g} s")
 
     def _log_tail(self) -> str:
         lines: list[str] = []
@@ -180,17 +178,6 @@ class EmbeddedValkey:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    async def __aenter__(self) -> EmbeddedValkey:
-        # Started on the loop's own thread on purpose (see the class docstring); it takes ~50 ms.
-        return self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"{self.url} pid={self.pid}" if self._process else "stopped"
-        return f"<EmbeddedValkey {state}>"
 
 
 def _valkey_binary() -> Path:

@@ -49,9 +49,9 @@ def test_embedded_valkey_stops_when_the_body_raises():
     assert not process_exists(pid)
 
 
-def test_embedded_valkey_works_as_an_async_context_manager():
+def test_embedded_valkey_started_on_the_event_loop_thread_serves_connect():
     async def body():
-        async with EmbeddedValkey() as valkey:
+        with EmbeddedValkey() as valkey:
             client = await connect(valkey.url)
             assert await client.ping() is True
             await client.aclose()

@@ -1,0 +1,4 @@
+-- ARGV: prefix, id, gen
+local inc = incarnation(ARGV[2], ARGV[3])
+redis.call('SREM', BLKSETS, inc)
+return redis.call('UNLINK', blk_key(inc), kid_key(inc))
