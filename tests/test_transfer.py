@@ -1,4 +1,4 @@
-"""Block transfer between two real processes, for both backends (NIXL and ucxx).
+"""Block reads between real processes, for both backends (NIXL, and ucxx when it is installed).
 
 Each peer is a separate OS process (tests/transfer_peer.py) with its own pool whose blocks carry
 a pattern unique to (process seed, block id), so "exactly these blocks changed, to exactly those
@@ -7,6 +7,9 @@ bytes" is checked by comparing per-block digests before and after.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
 import time
 
 import numpy as np
@@ -22,7 +25,8 @@ from workers.transfer.base import (
 )
 from tests.transfer_peer import BLOCK_SHAPE, PeerError, PeerProcess
 
-BACKENDS = ("nixl", "ucxx")
+BACKENDS = ("nixl", pytest.param("ucxx", marks=pytest.mark.skipif(
+    importlib.util.find_spec("ucxx") is None, reason="the [ucxx] extra is not installed")))
 BLOCK_NBYTES = int(np.prod(BLOCK_SHAPE)) * 4
 NUM_BLOCKS = 32
 
@@ -31,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def pair(request):
-    """Processes A (initiator, seed 1) and B (target, seed 2); A has loaded B."""
+    """Processes A (reader, seed 1) and B (source, seed 2); A has loaded B."""
     a = PeerProcess(request.param, "A", seed=1, num_blocks=NUM_BLOCKS)
     b = PeerProcess(request.param, "B", seed=2, num_blocks=NUM_BLOCKS)
     a.ready(), b.ready()
@@ -49,73 +53,77 @@ def delta(after: dict, before: dict) -> dict:
 
 
 # -- moving bytes -----------------------------------------------------------------------------------
-def test_write_changes_exactly_the_target_blocks_and_counts_their_bytes(pair):
-    _, a, b = pair
-    src, dst = list(range(4, 12)), list(range(20, 28))  # blocks k..n of A into other ids of B
-    a_digests, b_before = a.call("digests"), b.call("digests")
-    a_count, b_count = a.call("counters"), b.call("counters")
-
-    a.call("write", "B", src, dst, b"w-1", 10.0)
-    peer, notif, op, blocks, nbytes = b.call("wait_notif", b"w-1", 10.0)
-
-    b_after = b.call("digests")
-    assert changed(b_before, b_after) == dst
-    assert [b_after[d] for d in dst] == [a_digests[s] for s in src]
-    assert (peer, notif, op, blocks, nbytes) == ("A", b"w-1", "write", 8, 8 * BLOCK_NBYTES)
-    assert delta(a.call("counters"), a_count) == {
-        "bytes_sent": 8 * BLOCK_NBYTES, "blocks_sent": 8, "bytes_received": 0, "blocks_received": 0,
-        "transfers": 1, "failures": 0}
-    assert delta(b.call("counters"), b_count) == {
-        "bytes_sent": 0, "blocks_sent": 0, "bytes_received": 8 * BLOCK_NBYTES, "blocks_received": 8,
-        "transfers": 0, "failures": 0}
-
-
 def test_read_pulls_exactly_the_named_blocks_and_tells_the_source(pair):
     _, a, b = pair
     remote, local = list(range(0, 5)), list(range(27, 32))
     a_before, b_digests = a.call("digests"), b.call("digests")
-    b_count = b.call("counters")
+    a_count, b_count = a.call("counters"), b.call("counters")
 
-    a.call("read", "B", remote, local, b"r-1", 10.0)
+    assert a.call("read", "B", remote, local, b"r-1", 10.0) is None  # returns once the data is here
 
     a_after = a.call("digests")
     assert changed(a_before, a_after) == local
     assert [a_after[x] for x in local] == [b_digests[y] for y in remote]
-    assert b.call("wait_notif", b"r-1", 10.0)[2:] == ("read", 5, 5 * BLOCK_NBYTES)
+    assert b.call("wait_notif", b"r-1", 10.0) == b"r-1"
     assert b.call("digests") == b_digests  # reading never modifies the source
-    assert delta(b.call("counters"), b_count)["bytes_sent"] == 5 * BLOCK_NBYTES
+    assert delta(a.call("counters"), a_count) == {
+        "reads": 1, "blocks_read": 5, "bytes_read": 5 * BLOCK_NBYTES, "blocks_served": 0, "bytes_served": 0,
+        "notifications": 0, "failures": 0}
+    assert delta(b.call("counters"), b_count) == {
+        "reads": 0, "blocks_read": 0, "bytes_read": 0, "blocks_served": 5, "bytes_served": 5 * BLOCK_NBYTES,
+        "notifications": 1, "failures": 0}
 
 
-def test_scattered_block_ids_pair_up_one_to_one(pair):
+def test_a_partial_read_with_scattered_ids_pairs_them_one_to_one(pair):
     """Runs, singletons and a descending sequence: coalescing must not reorder or merge wrongly."""
     _, a, b = pair
-    src = [0, 1, 2, 7, 9, 10, 11, 31]
-    dst = [30, 31, 5, 6, 14, 13, 12, 0]
-    a_digests, b_before = a.call("digests"), b.call("digests")
+    remote = [0, 1, 2, 7, 9, 10, 11, 31]
+    local = [30, 31, 5, 6, 14, 13, 12, 0]
+    a_before, b_digests = a.call("digests"), b.call("digests")
 
-    a.call("write", "B", src, dst, b"w-scatter", 10.0)
-    b.call("wait_notif", b"w-scatter", 10.0)
+    a.call("read", "B", remote, local, b"r-scatter", 10.0)
+    b.call("wait_notif", b"r-scatter", 10.0)
 
-    b_after = b.call("digests")
-    assert changed(b_before, b_after) == sorted(dst)
-    assert [b_after[d] for d in dst] == [a_digests[s] for s in src]
+    a_after = a.call("digests")
+    assert changed(a_before, a_after) == sorted(local)
+    assert [a_after[x] for x in local] == [b_digests[y] for y in remote]
 
 
-def test_notification_that_never_comes_times_out(pair):
+def test_notify_reaches_the_peer_without_moving_data(pair):
+    _, a, b = pair
+    before = b.call("digests"), a.call("digests")
+    b_count = b.call("counters")
+    a.call("notify", "B", b"had-every-block")
+    assert b.call("wait_notif", b"had-every-block", 10.0) == b"had-every-block"
+    assert (b.call("digests"), a.call("digests")) == before
+    assert delta(b.call("counters"), b_count)["notifications"] == 1
+
+
+def test_a_notification_never_sent_never_arrives(pair):
     _, _, b = pair
     t0 = time.monotonic()
     with pytest.raises(PeerError) as err:
         b.call("wait_notif", b"never-sent", 0.5)
-    assert err.value.kind == "TransferTimeout"
+    assert err.value.kind == "TimeoutError"
     assert time.monotonic() - t0 < 5
 
 
 def test_out_of_range_and_mismatched_ids_are_refused_before_sending(pair):
     _, a, _ = pair
-    for src, dst in (([0, 1], [0]), ([0], [NUM_BLOCKS]), ([0, 1], [3, 3]), ([], [])):
+    failures = a.call("counters")["failures"]
+    for remote, local in (([0, 1], [0]), ([NUM_BLOCKS], [0]), ([0], [NUM_BLOCKS]), ([3, 4], [1, 1]), ([], [])):
         with pytest.raises(PeerError) as err:
-            a.call("write", "B", src, dst, b"bad", 5.0)
+            a.call("read", "B", remote, local, b"bad", 5.0)
         assert err.value.kind == "InvalidBlocks"
+    assert a.call("counters")["failures"] == failures  # nothing was sent
+
+
+def test_an_unknown_peer_is_refused(pair):
+    _, a, _ = pair
+    for command in (("read", "nobody", [0], [0], b"x", 5.0), ("notify", "nobody", b"x")):
+        with pytest.raises(PeerError) as err:
+            a.call(*command)
+        assert err.value.kind == "UnknownPeer"
 
 
 def test_metadata_for_another_node_or_generation_is_rejected(pair):
@@ -126,52 +134,83 @@ def test_metadata_for_another_node_or_generation_is_rejected(pair):
     with pytest.raises(PeerError) as err:
         a.call("add_peer", "B", 7, b.metadata)
     assert err.value.kind == "IncompatiblePeer"
+    with pytest.raises(PeerError) as err:
+        a.call("add_peer", "B", 1, b"not metadata")
+    assert err.value.kind == "IncompatiblePeer"
     assert a.call("peers") == {"B": 1}
 
 
 # -- failures and restarts --------------------------------------------------------------------------
-def test_transfer_to_a_killed_peer_fails_within_its_timeout(pair):
-    """SIGKILL a peer we already talked to and one we never reached: both ops fail, none hangs."""
+def test_a_read_from_a_stalled_peer_times_out_and_is_cancelled(pair):
+    """SIGSTOP: the peer is alive but makes no progress. The read ends at its deadline, cancelled
+    (not in flight), and the peer works again once it continues."""
+    backend, a, _ = pair
+    stalled = PeerProcess(backend, "S", seed=7, num_blocks=NUM_BLOCKS).ready()
+    try:
+        a.call("add_peer", "S", 1, stalled.metadata)
+        a.call("read", "S", [0], [0], b"warm", 10.0)
+        failures = a.call("counters")["failures"]
+        os.kill(stalled.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError) as err:
+            a.call("read", "S", [1, 2], [1, 2], b"stalled", 1.0)
+        assert err.value.kind == "TransferTimeout" and "within 1.0s" in str(err.value)
+        assert time.monotonic() - t0 < 1.0 + 1.5
+        assert a.call("counters")["failures"] == failures + 1
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+        a.call("read", "S", [3], [3], b"continued", 10.0)
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+        stalled.stop()
+
+
+def test_a_read_from_a_killed_peer_fails_within_its_timeout(pair):
+    """SIGKILL a peer we already read from and one we never reached: both fail, none hangs."""
     backend, a, _ = pair
     talked, silent = (PeerProcess(backend, name, seed=3, num_blocks=NUM_BLOCKS) for name in ("V-talked", "V-silent"))
     for victim in (talked.ready(), silent.ready()):
         a.call("add_peer", victim.name, 1, victim.metadata)
-    a.call("write", talked.name, [0], [0], b"warm", 10.0)
+    a.call("read", talked.name, [0], [0], b"warm", 10.0)
     failures = a.call("counters")["failures"]
     talked.kill(), silent.kill()
 
     timeout_s = 1.5
     for victim in (talked, silent):
-        for op in ("write", "read"):
+        for attempt in range(2):
             t0 = time.monotonic()
             with pytest.raises(PeerError) as err:
-                a.call(op, victim.name, [1, 2], [1, 2], b"to-the-dead", timeout_s, timeout_s=timeout_s + 30)
+                a.call("read", victim.name, [1, 2], [1, 2], b"from-the-dead", timeout_s, timeout_s=timeout_s + 30)
             assert err.value.kind in ("TransferFailed", "TransferTimeout"), err.value
             assert time.monotonic() - t0 < timeout_s + 1.5
     assert a.call("counters")["failures"] == failures + 4
-    a.call("write", "B", [3], [3], b"still-fine", 10.0)  # the transport survives dead peers
+    a.call("read", "B", [3], [3], b"still-fine", 10.0)  # the transport survives dead peers
 
 
-def test_a_peer_killed_mid_transfer_never_hangs_the_initiator(pair):
-    """The kill lands while the request runs (ucxx: ~0.1 s of TCP) or just after it (NIXL copies
-    inside the post): either way the request ends by its deadline and the transport stays usable."""
-    backend, a, _ = pair
-    victim = PeerProcess(backend, "V-mid", seed=6, num_blocks=2048).ready()
-    a.call("add_peer", victim.name, 1, victim.metadata)
-    a.call("write", victim.name, [0], [0], b"warm", 10.0)
-    src = [i % NUM_BLOCKS for i in range(2048)]  # 96 MiB: A's 32 blocks, over and over
-    timeout_s = 2.0
-    t0 = time.monotonic()
-    a.call("start", "write", victim.name, src, list(range(2048)), b"mid", timeout_s)
-    victim.kill()
+def test_a_peer_killed_mid_read_never_hangs_the_reader(pair):
+    """The kill lands while the read runs (ucxx: ~0.1 s of TCP) or just after it (NIXL copies
+    inside the post): either way the read ends by its deadline and the transport stays usable."""
+    backend, _, b = pair
+    reader = PeerProcess(backend, "M", seed=8, num_blocks=2048)
+    victim = PeerProcess(backend, "V-mid", seed=6, num_blocks=2048)
     try:
-        a.call("finish", b"mid", timeout_s=timeout_s + 30)
-        outcome = "completed before the kill"
-    except PeerError as err:
-        outcome = err.kind
-    assert outcome in ("completed before the kill", "TransferFailed", "TransferTimeout")
-    assert time.monotonic() - t0 < timeout_s + 1.5
-    a.call("write", "B", [4], [4], b"after-mid", 10.0)
+        reader.ready(), victim.ready()
+        reader.call("add_peer", victim.name, 1, victim.metadata)
+        reader.call("add_peer", "B", 1, b.metadata)
+        reader.call("read", victim.name, [0], [0], b"warm", 10.0)
+        timeout_s = 2.0
+        t0 = time.monotonic()
+        reader.call("start", victim.name, list(range(2048)), list(range(2048)), b"mid", timeout_s)  # 96 MiB
+        victim.kill()
+        try:
+            reader.call("finish", b"mid", timeout_s=timeout_s + 30)
+            outcome = "completed before the kill"
+        except PeerError as err:
+            outcome = err.kind
+        assert outcome in ("completed before the kill", "TransferFailed", "TransferTimeout")
+        assert time.monotonic() - t0 < timeout_s + 1.5
+        reader.call("read", "B", [4], [4], b"after-mid", 10.0)
+    finally:
+        victim.kill(), reader.stop()
 
 
 def test_a_new_generation_of_a_peer_replaces_the_old_one(pair):
@@ -180,18 +219,18 @@ def test_a_new_generation_of_a_peer_replaces_the_old_one(pair):
     new = PeerProcess(backend, "R", generation=2, seed=5, num_blocks=NUM_BLOCKS)  # the restart, started early
     try:
         a.call("add_peer", "R", 1, old.ready().metadata)
-        a.call("write", "R", [5], [5], b"to-gen-1", 10.0)
+        a.call("read", "R", [5], [5], b"from-gen-1", 10.0)
         old.kill()
 
         a.call("add_peer", "R", 2, new.ready().metadata)
         a.call("add_peer", "R", 2, new.metadata)  # same generation again: a no-op
         assert a.call("peers")["R"] == 2
-        a_digests, before = a.call("digests"), new.call("digests")
-        a.call("write", "R", [6, 7], [8, 9], b"to-gen-2", 10.0)
-        assert new.call("wait_notif", b"to-gen-2", 10.0)[:3] == ("A", b"to-gen-2", "write")
-        after = new.call("digests")
+        before, r_digests = a.call("digests"), new.call("digests")
+        a.call("read", "R", [6, 7], [8, 9], b"from-gen-2", 10.0)
+        assert new.call("wait_notif", b"from-gen-2", 10.0) == b"from-gen-2"
+        after = a.call("digests")
         assert changed(before, after) == [8, 9]
-        assert after[8:10] == a_digests[6:8]
+        assert after[8:10] == r_digests[6:8]
     finally:
         old.kill(), new.stop()
 
@@ -205,13 +244,13 @@ def test_coalesce_merges_only_runs_consecutive_on_both_sides():
 
 
 def test_pair_ids_validates_before_any_backend_sees_them():
-    loc, rem = pair_ids([1, 2], [3, 4], 8, 8, "remote")
+    loc, rem = pair_ids([1, 2], [3, 4], 8, 8)
     assert loc.dtype == np.int32 and rem.tolist() == [3, 4]
-    pair_ids([1, 1], [3, 4], 8, 8, "remote")  # reading one source block twice is fine
+    pair_ids([1, 2], [3, 3], 8, 8)  # reading one remote block into two local ones is fine
     with pytest.raises(InvalidBlocks, match="repeat"):
-        pair_ids([1, 2], [3, 3], 8, 8, "remote")
+        pair_ids([3, 3], [1, 2], 8, 8)
     with pytest.raises(InvalidBlocks, match=r"\[0, 8\)"):
-        pair_ids([1, 2], [3, 8], 8, 8, "remote")
+        pair_ids([1, 2], [3, 8], 8, 8)
 
 
 def test_layout_follows_the_tensor_not_the_model():

@@ -7,12 +7,15 @@ has imported torch once (a fresh interpreter per peer costs seconds on a busy 2-
 server itself never runs torch ops or UCX, so forking it is safe.
 
 Protocol: the parent sends `(command, *args)` tuples, the peer answers `("ok", value)` or
-`("error", exception class name, message)`. The pool's block i is filled with a pattern unique to
-(seed, i), so a test can tell exactly which blocks changed.
+`("error", exception class name, message)`. The peer runs one asyncio loop, like a worker: it
+collects `notifications()` in the background, and `wait_notif` is the test's own helper on top.
+The pool's block i is filled with a pattern unique to (seed, i), so a test can tell exactly which
+blocks changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import multiprocessing as mp
 import traceback
@@ -26,10 +29,8 @@ BLOCK_SHAPE = (2, 2, 16, 3, 64)
 def fill_pattern(kv, seed: int) -> None:
     import torch
 
-    n = kv.shape[0]
-    per = kv[0].numel()
-    base = torch.arange(per, dtype=torch.float32).remainder_(997)
-    for i in range(n):
+    base = torch.arange(kv[0].numel(), dtype=torch.float32).remainder_(997)
+    for i in range(kv.shape[0]):
         kv[i].view(-1).copy_(base + float(seed * 100_000 + i * 1000))
 
 
@@ -40,42 +41,63 @@ def block_digests(kv) -> list[str]:
     return [hashlib.sha1(b[i].numpy().tobytes()).hexdigest() for i in range(kv.shape[0])]
 
 
-def serve(conn: Connection, backend: str, name: str, generation: int, num_blocks: int, seed: int,
-          options: dict | None = None) -> None:
+def serve(conn: Connection, backend: str, name: str, generation: int, num_blocks: int, seed: int) -> None:
+    asyncio.run(_serve(conn, backend, name, generation, num_blocks, seed))
+
+
+async def _serve(conn: Connection, backend: str, name: str, generation: int, num_blocks: int, seed: int) -> None:
     import torch
 
     from workers.transfer import make_transport
 
     kv = torch.empty((num_blocks, *BLOCK_SHAPE), dtype=torch.float32)
     fill_pattern(kv, seed)
-    transport = make_transport(backend, name, kv, generation=generation, **(options or {}))
+    transport = make_transport(backend, name, kv, generation=generation, timeout_s=30.0)
     conn.send(("ok", transport.metadata()))
-    pending = {}
+    loop = asyncio.get_running_loop()
+    arrived: list[bytes] = []
+    changed = asyncio.Event()
+
+    async def collect() -> None:
+        async for notif in transport.notifications():
+            arrived.append(notif)
+            changed.set()
+
+    async def wait_notif(notif: bytes, timeout_s: float) -> bytes:
+        async def found() -> bytes:
+            while notif not in arrived:
+                changed.clear()
+                await changed.wait()
+            arrived.remove(notif)
+            return notif
+
+        return await asyncio.wait_for(found(), timeout_s)
+
+    collector = asyncio.create_task(collect())
+    pending: dict[bytes, asyncio.Task] = {}
     while True:
-        cmd, *args = conn.recv()
+        cmd, *args = await loop.run_in_executor(None, conn.recv)
         try:
             if cmd == "quit":
                 transport.close()
+                await collector
                 conn.send(("ok", None))
                 return
             if cmd == "add_peer":
                 value = transport.add_peer(*args)
-            elif cmd in ("write", "read"):
-                peer, first, second, notif, timeout_s = args
-                h = getattr(transport, cmd)(peer, first, second, notif=notif, timeout_s=timeout_s)
-                h.wait()
-                value = round(h.elapsed_s, 4)
-            elif cmd == "start":  # post without waiting: ("start", op, peer, first, second, notif, timeout_s)
-                op, peer, first, second, notif, timeout_s = args
-                pending[notif] = getattr(transport, op)(peer, first, second, notif=notif, timeout_s=timeout_s)
+            elif cmd == "read":  # ("read", peer, remote, local, notif, timeout_s)
+                peer, remote, local, notif, timeout_s = args
+                value = await transport.read(peer, remote, local, notif=notif, timeout_s=timeout_s)
+            elif cmd == "start":  # a read left running: ("start", peer, remote, local, notif, timeout_s)
+                peer, remote, local, notif, timeout_s = args
+                pending[notif] = asyncio.create_task(transport.read(peer, remote, local, notif=notif, timeout_s=timeout_s))
                 value = None
-            elif cmd == "finish":  # wait for a posted request; the value is the seconds it took
-                h = pending.pop(args[0])
-                h.wait()
-                value = round(h.elapsed_s, 4)
+            elif cmd == "finish":  # await a started read
+                value = await pending.pop(args[0])
+            elif cmd == "notify":
+                value = transport.notify(*args)
             elif cmd == "wait_notif":
-                n = transport.wait_notif(*args)
-                value = (n.peer, n.notif, n.op, n.blocks, n.nbytes)
+                value = await wait_notif(*args)
             elif cmd == "digests":
                 value = block_digests(kv)
             elif cmd == "counters":
@@ -92,14 +114,12 @@ def serve(conn: Connection, backend: str, name: str, generation: int, num_blocks
 class PeerProcess:
     """Parent-side handle: `call` sends one command and returns its value (or raises)."""
 
-    def __init__(self, backend: str, name: str, *, generation: int = 1, num_blocks: int = 32, seed: int = 0,
-                 options: dict | None = None):
+    def __init__(self, backend: str, name: str, *, generation: int = 1, num_blocks: int = 32, seed: int = 0):
         ctx = mp.get_context("forkserver")  # forks from a clean server that imported torch once
         ctx.set_forkserver_preload(["torch", "numpy", "msgspec", "workers.transfer.base"])
         self.conn, child = ctx.Pipe()
         self.name = name
-        self.generation = generation
-        self.proc = ctx.Process(target=serve, args=(child, backend, name, generation, num_blocks, seed, options),
+        self.proc = ctx.Process(target=serve, args=(child, backend, name, generation, num_blocks, seed),
                                 name=f"transfer-peer-{name}", daemon=True)
         self.proc.start()
         child.close()

@@ -1,32 +1,25 @@
-"""Block-granular KV transfer between nodes' pools: NIXL (default) or ucxx, chosen by configuration.
+"""Block-granular KV reads between nodes' pools: NIXL (default) or ucxx (the `[ucxx]` extra).
 
-    t = make_transport("nixl", node_id, pool.kv, generation=record.generation)
+    t = make_transport("nixl", node_id, pool.kv, generation=record.generation, timeout_s=10)
     record.transfer_metadata = t.metadata()
-    t.add_peer(other.node_id, other.generation, other.transfer_metadata)   # registry-vetted only
-    h = t.read(other.node_id, remote_block_ids, local_block_ids, notif=request_id.encode())
-    await h.wait_async()
+    t.add_peer(p.node_id, p.generation, p.transfer_metadata)       # registry-vetted records only
+    await t.read(p.node_id, remote_block_ids, local_block_ids, notif=request_id.encode())
+    async for notif in t.notifications(): ...                       # on p: a reader is done
 
-The backends import lazily: choosing one never loads the other's UCX build. See docs/transfer.md.
+Backends import lazily: choosing one never loads the other's UCX build. See docs/transfer.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from workers.transfer.base import (
-    DEFAULT_TIMEOUT_S,
     IncompatiblePeer,
     InvalidBlocks,
     KVTransport,
-    Notification,
-    PeerInfo,
-    PoolLayout,
     TransferCounters,
     TransferError,
     TransferFailed,
-    TransferHandle,
     TransferTimeout,
     UnknownPeer,
 )
@@ -34,23 +27,16 @@ from workers.transfer.base import (
 BACKENDS = ("nixl", "ucxx")
 
 
-def make_transport(backend: str, name: str, kv: torch.Tensor, *, generation: int = 0,
-                   timeout_s: float = DEFAULT_TIMEOUT_S, host: str | None = None, **options: Any) -> KVTransport:
-    """The transport for `backend` over the pool tensor `kv` (first dim = blocks, contiguous).
-
-    `name`/`generation` are the node's id and incarnation (as in its NodeRecord); `host` is the
-    address peers dial for ucxx (NIXL's agent metadata carries its own); `options` are the
-    backend's own knobs (see NixlTransport / UcxxTransport).
-    """
-    if backend == "nixl":
-        from workers.transfer.nixl_transport import NixlTransport
-
-        return NixlTransport(name, kv, generation=generation, timeout_s=timeout_s, **options)
-    if backend == "ucxx":
-        from workers.transfer.ucxx_transport import UcxxTransport
-
-        return UcxxTransport(name, kv, generation=generation, timeout_s=timeout_s, host=host, **options)
-    raise ValueError(f"unknown transfer backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+def make_transport(kind: str, name: str, kv: torch.Tensor, *, generation: int, timeout_s: float) -> KVTransport:
+    """The transport over the pool tensor `kv` (first dim = blocks, contiguous) for node `name`
+    in its incarnation `generation` (as in its NodeRecord); reads default to `timeout_s`."""
+    if kind == "nixl":
+        from workers.transfer.nixl_transport import NixlTransport as cls
+    elif kind == "ucxx":
+        from workers.transfer.ucxx_transport import UcxxTransport as cls
+    else:
+        raise ValueError(f"unknown transfer backend {kind!r}: choose one of {', '.join(BACKENDS)}")
+    return cls(name, kv, generation=generation, timeout_s=timeout_s)
 
 
 __all__ = [
@@ -58,13 +44,9 @@ __all__ = [
     "IncompatiblePeer",
     "InvalidBlocks",
     "KVTransport",
-    "Notification",
-    "PeerInfo",
-    "PoolLayout",
     "TransferCounters",
     "TransferError",
     "TransferFailed",
-    "TransferHandle",
     "TransferTimeout",
     "UnknownPeer",
     "make_transport",

@@ -1,19 +1,14 @@
-"""KV blocks over ucxx (the alternative transport): two-sided tagged send/recv between pools.
+"""KV blocks over ucxx (the optional `[ucxx]` extra): two-sided tagged send/recv between pools.
 
-Each node listens (metadata = host and port of its ucxx listener). The initiator connects once
-per peer generation and sends one small active message per request, a `_Request` header; the
-block bytes follow as one tagged message per run of consecutive block ids (both sides
-consecutive), sent straight from and received straight into pool memory:
-
-    write: initiator --header--> target; initiator sends runs; target receives into its blocks
-    read:  initiator posts receives into its blocks --header--> target; target sends runs
-
-The target records the notification once its side finished (data landed, or its blocks were
-sent). ucxx's asyncio API runs on one private event loop thread per process; the public methods
-stay synchronous and cheap, and handles poll a `concurrent.futures.Future`.
+Each node listens (metadata = host and port of its ucxx listener). The reader connects once per
+peer generation, posts its receives straight into pool memory, then sends one small active message,
+a `_Request` header; the peer answers with one tagged message per run of consecutive block ids
+(both sides consecutive), sent straight from its pool, and records the notification once its sends
+completed. A `notify` is a header with no runs. ucxx's asyncio API runs on one private event loop
+thread per process; `read` awaits that loop's future from the caller's loop.
 
 Endpoints use UCX peer error handling, so a dead peer fails the request instead of hanging it.
-With this UCX build that rules out CMA (shared-memory single copy) and the bytes go over TCP,
+With this UCX build that rules out CMA (single-copy shared memory) and the bytes go over TCP,
 which is why NIXL is the default; see docs/transfer.md for the numbers.
 """
 
@@ -22,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import secrets
 import threading
 from typing import Any
@@ -31,41 +25,27 @@ import msgspec
 import numpy as np
 import torch
 
-from workers.transfer.base import (
-    DEFAULT_TIMEOUT_S,
-    Envelope,
-    KVTransport,
-    Op,
-    PeerInfo,
-    TransferFailed,
-    TransferHandle,
-    apply_env_defaults,
-    coalesce,
-    pool_bytes,
-)
+from workers.transfer.base import KVTransport, PeerInfo, TransferFailed, apply_env_defaults, coalesce, pool_bytes
 
 log = logging.getLogger("agentkv.transfer.ucxx")
 
-# UCX settings this transport sets unless the operator already did (see docs/transfer.md).
-UCXX_UCX_DEFAULTS: dict[str, str] = {
+UCX_DEFAULTS: dict[str, str] = {  # set unless the operator already did (see docs/transfer.md)
     "UCX_WARN_UNUSED_ENV_VARS": "n",  # ucxx sets UCX_MEMTYPE_CACHE, which UCX then warns about
-    # The bytes go over TCP here (see above): 512 KiB segments instead of the 64 KiB default cut
-    # the per-segment overhead; measured 256 x 368,640-byte blocks, median of 3 runs, loaded
-    # 2-CPU VM: read 0.57 -> 0.87 GB/s, write 0.55 -> 1.39 GB/s (1 and 2 MiB were no better).
+    # The bytes go over TCP here: 512 KiB segments instead of the 64 KiB default cut the per-segment
+    # overhead (256 x 368,640-byte blocks read 0.57 -> 0.87 GB/s; 1 and 2 MiB were no better).
     "UCX_TCP_TX_SEG_SIZE": "512k",
     "UCX_TCP_RX_SEG_SIZE": "512k",
 }
+CONNECT_TIMEOUT_S = 5.0
 
 
 class _Request(msgspec.Struct, array_like=True, frozen=True):
-    """The header of one request, initiator -> target."""
+    """The header of one read (or notify), reader -> peer."""
 
-    op: str  # the initiator's op: "write" (target receives) or "read" (target sends)
-    sender: str
     notif: bytes
     tag_base: int  # run i travels with tag tag_base + i
     timeout_s: float
-    runs: list[tuple[int, int]]  # (target block start, count), in send order
+    runs: list[tuple[int, int]]  # (peer block start, count), in send order; empty for a notify
 
 
 class _Listen(msgspec.Struct, array_like=True, frozen=True):
@@ -86,8 +66,7 @@ class _Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ucxx-loop", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.loop.run_forever, name="ucxx-loop", daemon=True).start()
 
     @classmethod
     def get(cls) -> _Loop:
@@ -99,43 +78,40 @@ class _Loop:
     def submit(self, coro: Any) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def call(self, coro: Any, timeout_s: float) -> Any:
-        return self.submit(coro).result(timeout_s)
-
 
 class UcxxTransport(KVTransport):
     backend = "ucxx"
 
-    def __init__(self, name: str, kv: torch.Tensor, *, generation: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 host: str | None = None, port: int = 0, connect_timeout_s: float = 5.0,
-                 ucx_env: dict[str, str] | None = None):
-        """`host` is the address peers dial (default: ucxx's pick of this machine's interfaces);
-        `port` 0 lets the OS choose; `ucx_env` forces UCX_* settings over the environment."""
+    def __init__(self, name: str, kv: torch.Tensor, *, generation: int, timeout_s: float):
         super().__init__(name, kv, generation=generation, timeout_s=timeout_s)
-        os.environ.update(ucx_env or {})
-        self.ucx_env_applied = apply_env_defaults(UCXX_UCX_DEFAULTS)
-        import ucxx  # sets its own UCX defaults on import; only when this backend is chosen
-
+        apply_env_defaults(UCX_DEFAULTS)
+        try:
+            import ucxx  # sets its own UCX defaults on import: after ours
+        except ImportError as e:
+            raise ImportError("the ucxx transfer backend needs the optional extra: pip install 'agentkv[ucxx]' "
+                              f"(or run with --transfer nixl): {e}") from e
         self._ucxx = ucxx
         self._bytes = pool_bytes(kv)
         self._host_bytes = self._bytes.numpy() if kv.device.type == "cpu" else None
-        self._connect_timeout_s = connect_timeout_s
         self._loop = _Loop.get()
         self._eps: dict[str, tuple[int, Any]] = {}  # peer -> (generation, endpoint); loop thread only
         self._connecting: dict[str, asyncio.Lock] = {}
         self._served: set[asyncio.Task] = set()
         self._server_eps: set[Any] = set()
-        self._listener = self._loop.call(self._listen(port), 30.0)
-        self._listen_at = _Listen(host or _default_host(ucxx), self._listener.port)
+        self._listener = self._loop.submit(self._listen()).result(30.0)
+        try:
+            host = ucxx.get_address()
+        except Exception:
+            host = "127.0.0.1"
+        self._listen_at = _Listen(host, self._listener.port)
 
-    # -- memory -----------------------------------------------------------------------------------
     def _run_view(self, start: int, count: int) -> Any:
-        """Blocks [start, start+count) as one buffer ucxx can send from / receive into in place."""
+        """Blocks [start, start+count) as one buffer ucxx sends from / receives into in place."""
         if self._host_bytes is not None:
             return self._host_bytes[start:start + count]
         return self._bytes[start:start + count]  # CUDA: exposes __cuda_array_interface__
 
-    # -- metadata and peers -----------------------------------------------------------------------
+    # -- peers ----------------------------------------------------------------------------------
     def _endpoint(self) -> bytes:
         return _encode(self._listen_at)
 
@@ -151,57 +127,73 @@ class UcxxTransport(KVTransport):
             ep.abort()  # cancels its in-flight requests: UCX stops touching our blocks
 
     async def _connect(self, info: PeerInfo) -> Any:
-        lock = self._connecting.setdefault(info.name, asyncio.Lock())
-        async with lock:
+        async with self._connecting.setdefault(info.name, asyncio.Lock()):
             generation, ep = self._eps.get(info.name, (None, None))
             if ep is not None and generation == info.generation and not ep.closed:
                 return ep
             await self._close_ep(info.name)
             where = _decode_listen(info.endpoint)
             ep = await self._ucxx.create_endpoint(where.host, where.port, endpoint_error_handling=True,
-                                                  connect_timeout=self._connect_timeout_s)
+                                                  connect_timeout=CONNECT_TIMEOUT_S)
             self._eps[info.name] = (info.generation, ep)
             return ep
 
-    # -- initiator --------------------------------------------------------------------------------
-    def _start(self, op: Op, info: PeerInfo, local: np.ndarray, remote: np.ndarray,
-               notif: bytes, timeout_s: float) -> TransferHandle:
-        runs = coalesce(local, remote)
-        req = _Request(op, self.name, notif, secrets.randbits(40) << 20, timeout_s, [(r, c) for _, r, c in runs])
-        handle = _UcxxHandle(self, info.name, op, notif, int(local.size), timeout_s)
-        local_runs = [(start, count) for start, _, count in runs]
-        handle.future = self._loop.submit(self._initiate(info, req, local_runs))
-        return handle
+    # -- reader ---------------------------------------------------------------------------------
+    def notify(self, peer: str, notif: bytes) -> None:
+        info = self._peer(peer)
+        sent = self._loop.submit(self._request(info, _Request(notif, 0, self.timeout_s, []), []))
+        sent.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._notify_failed(peer, f))
 
-    async def _initiate(self, info: PeerInfo, req: _Request, local_runs: list[tuple[int, int]]) -> None:
+    def _notify_failed(self, peer: str, f: concurrent.futures.Future) -> None:
+        self.counters.failures += 1
+        log.warning("ucxx could not notify %s: %r", peer, f.exception())
+
+    async def _read(self, info: PeerInfo, local: np.ndarray, remote: np.ndarray, notif: bytes, timeout_s: float) -> None:
+        runs = coalesce(local, remote)
+        req = _Request(notif, secrets.randbits(40) << 20, timeout_s, [(r, c) for _, r, c in runs])
+        done = asyncio.wrap_future(self._loop.submit(self._request(info, req, [(s, c) for s, _, c in runs])))
+        try:
+            await asyncio.wait_for(done, timeout_s)
+        except asyncio.TimeoutError:
+            aborted = asyncio.wrap_future(self._loop.submit(self._close_ep(info.name)))
+            try:  # aborting the endpoint cancels the UCX requests that still point at our blocks
+                await asyncio.wait_for(aborted, CONNECT_TIMEOUT_S)
+                in_flight = False
+            except Exception as e:
+                log.warning("could not abort the ucxx endpoint to %s: %s", info.name, e)
+                in_flight = True
+            raise self._timeout(info, int(local.size), timeout_s, in_flight) from None
+        except asyncio.CancelledError:
+            self._loop.submit(self._close_ep(info.name))
+            raise
+        except Exception as e:
+            raise TransferFailed(f"ucxx read from {info.name!r} failed: {type(e).__name__}: {e}") from e
+
+    async def _request(self, info: PeerInfo, req: _Request, local_runs: list[tuple[int, int]]) -> None:
+        """On the ucxx loop: post our receives, then ask for the bytes (none for a notify)."""
         try:
             ep = await self._connect(info)
-            tags = [req.tag_base + i for i in range(len(local_runs))]
-            views = [self._run_view(s, c) for s, c in local_runs]
-            if req.op == "read":  # post our receives before asking for the bytes
-                recvs = [asyncio.ensure_future(ep.recv(v, tag=t)) for v, t in zip(views, tags)]
-                try:
-                    await ep.am_send(np.frombuffer(_encode(req), dtype=np.uint8))
-                    await asyncio.gather(*recvs)
-                finally:
-                    for r in recvs:
-                        r.cancel()
-            else:
+            recvs = [asyncio.ensure_future(ep.recv(self._run_view(s, c), tag=req.tag_base + i))
+                     for i, (s, c) in enumerate(local_runs)]
+            try:
                 await ep.am_send(np.frombuffer(_encode(req), dtype=np.uint8))
-                await asyncio.gather(*(ep.send(v, tag=t) for v, t in zip(views, tags)))
+                await asyncio.gather(*recvs)
+            finally:
+                for r in recvs:
+                    r.cancel()
         except asyncio.CancelledError:
             raise
         except Exception:
             await self._close_ep(info.name)  # a broken connection is not reused
             raise
 
-    # -- target -----------------------------------------------------------------------------------
-    async def _listen(self, port: int) -> Any:
-        return self._ucxx.create_listener(self._serve, port=port, endpoint_error_handling=True,
-                                          connect_timeout=self._connect_timeout_s)
+    # -- peer side ------------------------------------------------------------------------------
+    async def _listen(self) -> Any:
+        return self._ucxx.create_listener(self._serve, port=0, endpoint_error_handling=True,
+                                          connect_timeout=CONNECT_TIMEOUT_S)
 
     async def _serve(self, ep: Any) -> None:
-        """One incoming connection: handle its requests until the peer goes away."""
+        """One incoming connection: serve its requests until the reader goes away."""
         self._server_eps.add(ep)
         try:
             while True:
@@ -210,39 +202,33 @@ class UcxxTransport(KVTransport):
                     req = _decode_request(bytes(raw))
                 except msgspec.DecodeError as e:
                     log.warning("dropping a connection that sent a malformed transfer header: %s", e)
-                    self._served_failure()
+                    self.counters.failures += 1
                     return
                 task = asyncio.ensure_future(self._serve_one(ep, req))
                 self._served.add(task)
                 task.add_done_callback(self._served.discard)
-        except Exception as e:  # peer closed or died: its in-flight requests fail on their own
+        except Exception as e:  # reader closed or died: its in-flight requests fail on their own
             log.debug("ucxx connection ended: %s", e)
         finally:
             self._server_eps.discard(ep)
 
     async def _serve_one(self, ep: Any, req: _Request) -> None:
         n = self.layout.num_blocks
-        if req.op not in ("read", "write") or any(s < 0 or c < 1 or s + c > n for s, c in req.runs):
-            log.warning("%s sent an invalid %r request (blocks outside [0, %d)); closing its connection", req.sender, req.op, n)
-            self._served_failure()
+        if any(s < 0 or c < 1 or s + c > n for s, c in req.runs):
+            log.warning("a reader asked for blocks outside [0, %d); closing its connection", n)
+            self.counters.failures += 1
             ep.abort()
             return
-        views = [self._run_view(s, c) for s, c in req.runs]
-        tags = [req.tag_base + i for i in range(len(views))]
-        move = ep.recv if req.op == "write" else ep.send
-        try:
-            # Our own deadline wins over the peer's: posted receives must not pin our blocks forever.
-            timeout_s = min(req.timeout_s, self.timeout_s)
-            await asyncio.wait_for(asyncio.gather(*(move(v, tag=t) for v, t in zip(views, tags))), timeout_s)
-        except Exception as e:  # timeout or peer failure: cancel whatever still touches our blocks
-            log.info("%s from %s failed on our side: %r", req.op, req.sender, e)
-            self._served_failure()
+        sends = [ep.send(self._run_view(s, c), tag=req.tag_base + i) for i, (s, c) in enumerate(req.runs)]
+        try:  # our own deadline wins over the reader's: posted sends must not pin our blocks forever
+            await asyncio.wait_for(asyncio.gather(*sends), min(req.timeout_s, self.timeout_s))
+        except Exception as e:  # timeout or reader failure: cancel whatever still touches our blocks
+            log.info("serving a read failed on our side: %r", e)
+            self.counters.failures += 1
             ep.abort()
             return
-        with self._lock:
-            self._arrival(Envelope(req.sender, req.op, sum(c for _, c in req.runs), req.notif))
+        self._arrival(req.notif, sum(c for _, c in req.runs))
 
-    # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
         async def shutdown() -> None:
             self._listener.close()
@@ -253,37 +239,7 @@ class UcxxTransport(KVTransport):
                 task.cancel()
 
         try:
-            self._loop.call(shutdown(), 10.0)
+            self._loop.submit(shutdown()).result(10.0)
         except Exception as e:
             log.debug("ucxx teardown: %s", e)
-
-
-def _default_host(ucxx: Any) -> str:
-    try:
-        return ucxx.get_address()
-    except Exception:
-        return "127.0.0.1"
-
-
-class _UcxxHandle(TransferHandle):
-    future: concurrent.futures.Future
-
-    def _poll(self) -> bool:
-        if not self.future.done():
-            return False
-        if self.future.cancelled():
-            raise TransferFailed(f"ucxx {self.op} with {self.peer!r} was cancelled")
-        err = self.future.exception()
-        if err is not None:
-            raise TransferFailed(f"ucxx {self.op} with {self.peer!r} failed: {type(err).__name__}: {err}") from err
-        return True
-
-    def _cancel(self) -> bool:
-        t: UcxxTransport = self.transport  # type: ignore[assignment]
-        self.future.cancel()
-        try:  # aborting the endpoint cancels the UCX requests that still point at our blocks
-            t._loop.call(t._close_ep(self.peer), 5.0)
-        except Exception as e:
-            log.warning("could not abort the ucxx endpoint to %s: %s", self.peer, e)
-            return True
-        return False
+        super().close()
