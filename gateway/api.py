@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
-from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from gateway.cluster import ClusterView, Renderers
-from gateway.errors import InvalidRequest, NoWorkers, UpstreamError
+from gateway.errors import InvalidRequest, NoWorkers
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import (
     ChatCompletion,
@@ -26,15 +22,11 @@ from gateway.openai_schema import (
     SessionList,
     SessionOut,
 )
-from gateway.orchestrator import Orchestrator
-from gateway.responses import chat_completion, chat_events, completion, completion_events
-from gateway.sessions import SESSION_HEADERS, SessionStore, validate_session_id, worker_session_key
+from gateway.reply import respond
+from gateway.sessions import SESSION_HEADERS, SessionStore, validate_session_id
 from gateway.tenants import Tenant, TenantDirectory
-from gateway.turns import Turn, Turns
-from kvstore.wire import TokenChunk
+from gateway.turn import TurnPipeline
 
-ROUTE_HEADER = "x-agentkv-route"
-SESSION_HEADER = "x-session-id"
 SESSION_TTL_HEADER = "x-session-ttl"
 
 
@@ -62,31 +54,6 @@ def session_ttl_of(request: Request, body_ttl: float | None) -> float | None:
         raise InvalidRequest(f"{SESSION_TTL_HEADER} must be a number of seconds, got {raw!r}", param=SESSION_TTL_HEADER) from None
 
 
-def _headers(turn: Turn, actual: bool) -> dict[str, str]:
-    headers = {ROUTE_HEADER: turn.route_header(actual)}
-    if turn.session is not None:
-        headers[SESSION_HEADER] = turn.session.id
-    return headers
-
-
-Whole = Callable[[Turns, Turn], Awaitable[Any]]
-Events = Callable[[Turns, Turn, TokenChunk, AsyncIterator[TokenChunk], bool], AsyncIterator[str]]
-
-
-async def _respond(turns: Turns, turn: Turn, stream: bool, include_usage: bool, whole: Whole, events: Events) -> Response:
-    """Non-streamed: run the turn, answer with the actual route. Streamed: pull the first chunk
-    before answering, so anything that fails before the first token is a plain HTTP error."""
-    if not stream:
-        body = await whole(turns, turn)
-        return Response(body, headers=_headers(turn, actual=True))
-    chunks = turns.run(turn)
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        raise UpstreamError("the worker stream ended before the first token") from None
-    return ServerSentEvent(events(turns, turn, first, chunks, include_usage), headers=_headers(turn, actual=False))
-
-
 class OpenAIController(Controller):
     path = "/v1"
     dependencies = {"tenant": Provide(provide_tenant)}
@@ -94,23 +61,19 @@ class OpenAIController(Controller):
 
     @post("/chat/completions", status_code=HTTP_200_OK, summary="Chat completion (OpenAI-compatible)")
     async def chat(
-        self, request: Request, data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[Turns]
+        self, request: Request, data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline]
     ) -> Response[ChatCompletion]:
-        sid = session_id_of(request, data.session_id, data.prompt_cache_key, data.user)
         data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
-        turn = await turns.prepare_chat(data, tenant, sid)
-        include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return await _respond(turns, turn, data.stream, include_usage, chat_completion, chat_events)
+        turn = await turns.prepare_chat(data, tenant, session_id_of(request, data.session_id, data.prompt_cache_key, data.user))
+        return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage))
 
     @post("/completions", status_code=HTTP_200_OK, summary="Text completion (OpenAI-compatible, legacy)")
     async def completions(
-        self, request: Request, data: JSONBody[CompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[Turns]
+        self, request: Request, data: JSONBody[CompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline]
     ) -> Response[Completion]:
-        sid = session_id_of(request, data.session_id, data.prompt_cache_key, data.user)
         data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
-        turn = await turns.prepare_completion(data, tenant, sid)
-        include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return await _respond(turns, turn, data.stream, include_usage, completion, completion_events)
+        turn = await turns.prepare_completion(data, tenant, session_id_of(request, data.session_id, data.prompt_cache_key, data.user))
+        return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage))
 
     @get("/models", summary="The served model")
     async def models(self, tenant: NamedDependency[Tenant], cluster: NamedDependency[ClusterView]) -> ModelList:
@@ -147,18 +110,9 @@ class SessionController(Controller):
 
     @delete("/{session_id:str}", status_code=HTTP_200_OK, summary="End a session and release its pinned blocks")
     async def delete_session(
-        self,
-        session_id: FromPath[str],
-        tenant: NamedDependency[Tenant],
-        sessions: NamedDependency[SessionStore],
-        cluster: NamedDependency[ClusterView],
-        orchestrator: NamedDependency[Orchestrator],
+        self, session_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionDeleted:
-        node_ids = await sessions.delete(tenant.id, validate_session_id(session_id))
-        live = {rec.node_id: rec for rec, _ in cluster.nodes() or await cluster.refresh()}
-        key = worker_session_key(tenant.id, session_id)
-        unpinned = [nid for nid in node_ids if nid in live and await orchestrator.unpin(live[nid], key)]
-        return SessionDeleted(id=session_id, unpinned_nodes=unpinned)
+        return await sessions.end(tenant.id, validate_session_id(session_id))
 
 
 @get("/health", summary="Liveness and what the gateway sees", tags=["ops"])

@@ -26,11 +26,11 @@ from gateway.cluster import ClusterView, Renderers, purge_dead_index_entries
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS, APIError
 from gateway.metrics import GatewayMetrics
-from gateway.orchestrator import Orchestrator
 from gateway.router import Router
 from gateway.sessions import SessionStore
 from gateway.tenants import TenantDirectory
-from gateway.turns import Turns
+from gateway.turn import TurnPipeline
+from gateway.worker_client import WorkerClient
 from kvstore.index import BlockIndex
 from kvstore.registry import NodeRegistry
 from kvstore.valkey import connect
@@ -40,9 +40,8 @@ from kvstore.valkey import connect
 class Services:
     cluster: ClusterView
     renderers: Renderers
-    orchestrator: Orchestrator
     sessions: SessionStore
-    turns: Turns
+    turns: TurnPipeline
 
 
 def create_app(
@@ -73,11 +72,16 @@ def create_app(
             cluster = ClusterView(registry, config.node_refresh_s, config.model_name)
             index = BlockIndex(r, config.namespace, registry)
             router = Router(index, cluster.nodes, config.router)
-            orchestrator = Orchestrator(client, gateway_metrics, config.cluster_token, config.prefill_hold_timeout_s)
-            sessions = SessionStore(r, config.namespace, config.session_ttl_s, config.max_session_ttl_s)
+            workers = WorkerClient(client, gateway_metrics, config.cluster_token, config.prefill_hold_timeout_s)
+
+            async def unpin(node_ids: list[str], key: str) -> list[str]:
+                live = {rec.node_id: rec for rec, _ in cluster.nodes() or await cluster.refresh()}
+                return [nid for nid in node_ids if nid in live and await workers.unpin(live[nid], key)]
+
+            sessions = SessionStore(r, config.namespace, config.session_ttl_s, config.max_session_ttl_s, unpin)
             rend = renderers or Renderers(tokenizer_path=config.tokenizer)
-            turns = Turns(config, cluster, rend, router, orchestrator, sessions, gateway_metrics)
-            app.state.services = Services(cluster, rend, orchestrator, sessions, turns)
+            turns = TurnPipeline(config, cluster, rend, router, workers, sessions, gateway_metrics)
+            app.state.services = Services(cluster, rend, sessions, turns)
             await cluster.refresh()
             for task in (asyncio.create_task(cluster.run(), name="agentkv-cluster-refresh"),
                          asyncio.create_task(purge_dead_index_entries(index, config.index_purge_s), name="agentkv-index-purge"),
@@ -98,7 +102,6 @@ def create_app(
             "metrics": Provide(lambda: gateway_metrics, sync_to_thread=False),
             "cluster": service("cluster"),
             "renderers": service("renderers"),
-            "orchestrator": service("orchestrator"),
             "sessions": service("sessions"),
             "turns": service("turns"),
         },

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,6 @@ class ClusterView:
         self.refresh_s = refresh_s
         self.model_name = model_name
         self._nodes: list[tuple[NodeRecord, NodeLoad]] = []
-        self.refreshed_at = 0.0
         self.reachable = False
 
     def nodes(self) -> list[tuple[NodeRecord, NodeLoad]]:
@@ -51,7 +49,7 @@ class ClusterView:
     async def refresh(self) -> list[tuple[NodeRecord, NodeLoad]]:
         try:
             self._nodes = await self.registry.live_nodes()
-            self.refreshed_at, self.reachable = time.time(), True
+            self.reachable = True
         except (RedisError, OSError) as exc:
             if self.reachable:
                 log.warning("registry unreachable (%s); keeping the last node snapshot", exc)

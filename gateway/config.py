@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Literal
 
@@ -68,20 +67,3 @@ def parse_api_keys(spec: str | None) -> dict[str, str]:
             raise ValueError(f"tenant name {tenant!r} (key #{n + 1}): use 1-64 letters, digits, '.', '_' or '-'")
         keys[key] = tenant
     return keys
-
-
-def config_from_env(**overrides: object) -> GatewayConfig:
-    """Defaults <- AGENTKV_* environment <- explicit overrides (None means "not given")."""
-    env = {
-        "redis_url": os.environ.get("AGENTKV_REDIS_URL"),
-        "api_keys": parse_api_keys(os.environ.get("AGENTKV_API_KEYS")) or None,
-        "cluster_token": os.environ.get("AGENTKV_CLUSTER_TOKEN"),
-        "session_ttl_s": _float(os.environ.get("AGENTKV_SESSION_TTL")),
-    }
-    fields = {k: v for k, v in env.items() if v is not None}
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return msgspec.convert(fields, GatewayConfig)
-
-
-def _float(value: str | None) -> float | None:
-    return None if value in (None, "") else float(value)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from kvstore.wire import RouteStats
+
 # ---------------------------------------------------------------------------------------- requests
 
 
@@ -111,20 +113,6 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
 
 class PromptTokensDetails(msgspec.Struct, kw_only=True):
     cached_tokens: int = 0
-
-
-class RouteStats(msgspec.Struct, kw_only=True):
-    """agentkv's per-turn accounting (an extension field of `usage`)."""
-
-    mode: str = "exact"
-    decode_node: str = ""
-    prefill_node: str | None = None
-    session_id: str | None = None
-    prefilled_tokens: int = 0  # prompt tokens computed for this turn (on P and/or D)
-    transferred_tokens: int = 0  # prompt tokens whose KV moved P -> D
-    transferred_blocks: int = 0
-    transferred_bytes: int = 0
-    ledger: str | None = None  # "extended" (exact-token continuation) | "full" | None
 
 
 class Usage(msgspec.Struct, kw_only=True):

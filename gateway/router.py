@@ -28,12 +28,15 @@ node snapshot). The mode is in metrics and in each response's `x-agentkv-route` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import msgspec
 from redis.exceptions import RedisError
@@ -73,7 +76,6 @@ class Route:
     block_size: int
     decode_cached_tokens: int  # what the index says D holds of the prompt
     prefill_cached_tokens: int = 0
-    costs: dict[str, float] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -135,7 +137,7 @@ def choose_route(
         costs[f"decode:{c.node_id}"] = miss + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
     d = min(decoders, key=lambda c: (costs[f"decode:{c.node_id}"], c.node_id))
     d_miss = prompt_tokens - cached(d)
-    route = Route(mode, d.record, None, prompt_tokens, bs, cached(d), costs=costs)
+    route = Route(mode, d.record, None, prompt_tokens, bs, cached(d))
     if d_miss <= config.prefill_threshold_tokens:
         return route
     prefillers = [
@@ -200,6 +202,38 @@ class LoadTracker:
         return msgspec.structs.replace(load, running=total - waiting, waiting=waiting)
 
 
+class Routable(Protocol):
+    """What routing needs of a turn (gateway.turn.Turn)."""
+
+    block_hashes: list[int]
+    prompt_ids: list[int]
+    affinity: str | None
+
+    @property
+    def max_tokens(self) -> int: ...
+
+
+class RouteLease:
+    """A route held for one turn: its nodes count as busy (LoadTracker) until the lease ends, and
+    the turn may move once, when its decode node turns out to be unreachable before any token."""
+
+    def __init__(self, router: Router, turn: Routable, route: Route) -> None:
+        self.router = router
+        self.turn = turn
+        self.route = route
+        self.rerouted = False
+
+    async def reroute(self, unreachable_node: str) -> Route | None:
+        """A new route without that node, or None if this lease already moved once."""
+        if self.rerouted:
+            return None
+        self.rerouted = True
+        self.router.loads.finished(self.route)
+        self.route = await self.router.choose(self.turn, exclude=frozenset({unreachable_node}))
+        self.router.loads.started(self.route)
+        return self.route
+
+
 class Router:
     """Looks up the prompt's blocks in the index (or falls back to the node snapshot) and decides."""
 
@@ -210,10 +244,19 @@ class Router:
         self.loads = LoadTracker(config.load_report_age_s)
         self._turns = itertools.count()  # round-robin position of the baseline policies
 
-    async def choose(self, block_hashes: list[int], prompt_tokens: int, max_tokens: int, affinity: str | None,
-                     exclude: frozenset[str] = frozenset()) -> Route:  # fmt: skip
+    @contextlib.asynccontextmanager
+    async def lease(self, turn: Routable) -> AsyncIterator[RouteLease]:
+        lease = RouteLease(self, turn, await self.choose(turn))
+        self.loads.started(lease.route)
         try:
-            found = await asyncio.wait_for(self.index.lookup_with_nodes(block_hashes), self.config.index_timeout_s)
+            yield lease
+        finally:
+            self.loads.finished(lease.route)
+
+    async def choose(self, turn: Routable, exclude: frozenset[str] = frozenset()) -> Route:
+        prompt_tokens, affinity = len(turn.prompt_ids), turn.affinity
+        try:
+            found = await asyncio.wait_for(self.index.lookup_with_nodes(turn.block_hashes), self.config.index_timeout_s)
             candidates = [Candidate(rec, load, matched) for rec, load, matched in found]
             mode = RouteMode.EXACT
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -224,4 +267,4 @@ class Router:
                       for c in candidates if c.node_id not in exclude]  # fmt: skip
         if self.config.policy != "prefix":
             return choose_baseline(candidates, prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)
-        return choose_route(candidates, prompt_tokens, max_tokens, self.config, mode=mode, affinity=affinity)
+        return choose_route(candidates, prompt_tokens, turn.max_tokens, self.config, mode=mode, affinity=affinity)

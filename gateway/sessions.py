@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -27,7 +28,8 @@ from redis.exceptions import RedisError
 
 from gateway.errors import InvalidRequest, SessionNotFound, StateUnavailable
 from gateway.ledger import Ledger
-from gateway.openai_schema import SessionOut
+from gateway.openai_schema import SessionDeleted, SessionOut
+from kvstore.wire import RouteStats
 
 # Header names agent tools already send, most specific first (Dynamo's canonical header, Claude
 # Code's and Codex's), then our own.
@@ -37,15 +39,6 @@ COUNTERS = ("turns", "prompt_tokens", "completion_tokens", "cached_tokens", "pre
 
 _encode_ledger = msgspec.msgpack.Encoder().encode
 _decode_ledger = msgspec.msgpack.Decoder(Ledger).decode
-
-
-class TurnStats(msgspec.Struct, kw_only=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    prefilled_tokens: int = 0
-    transferred_tokens: int = 0
-    transferred_blocks: int = 0
 
 
 @dataclass
@@ -72,9 +65,14 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
+Unpin = Callable[[list[str], str], Awaitable[list[str]]]  # (node ids, worker key) -> nodes that unpinned
+
+
 class SessionStore:
-    def __init__(self, redis: aredis.Redis, namespace: str, default_ttl_s: float, max_ttl_s: float) -> None:
+    def __init__(self, redis: aredis.Redis, namespace: str, default_ttl_s: float, max_ttl_s: float,
+                 unpin: Unpin | None = None) -> None:  # fmt: skip
         self.redis = redis
+        self.unpin = unpin
         self.prefix = f"{namespace}:gw:"
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
@@ -110,15 +108,18 @@ class SessionStore:
                 ledger = None  # written by an incompatible gateway version: start afresh
         return Session(session_id, tenant, ttl, node.decode() if node else None, ledger)
 
-    async def record_turn(self, session: Session, stats: TurnStats, node_id: str, ledger: Ledger | None) -> None:
+    async def record_turn(self, session: Session, stats: RouteStats, completion_tokens: int, ledger: Ledger | None) -> None:
         """Count the turn, remember where its blocks are pinned and the next ledger; slide the TTL."""
+        node_id = stats.decode_node
         keys = self._keys(session.tenant, session.id)
         now = time.time()
         ttl_ms = int(session.ttl_s * 1000)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hincrby(keys.hash, "turns", 1)
-        for name in COUNTERS[1:]:
-            pipe.hincrby(keys.hash, name, getattr(stats, name))
+        pipe.hincrby(keys.hash, "completion_tokens", completion_tokens)
+        for name in COUNTERS:
+            if name not in ("turns", "completion_tokens"):
+                pipe.hincrby(keys.hash, name, getattr(stats, name))
         pipe.hset(keys.hash, mapping={"last_used": repr(now), "node": node_id, "ttl": repr(session.ttl_s)})
         pipe.hsetnx(keys.hash, "created", repr(now))
         pipe.sadd(keys.nodes, node_id)
@@ -159,8 +160,13 @@ class SessionStore:
         raws = await self._guard(pipe.execute())
         return [_session_out(tenant, sid, raw) for sid, raw in zip(ids, raws) if raw]
 
-    async def delete(self, tenant: str, session_id: str) -> list[str]:
-        """Forget the session; returns the nodes that may hold its pinned blocks."""
+    async def end(self, tenant: str, session_id: str) -> SessionDeleted:
+        """Forget the session and release its pinned blocks on the nodes that served it."""
+        node_ids = await self._delete(tenant, session_id)
+        unpinned = await self.unpin(node_ids, worker_session_key(tenant, session_id)) if self.unpin else []
+        return SessionDeleted(id=session_id, unpinned_nodes=unpinned)
+
+    async def _delete(self, tenant: str, session_id: str) -> list[str]:
         keys = self._keys(tenant, session_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.exists(keys.hash)

@@ -18,6 +18,9 @@ import json
 import secrets
 from dataclasses import dataclass, field
 
+import partial_json_parser
+
+_JSON = json.JSONDecoder()
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 
@@ -116,13 +119,10 @@ class ToolCallParser:
             return
         if text[i] != "{":
             return self._fail(out)
-        end = _json_value_end(text, i)
-        if end is None:
-            return self._incomplete(final, out)
         try:
-            obj = json.loads(text[i:end])
+            obj, end = _JSON.raw_decode(text, i)
         except ValueError:
-            return self._fail(out)
+            return self._incomplete(final, out) if _json_prefix(text[i:]) else self._fail(out)
         call = _as_call(obj)
         if call is None or (self.names is not None and call.name not in self.names):
             return self._fail(out)
@@ -193,27 +193,13 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
-def _json_value_end(text: str, start: int) -> int | None:
-    """End index of the balanced JSON object/array starting at `start`, or None if incomplete."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+def _json_prefix(text: str) -> bool:
+    """Whether `text` can still become valid JSON (vs. is already broken)."""
+    try:
+        partial_json_parser.loads(text)
+        return True
+    except ValueError:  # MalformedJSON is one
+        return False
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -122,7 +122,7 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     param: str | None = None
 
 
-class RouteStats(msgspec.Struct, kw_only=True, omit_defaults=True):
+class RouteStats(msgspec.Struct, kw_only=True):
     """Where a turn ran and what it reused: `usage.agentkv` in the body, and the `x-agentkv-route`
     header (`source=planned` when headers leave before decoding, as in streaming)."""
 

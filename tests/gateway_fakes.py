@@ -52,6 +52,7 @@ class FakeWorker:
     released: list[str] = field(default_factory=list)
     generation: int = 0
     index: BlockIndex | None = None
+    peers: dict[str, FakeWorker] = field(default_factory=dict)  # the KV transport, faked: D tells P it has read
 
     @property
     def address(self) -> str:
@@ -103,6 +104,10 @@ class FakeWorker:
         if req.remote_kv is not None:
             transferred_blocks = max(0, len(req.remote_kv.block_ids) - matched)
             transferred_tokens = max(0, len(ids) - matched * bs)
+            source = self.peers.get(req.remote_kv.node_id)
+            if source is not None:  # the read's completion notification: P ends its hold
+                source.released.append(req.remote_kv.request_id)
+                source.holds.pop(req.remote_kv.request_id, None)
         need = -(-(len(ids) + req.sampling.max_tokens) // bs) - matched
         self.in_use[req.request_id] = need
         out = self.reply_ids()[: req.sampling.max_tokens]
@@ -172,11 +177,6 @@ class FakeWorker:
             req = msgspec.json.decode(await request.body(), type=PrefillRequest)
             return Response(await worker.prefill(req))
 
-        @post("/internal/release/{request_id:str}", status_code=204)
-        async def release(request_id: FromPath[str]) -> None:
-            worker.released.append(request_id)
-            worker.holds.pop(request_id, None)
-
         @post("/internal/abort/{request_id:str}", status_code=204)
         async def abort(request_id: FromPath[str]) -> None:
             worker.aborted.append(request_id)
@@ -187,7 +187,7 @@ class FakeWorker:
         async def unpin(session_id: FromPath[str]) -> dict:
             return {"session_id": session_id, "released": worker.pins.pop(session_id, None) is not None}
 
-        return Litestar([health, generate, prefill, release, abort, unpin], openapi_config=None)
+        return Litestar([health, generate, prefill, abort, unpin], openapi_config=None)
 
 
 class FakeCluster(httpx.AsyncBaseTransport):
@@ -195,6 +195,8 @@ class FakeCluster(httpx.AsyncBaseTransport):
 
     def __init__(self, workers: list[FakeWorker]) -> None:
         self.workers = {w.node_id: w for w in workers}
+        for w in workers:
+            w.peers = self.workers
         self._transports = {w.node_id: httpx.ASGITransport(app=w.app()) for w in workers}
         self.down: set[str] = set()  # node ids that refuse connections
 
@@ -232,5 +234,6 @@ async def fake_gateway(redis, tokenizer, workers: list[FakeWorker], config=None)
     transport = FakeCluster(workers)
     async with httpx.AsyncClient(transport=transport) as http:
         app = create_app(config or GatewayConfig(), redis=redis, http=http, renderers=Renderers(loader=lambda _: tokenizer))
+        transport.gateway_app = app  # for tests that drive the turn pipeline directly
         async with app.lifespan(), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
             yield client, transport

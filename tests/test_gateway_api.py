@@ -12,7 +12,7 @@ from gateway.config import GatewayConfig, RouterConfig
 from gateway.sessions import worker_session_key
 from kvstore.index import BlockIndex
 from kvstore.nodes import Role
-from kvstore.wire import GenerateRequest, PrefillRequest
+from kvstore.wire import ROUTE_HEADER, GenerateRequest, PrefillRequest, RouteStats
 
 KEYS = GatewayConfig(api_keys={"key-a": "alice", "key-b": "bob"})
 A = {"authorization": "Bearer key-a"}
@@ -48,8 +48,8 @@ def gateway(aio, redis_client, tokenizer):
     return run
 
 
-def route_of(response) -> dict[str, str]:
-    return dict(part.strip().split("=", 1) for part in response.headers["x-agentkv-route"].split(";"))
+def route_of(response) -> RouteStats:
+    return RouteStats.from_header(response.headers[ROUTE_HEADER])
 
 
 # -- OpenAI surface ------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_chat_completion_has_the_openai_shape_usage_and_route_header(gateway, wo
         assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == len(cluster.workers["d1"].reply_ids())
         assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
         route = route_of(r)
-        assert route["mode"] == "exact" and route["decode"] == "d1" and route["source"] == "actual"
+        assert route.mode == "exact" and route.decode_node == "d1" and route.source == "actual"
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
@@ -85,7 +85,7 @@ def test_streaming_chat_sends_role_content_finish_usage_and_done(gateway, worker
         assert text == "Hello from the fake."
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(cluster.workers["d1"].reply_ids())
-        assert route_of(r)["source"] == "planned"
+        assert route_of(r).source == "planned"
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
@@ -243,19 +243,19 @@ def test_the_same_prompt_under_two_tenants_shares_no_cache(gateway, workers):
 # -- routing and orchestration ----------------------------------------------------------------------
 
 
-def test_a_long_prompt_is_prefilled_on_p_and_its_hold_released(gateway, workers):
+def test_a_long_prompt_is_prefilled_on_p_and_its_hold_released_by_the_reader(gateway, workers):
     fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
 
     async def scenario(client, cluster):
         body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
         r = await client.post("/v1/chat/completions", json=body, headers=A)
         route = route_of(r)
-        assert route["prefill"] == "p1" and route["decode"] == "d1"
+        assert route.prefill_node == "p1" and route.decode_node == "d1"
         p, d = cluster.workers["p1"], cluster.workers["d1"]
         assert isinstance(p.requests[-1], PrefillRequest) and d.requests[-1].remote_kv.node_id == "p1"
-        assert p.released == [d.requests[-1].request_id] and p.holds == {}
+        assert p.released == [d.requests[-1].request_id] and p.holds == {}  # D notified P (P owns the hold)
         usage = r.json()["usage"]
-        assert usage["agentkv"]["transferred_blocks"] == int(route_of(r)["transfer_blocks"]) == -(-usage["prompt_tokens"] // 16)
+        assert usage["agentkv"]["transferred_blocks"] == route_of(r).transferred_blocks == -(-usage["prompt_tokens"] // 16)
 
     gateway(fakes, scenario, KEYS)
 
@@ -267,7 +267,7 @@ def test_a_failing_prefill_node_falls_back_to_local_prefill(gateway, workers):
     async def scenario(client, cluster):
         body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
         r = await client.post("/v1/chat/completions", json=body, headers=A)
-        assert r.status_code == 200 and route_of(r)["prefill"] == "-"
+        assert r.status_code == 200 and route_of(r).prefill_node is None
         assert cluster.workers["d1"].requests[-1].remote_kv is None
 
     gateway(fakes, scenario, KEYS)
@@ -279,7 +279,7 @@ def test_an_unreachable_decode_node_is_routed_around(gateway, workers):
     async def scenario(client, cluster):
         cluster.down.add("d1")  # registered and live in Redis, but refuses connections
         r = await client.post("/v1/chat/completions", json=chat(), headers=A)
-        assert r.status_code == 200 and route_of(r)["decode"] == "d2"
+        assert r.status_code == 200 and route_of(r).decode_node == "d2"
 
     gateway(fakes, scenario, KEYS)
 
@@ -291,7 +291,7 @@ def test_index_failure_routes_degraded_visible_in_header_and_metrics(gateway, wo
     async def scenario(client, cluster):
         monkeypatch.setattr(BlockIndex, "lookup_with_nodes", broken)
         r = await client.post("/v1/chat/completions", json=chat(), headers=A)
-        assert r.status_code == 200 and route_of(r)["mode"] == "degraded"
+        assert r.status_code == 200 and route_of(r).mode == "degraded"
         metrics = (await client.get("/metrics")).text
         assert 'agentkv_gateway_routes_total{kind="local",mode="degraded"} 1.0' in metrics
         assert "agentkv_gateway_index_degraded 1.0" in metrics
@@ -333,34 +333,26 @@ def test_the_gateway_drops_a_restarted_nodes_index_entries_in_the_background(gat
     gateway(workers(("d1", Role.DECODE)), scenario, GatewayConfig(api_keys=KEYS.api_keys, index_purge_s=0.1))
 
 
-def test_a_turn_that_ends_early_is_aborted_on_every_node_it_touched(aio, workers):
-    """What a client disconnect does: the consumer stops; P and D both get the abort, P's hold is released."""
-    import httpx
-    from gateway_fakes import FakeCluster
+def test_a_turn_that_ends_early_is_aborted_on_every_node_it_touched(gateway, workers):
+    """What a client disconnect does: the consumer stops; P and D both get the abort."""
+    from gateway.openai_schema import ChatCompletionRequest, ChatMessage
+    from gateway.tenants import Tenant
+    from gateway.turn import Outcome
 
-    from gateway.metrics import GatewayMetrics
-    from gateway.orchestrator import Orchestrator, Trace
-    from gateway.router import Candidate, choose_route
-    from kvstore.nodes import NodeLoad
-    from kvstore.wire import SamplingParams
+    async def scenario(client, cluster):
+        turns = cluster.gateway_app.state.services.turns
+        messages = [ChatMessage(role="system", content=LONG_SYSTEM), ChatMessage(role="user", content="Hi")]
+        turn = await turns.prepare_chat(ChatCompletionRequest(model="m", messages=messages, max_tokens=16),
+                                        Tenant("alice", "tenant:alice"), None)  # fmt: skip
+        deltas = turns.run(turn, outcome := Outcome())
+        await anext(deltas)
+        await anext(deltas)
+        await deltas.aclose()  # the client went away
+        d, p = cluster.workers["d1"], cluster.workers["p1"]
+        assert outcome.route.prefill is not None and outcome.final is None
+        assert d.aborted[-1] == p.aborted[-1] == turn.request_id
 
-    d, p = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
-
-    async def main():
-        async with httpx.AsyncClient(transport=FakeCluster([d, p])) as http:
-            orchestrator = Orchestrator(http, GatewayMetrics())
-            candidates = [Candidate(w.record(), NodeLoad(total_blocks=256, free_blocks=256)) for w in (d, p)]
-            route = choose_route(candidates, 300, 16, RouterConfig())
-            assert route.prefill is not None
-            request = GenerateRequest(request_id="r-1", prompt_token_ids=list(range(300)), sampling=SamplingParams(max_tokens=16))
-            chunks = orchestrator.run(route, request, Trace())
-            await anext(chunks)
-            await anext(chunks)
-            await chunks.aclose()  # the client went away
-
-    aio.run(main())
-    assert d.aborted[-1] == "r-1" and p.aborted[-1] == "r-1"
-    assert p.released == ["r-1"] and p.holds == {}
+    gateway(workers(("d1", Role.DECODE), ("p1", Role.PREFILL)), scenario, KEYS)
 
 
 def test_api_keys_config_and_tenant_ids():

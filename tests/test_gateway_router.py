@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -104,19 +105,39 @@ class FakeIndex:
         return self.result
 
 
+def ask(hashes: list[int], prompt_tokens: int, max_tokens: int, affinity: str | None) -> SimpleNamespace:
+    """What the router reads of a turn."""
+    return SimpleNamespace(block_hashes=hashes, prompt_ids=[0] * prompt_tokens, max_tokens=max_tokens, affinity=affinity)
+
+
+def test_a_lease_counts_its_nodes_busy_until_it_ends_and_reroutes_once(aio):
+    d1, d2 = node("d1"), node("d2")
+    router = Router(FakeIndex([(d1.record, d1.load, 30), (d2.record, d2.load, 0)]), lambda: [], CFG)
+
+    async def main():
+        async with router.lease(ask([1, 2, 3], 500, 16, None)) as lease:
+            assert lease.route.decode.node_id == "d1" and router.loads.in_flight["d1"] == 1
+            moved = await lease.reroute("d1")
+            assert moved.decode.node_id == "d2" and router.loads.in_flight == {"d1": 0, "d2": 1}
+            assert await lease.reroute("d2") is None  # one re-route per turn
+        assert router.loads.in_flight == {"d1": 0, "d2": 0}
+
+    aio.run(main())
+
+
 def test_router_is_exact_when_the_index_answers_and_degraded_when_it_does_not(aio):
     d1, d2 = node("d1"), node("d2")
     snapshot = lambda: [(d1.record, d1.load), (d2.record, d2.load)]  # noqa: E731
     exact = Router(FakeIndex([(d1.record, d1.load, 0), (d2.record, d2.load, 30)]), snapshot, CFG)
-    route = aio.run(exact.choose([1, 2, 3], 500, 16, affinity="d1"))
+    route = aio.run(exact.choose(ask([1, 2, 3], 500, 16, "d1")))
     assert route.mode is RouteMode.EXACT and route.decode.node_id == "d2"  # 480 cached tokens beat affinity
 
     down = Router(FakeIndex(error=RedisConnectionError("gone")), snapshot, CFG)
-    route = aio.run(down.choose([1, 2, 3], 500, 16, affinity="d2"))
+    route = aio.run(down.choose(ask([1, 2, 3], 500, 16, "d2")))
     assert route.mode is RouteMode.DEGRADED and route.decode.node_id == "d2" and route.decode_cached_tokens == 0
 
     slow = Router(FakeIndex([], delay_s=1.0), snapshot, RouterConfig(index_timeout_s=0.05))
-    assert aio.run(slow.choose([1], 80, 16, affinity=None)).mode is RouteMode.DEGRADED
+    assert aio.run(slow.choose(ask([1], 80, 16, None))).mode is RouteMode.DEGRADED
 
 
 def test_turns_that_arrive_together_do_not_herd_onto_one_node(aio):
@@ -125,7 +146,7 @@ def test_turns_that_arrive_together_do_not_herd_onto_one_node(aio):
     router = Router(FakeIndex([(d1.record, d1.load, 30), (d2.record, d2.load, 30)]), lambda: [], CFG)
     chosen = []
     for _ in range(4):
-        route = aio.run(router.choose([1, 2, 3], 500, 16, affinity=None))
+        route = aio.run(router.choose(ask([1, 2, 3], 500, 16, None)))
         router.loads.started(route)
         chosen.append(route.decode.node_id)
     assert sorted(chosen) == ["d1", "d1", "d2", "d2"]
@@ -137,14 +158,14 @@ def test_a_stale_report_of_the_gateways_own_finished_turns_does_not_repel_the_ne
     d1, d2 = node("d1", running=4), node("d2")
     router = Router(FakeIndex([(d1.record, d1.load, 30), (d2.record, d2.load, 28)]), lambda: [], CFG)
     router.loads.clock = lambda: now[0]
-    finished = [aio.run(router.choose([1], 500, 16, affinity=None)) for _ in range(4)]
+    finished = [aio.run(router.choose(ask([1], 500, 16, None))) for _ in range(4)]
     for route in finished:
         route.decode = d1.record  # they ran on d1
         router.loads.started(route)
         router.loads.finished(route)
-    assert aio.run(router.choose([1, 2, 3], 500, 16, affinity="d1")).decode.node_id == "d1"
+    assert aio.run(router.choose(ask([1, 2, 3], 500, 16, "d1"))).decode.node_id == "d1"
     now[0] += CFG.load_report_age_s + 0.1  # a report this old would not count them any more
-    assert aio.run(router.choose([1, 2, 3], 500, 16, affinity="d1")).decode.node_id == "d2"
+    assert aio.run(router.choose(ask([1, 2, 3], 500, 16, "d1"))).decode.node_id == "d2"
 
 
 def test_baseline_policies_for_benchmarks():

@@ -1,0 +1,328 @@
+"""One turn as a pipeline that reads top to bottom: prepare -> lease a route -> run on the workers.
+
+`prepare_*` does everything that can fail with a clean HTTP error before a byte is streamed
+(validation, the template, the session's ledger, the context check) and returns a frozen `Turn`
+whose block hashes are computed here, once, for the router and every worker. `run` leases a route
+(gateway.router), streams the workers' chunks (gateway.worker_client), turns their text into
+OpenAI deltas (tool calls parsed) and, before the last delta leaves, records the turn in the
+session, so a client's next turn always sees the updated ledger. `run` fills an `Outcome`; the
+responders (gateway.reply) only read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+
+from gateway.chat_template import ChatRenderer, ToolPolicy
+from gateway.cluster import ClusterView, ModelInfo, Renderers
+from gateway.config import GatewayConfig
+from gateway.errors import ContextLengthExceeded, InvalidRequest, StateUnavailable, Unsupported, UpstreamError
+from gateway.ledger import ChatPrompt, build_chat_prompt, next_ledger
+from gateway.metrics import GatewayMetrics
+from gateway.openai_schema import ChatCompletionRequest, CompletionRequest, Delta, PromptTokensDetails, ToolCallFunction, ToolCallOut, Usage
+from gateway.router import Route, Router
+from gateway.sessions import Session, SessionStore
+from gateway.tenants import Tenant
+from gateway.tool_calls import CallDelta, ContentDelta, ParsedCall, ToolCallParser
+from gateway.worker_client import NodeUnavailable, WorkerClient
+from kvstore.hashing import block_hashes, hash_seed
+from kvstore.wire import GenerateRequest, PrefillResult, RouteStats, SamplingParams, TokenChunk
+
+log = logging.getLogger("agentkv.gateway")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Everything decided before routing. Frozen: later stages read it, none changes it."""
+
+    request_id: str
+    tenant: Tenant
+    model: ModelInfo
+    renderer: ChatRenderer
+    prompt_ids: list[int]
+    block_hashes: list[int]  # full blocks, salted per tenant and model: computed once per turn
+    sampling: SamplingParams
+    session: Session | None
+    chat_prompt: ChatPrompt | None = None  # chat turns only (the ledger needs it)
+    policy: ToolPolicy = ToolPolicy(parse=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def affinity(self) -> str | None:
+        return self.session.node if self.session else None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
+
+    def request(self, request_id: str) -> GenerateRequest:
+        s = self.session
+        return GenerateRequest(request_id=request_id, prompt_token_ids=self.prompt_ids, sampling=self.sampling,
+                               session_id=s.worker_key if s else None, pin_ttl_s=s.ttl_s if s else None,
+                               hash_salt=self.tenant.salt, block_hashes=self.block_hashes)  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """What running the turn did (written by TurnPipeline.run only)."""
+
+    route: Route | None = None
+    prefill: PrefillResult | None = None
+    final: TokenChunk | None = None
+    output_ids: list[int] = field(default_factory=list)
+    content: str | None = None
+    calls: list[ParsedCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    last_token_at: float | None = None
+
+    def stats(self, turn: Turn) -> RouteStats:
+        """Per-turn accounting: actual once the turn finished, planned (from the index) before."""
+        r, f, p = self.route, self.final, self.prefill
+        assert r is not None, "stats of a turn that was never routed"
+        common = dict(mode=r.mode.value, decode_node=r.decode.node_id, session_id=turn.session.id if turn.session else None,
+                      prompt_tokens=len(turn.prompt_ids))  # fmt: skip
+        if f is None:
+            return RouteStats(**common, prefill_node=r.prefill.node_id if r.prefill else None,
+                              cached_tokens=r.decode_cached_tokens, transferred_blocks=r.planned_transfer_blocks,
+                              source="planned")  # fmt: skip
+        local = max(0, f.prompt_tokens - f.cached_tokens - f.transferred_tokens)
+        remote = max(0, p.prompt_tokens - p.cached_tokens) if p is not None else 0
+        ledger = turn.chat_prompt.ledger if turn.chat_prompt and turn.session else None
+        return RouteStats(**common, prefill_node=p.node_id if p else None, cached_tokens=f.cached_tokens,
+                          prefilled_tokens=local + remote, transferred_tokens=f.transferred_tokens,
+                          transferred_blocks=f.transferred_blocks, transferred_bytes=f.transferred_bytes, ledger=ledger)  # fmt: skip
+
+    def usage(self, turn: Turn) -> Usage:
+        f = self.final
+        prompt = (f.prompt_tokens if f else 0) or len(turn.prompt_ids)
+        completion = (f.completion_tokens if f else 0) or len(self.output_ids)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=f.cached_tokens if f else 0),
+                     agentkv=self.stats(turn))  # fmt: skip
+
+
+class TurnPipeline:
+    def __init__(self, config: GatewayConfig, cluster: ClusterView, renderers: Renderers, router: Router,
+                 workers: WorkerClient, sessions: SessionStore, metrics: GatewayMetrics) -> None:  # fmt: skip
+        self.config = config
+        self.cluster = cluster
+        self.renderers = renderers
+        self.router = router
+        self.workers = workers
+        self.sessions = sessions
+        self.metrics = metrics
+
+    # -- 1. prepare -----------------------------------------------------------------------------
+    async def prepare_chat(self, req: ChatCompletionRequest, tenant: Tenant, session_id: str | None) -> Turn:
+        if req.n not in (None, 1):
+            raise Unsupported("n must be 1: agentkv returns one choice per request (send n requests instead)", param="n")
+        if req.logprobs:
+            raise Unsupported("logprobs are not supported", param="logprobs")
+        if not req.messages:
+            raise InvalidRequest("`messages` must not be empty", param="messages")
+        model = await self.cluster.model()
+        renderer = await self.renderers.get(model)
+        session = await self._session(tenant, session_id, req.session_ttl_s)
+        policy = renderer.tool_policy(req.tools, req.tool_choice, req.parallel_tool_calls)
+        prompt = build_chat_prompt(renderer, req.messages, req.tools, policy, model.fingerprint,
+                                   session.ledger if session else None)  # fmt: skip
+        if session is not None:
+            self.metrics.ledger.labels(prompt.ledger).inc()
+        sampling = self._sampling(prompt.ids, model, req.max_completion_tokens or req.max_tokens, req.temperature,
+                                  req.top_p, req.seed, req.stop)  # fmt: skip
+        sampling.stop += [s for s in policy.stop if s not in sampling.stop]
+        return self._turn("chatcmpl-", tenant, model, renderer, prompt.ids, sampling, session, prompt, policy)
+
+    async def prepare_completion(self, req: CompletionRequest, tenant: Tenant, session_id: str | None) -> Turn:
+        if req.n not in (None, 1):
+            raise Unsupported("n must be 1", param="n")
+        if req.echo or req.logprobs:
+            raise Unsupported("echo and logprobs are not supported", param="echo" if req.echo else "logprobs")
+        model = await self.cluster.model()
+        renderer = await self.renderers.get(model)
+        ids = _completion_prompt(renderer, req.prompt)
+        session = await self._session(tenant, session_id, req.session_ttl_s)
+        sampling = self._sampling(ids, model, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop)
+        return self._turn("cmpl-", tenant, model, renderer, ids, sampling, session)
+
+    # -- 2. lease a route, run on the workers, assemble, record -----------------------------------
+    async def run(self, turn: Turn, outcome: Outcome) -> AsyncIterator[list[Delta]]:
+        """OpenAI deltas of the reply, one list per worker chunk; `outcome` is complete when this ends."""
+        assembler = ReplyAssembler(turn.policy)
+        async with self.router.lease(turn) as lease:
+            outcome.route = lease.route
+            self.metrics.routes.labels(lease.route.kind, lease.route.mode.value).inc()
+            self.metrics.index_degraded.set(1 if lease.route.mode.value == "degraded" else 0)
+            attempt = 0
+            while True:
+                try:
+                    chunks = self._on_workers(turn, lease.route, outcome, f"{turn.request_id}-r{attempt}" if attempt else turn.request_id)
+                    async with contextlib.aclosing(chunks) as chunks:
+                        async for chunk in chunks:
+                            deltas = assembler.push(chunk)
+                            self._observe(turn, outcome, chunk)
+                            if chunk.finished:
+                                outcome.content, outcome.calls, outcome.finish_reason = assembler.result(chunk)
+                                await self._record(turn, outcome)
+                            yield deltas
+                    return
+                except NodeUnavailable as exc:
+                    if outcome.output_ids or await lease.reroute(exc.node_id) is None:
+                        raise
+                    log.warning("%s; re-routing", exc.message)
+                    outcome.route, attempt = lease.route, attempt + 1
+
+    async def _on_workers(self, turn: Turn, route: Route, outcome: Outcome, request_id: str) -> AsyncIterator[TokenChunk]:
+        """P (if routed there) then D; every node touched gets an abort if the turn ends unfinished."""
+        request = turn.request(request_id)
+        finished = False
+        try:
+            if route.prefill is not None:
+                outcome.prefill = request.remote_kv = await self.workers.prefill(route.prefill, request)
+            async for chunk in self.workers.generate(route.decode, request):
+                finished = chunk.finished
+                yield chunk
+        finally:
+            if not finished:
+                touched = [route.decode] + ([route.prefill] if route.prefill else [])
+                await _shielded(self.workers.abort(touched, request_id))
+
+    # -- internals --------------------------------------------------------------------------------
+    def _turn(self, prefix: str, tenant: Tenant, model: ModelInfo, renderer: ChatRenderer, ids: list[int],
+              sampling: SamplingParams, session: Session | None, prompt: ChatPrompt | None = None,
+              policy: ToolPolicy = ToolPolicy(parse=False)) -> Turn:  # fmt: skip
+        hashes = block_hashes(ids, model.block_size, hash_seed(model.fingerprint, tenant.salt))
+        return Turn(prefix + secrets.token_hex(12), tenant, model, renderer, ids, hashes, sampling, session, prompt, policy)
+
+    async def _session(self, tenant: Tenant, session_id: str | None, ttl_s: float | None) -> Session | None:
+        if session_id is None:
+            if ttl_s is not None:
+                self.sessions.ttl(ttl_s)  # still validate it
+            return None
+        return await self.sessions.open(tenant.id, session_id, ttl_s)
+
+    def _sampling(self, ids: list[int], model: ModelInfo, max_tokens: int | None, temperature: float | None,
+                  top_p: float | None, seed: int | None, stop: str | list[str] | None) -> SamplingParams:  # fmt: skip
+        if model.max_model_len and len(ids) >= model.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {model.max_model_len} tokens. However, your messages "
+                f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        if max_tokens is not None and max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        budget = max_tokens or self.config.default_max_tokens
+        if model.max_model_len:
+            budget = min(budget, model.max_model_len - len(ids))
+        temperature = self.config.default_temperature if temperature is None else temperature
+        if temperature < 0 or temperature > 2:
+            raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}", param="temperature")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return SamplingParams(max_tokens=budget, temperature=temperature, top_p=1.0 if top_p is None else top_p,
+                              seed=seed, stop=[s for s in stops if s])  # fmt: skip
+
+    def _observe(self, turn: Turn, outcome: Outcome, chunk: TokenChunk) -> None:
+        if chunk.token_ids:
+            now = time.perf_counter()
+            if not outcome.output_ids:
+                self.metrics.ttft.observe(now - turn.started)
+            elif outcome.last_token_at is not None:
+                self.metrics.itl.observe((now - outcome.last_token_at) / len(chunk.token_ids))
+            outcome.last_token_at = now
+            outcome.output_ids.extend(chunk.token_ids)
+        if chunk.finished:
+            outcome.final = chunk
+
+    async def _record(self, turn: Turn, outcome: Outcome) -> None:
+        """Session ledger and totals, metrics. Never fails the response."""
+        usage = outcome.usage(turn)
+        stats = usage.agentkv
+        m = self.metrics
+        m.prompt_tokens.inc(usage.prompt_tokens)
+        m.cached_tokens.inc(stats.cached_tokens)
+        m.completion_tokens.inc(usage.completion_tokens)
+        m.prefilled_tokens.inc(stats.prefilled_tokens)
+        m.transferred_tokens.inc(stats.transferred_tokens)
+        m.transferred_blocks.inc(stats.transferred_blocks)
+        m.e2e.observe(time.perf_counter() - turn.started)
+        if turn.session is None:
+            return
+        ledger = None
+        if turn.chat_prompt is not None and outcome.finish_reason in ("stop", "length", "tool_calls"):
+            calls = [(c.name, c.arguments) for c in outcome.calls]
+            ledger = next_ledger(turn.renderer, turn.chat_prompt, outcome.output_ids, outcome.content, calls, turn.model.fingerprint)
+        try:
+            await self.sessions.record_turn(turn.session, stats, usage.completion_tokens, ledger)
+        except StateUnavailable as exc:
+            log.warning("could not record the turn of session %s: %s", turn.session.id, exc.message)
+
+
+class ReplyAssembler:
+    """Worker text -> OpenAI deltas, through the tool-call parser when the request allows calls.
+
+    Streamed and whole answers both come from here, so they cannot drift apart.
+    """
+
+    def __init__(self, policy: ToolPolicy) -> None:
+        self.parser = ToolCallParser(parallel=policy.parallel, names=policy.names) if policy.parse else None
+        self.text = ""
+        self._pending = policy.forced_prefix  # the forced prefix is part of the reply's text
+
+    def push(self, chunk: TokenChunk) -> list[Delta]:
+        if chunk.finished and chunk.finish_reason not in ("stop", "length"):
+            raise UpstreamError(chunk.error or f"the worker ended the request ({chunk.finish_reason})")
+        text, self._pending = self._pending + chunk.text, ""
+        if self.parser is None:
+            self.text += text
+            return [Delta(content=text)] if text else []
+        deltas = self.parser.feed(text) if text else []
+        if chunk.finished:
+            deltas += self.parser.finish()
+        return [_openai_delta(d) for d in deltas]
+
+    def result(self, final: TokenChunk) -> tuple[str | None, list[ParsedCall], str | None]:
+        """(content, calls, finish_reason) once the final chunk was pushed."""
+        if self.parser is None:
+            return self.text, [], final.finish_reason
+        calls = self.parser.calls
+        content = None if calls and not self.parser.content.strip() else self.parser.content
+        return content, calls, "tool_calls" if calls else final.finish_reason
+
+
+def _openai_delta(d: ContentDelta | CallDelta) -> Delta:
+    if isinstance(d, ContentDelta):
+        return Delta(content=d.text)
+    if d.id is not None:
+        return Delta(tool_calls=[ToolCallOut(index=d.index, id=d.id, type="function", function=ToolCallFunction(name=d.name, arguments=""))])
+    return Delta(tool_calls=[ToolCallOut(index=d.index, function=ToolCallFunction(arguments=d.arguments))])
+
+
+async def _shielded(awaitable) -> None:
+    with anyio.CancelScope(shield=True):  # must run even while being cancelled
+        await awaitable
+
+
+def _completion_prompt(renderer: ChatRenderer, prompt: str | list) -> list[int]:
+    if isinstance(prompt, str):
+        ids = renderer.encode_prompt(prompt)
+    elif prompt and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        ids = list(prompt)
+    elif len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        return _completion_prompt(renderer, prompt[0])
+    elif len(prompt) > 1 and all(isinstance(x, (str, list)) for x in prompt):
+        raise Unsupported("batched prompts are not supported: send one prompt per request", param="prompt")
+    else:
+        raise InvalidRequest("`prompt` must be a string, a list of token ids, or a one-element list of either", param="prompt")
+    if not ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    return ids

@@ -1,0 +1,116 @@
+"""The gateway's HTTP client to the workers: prefill on P (if routed so), then decode on D, streaming.
+
+P computes what it lacks of the prompt and holds the blocks until D's read completes (P owns that
+hold); D gets `remote_kv` and pulls only the blocks it lacks. A failing P is not fatal: D then
+prefills locally. Whatever ends the turn early (client gone, an error, a cancelled task), every
+node the turn touched gets an abort, shielded from the cancellation that caused it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+import anyio
+import httpx
+import msgspec
+
+from gateway.errors import UpstreamError, from_worker
+from gateway.metrics import GatewayMetrics
+from kvstore.nodes import NodeRecord
+from kvstore.wire import TOKEN_HEADER, GenerateRequest, Paths, PrefillRequest, PrefillResult, TokenChunk
+
+log = logging.getLogger("agentkv.gateway")
+
+_decode_chunk = msgspec.json.Decoder(TokenChunk).decode
+_decode_prefill = msgspec.json.Decoder(PrefillResult).decode
+_encode = msgspec.json.encode
+ABORT_TIMEOUT_S = 3.0
+
+
+class NodeUnavailable(UpstreamError):
+    """A node could not be reached before anything was streamed: the turn may be re-routed."""
+
+    def __init__(self, node: NodeRecord, reason: str) -> None:
+        super().__init__(f"worker {node.node_id} at {node.address} is unreachable: {reason}")
+        self.node_id = node.node_id
+
+
+class WorkerClient:
+    def __init__(self, http: httpx.AsyncClient, metrics: GatewayMetrics, cluster_token: str | None = None,
+                 hold_timeout_s: float = 30.0) -> None:  # fmt: skip
+        self.http = http
+        self.metrics = metrics
+        self.headers = {TOKEN_HEADER: cluster_token} if cluster_token else {}
+        self.hold_timeout_s = hold_timeout_s
+
+    async def prefill(self, node: NodeRecord, request: GenerateRequest) -> PrefillResult | None:
+        """P's prefill, or None when P failed (D then prefills locally). A 4xx is the request's fault: raised."""
+        body = PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                              sampling=request.sampling, hash_salt=request.hash_salt,
+                              block_hashes=request.block_hashes, hold_timeout_s=self.hold_timeout_s)  # fmt: skip
+        try:
+            resp = await self.http.post(f"{node.address}{Paths.PREFILL}", content=_encode(body), headers=self._json_headers())
+            if resp.status_code == 200:
+                return _decode_prefill(resp.content)
+            err = from_worker(resp.status_code, resp.content)
+            if resp.status_code < 500:
+                raise err
+            reason = err.message
+        except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        log.warning("prefill on %s failed (%s); the decode node prefills locally", node.node_id, reason)
+        self.metrics.prefill_fallbacks.inc()
+        return None
+
+    async def generate(self, node: NodeRecord, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """D's token chunks (NDJSON), until the finished one."""
+        req = self.http.build_request("POST", f"{node.address}{Paths.GENERATE}", content=_encode(request),
+                                      headers=self._json_headers())  # fmt: skip
+        try:
+            resp = await self.http.send(req, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise NodeUnavailable(node, str(exc) or type(exc).__name__) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"worker {node.node_id}: {type(exc).__name__}: {exc}") from None
+        try:
+            if resp.status_code != 200:
+                raise from_worker(resp.status_code, await resp.aread())
+            async for line in resp.aiter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    chunk = _decode_chunk(line)
+                except msgspec.DecodeError as exc:
+                    raise UpstreamError(f"worker {node.node_id} sent an invalid chunk: {exc}") from None
+                yield chunk
+                if chunk.finished:
+                    return
+            raise UpstreamError(f"worker {node.node_id} closed the stream before the last token")
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"worker {node.node_id} stream failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
+
+    async def abort(self, nodes: Iterable[NodeRecord], request_id: str) -> None:
+        """Best effort, bounded, on every node at once."""
+        self.metrics.aborts.inc()
+        with anyio.move_on_after(ABORT_TIMEOUT_S):
+            async with anyio.create_task_group() as tg:
+                for node in {n.node_id: n for n in nodes}.values():
+                    tg.start_soon(self._post_quietly, node, Paths.abort(request_id))
+
+    async def unpin(self, node: NodeRecord, session_key: str) -> bool:
+        return await self._post_quietly(node, Paths.unpin(session_key))
+
+    async def _post_quietly(self, node: NodeRecord, path: str) -> bool:
+        try:
+            resp = await self.http.post(f"{node.address}{path}", headers=self.headers, timeout=ABORT_TIMEOUT_S)
+            return resp.status_code < 400
+        except httpx.HTTPError as exc:
+            log.info("%s on %s failed: %s", path, node.node_id, exc)
+            return False
+
+    def _json_headers(self) -> dict[str, str]:
+        return {**self.headers, "content-type": "application/json"}
