@@ -19,8 +19,8 @@ import torch
 from workers.transfer.base import (
     InvalidBlocks,
     PeerInfo,
-    PoolLayout,
     coalesce,
+    describe,
     pair_ids,
 )
 from tests.transfer_peer import BLOCK_SHAPE, PeerError, PeerProcess
@@ -255,11 +255,11 @@ def test_pair_ids_validates_before_any_backend_sees_them():
 
 def test_layout_follows_the_tensor_not_the_model():
     kv = torch.zeros(10, 30, 2, 16, 3, 64)  # SmolLM2-135M fp32, block_size 16
-    lay = PoolLayout.of(kv)
-    assert (lay.num_blocks, lay.block_nbytes, lay.mem_type, lay.device_id) == (10, 737_280, "DRAM", 0)
-    assert lay.base_ptr == kv.data_ptr() and PoolLayout.of(kv.to(torch.bfloat16)).block_nbytes == 368_640
+    info = describe(kv, "nixl", "n", 3)
+    assert (info.num_blocks, info.block_nbytes, info.mem_type, info.device_id) == (10, 737_280, "DRAM", 0)
+    assert info.base_ptr == kv.data_ptr() and describe(kv.to(torch.bfloat16), "nixl", "n", 3).block_nbytes == 368_640
     with pytest.raises(ValueError, match="contiguous"):
-        PoolLayout.of(kv.transpose(0, 1))
+        describe(kv.transpose(0, 1), "nixl", "n", 3)
 
 
 def test_peer_info_roundtrips_through_msgpack():

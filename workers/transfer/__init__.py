@@ -13,16 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.transfer.base import (
-    IncompatiblePeer,
-    InvalidBlocks,
-    KVTransport,
-    TransferCounters,
-    TransferError,
-    TransferFailed,
-    TransferTimeout,
-    UnknownPeer,
-)
+from workers.transfer.base import (IncompatiblePeer, InvalidBlocks, KVTransport, TransferCounters, TransferError,
+                                   TransferFailed, TransferTimeout, UnknownPeer)
 
 BACKENDS = ("nixl", "ucxx")
 
@@ -39,15 +31,5 @@ def make_transport(kind: str, name: str, kv: torch.Tensor, *, generation: int, t
     return cls(name, kv, generation=generation, timeout_s=timeout_s)
 
 
-__all__ = [
-    "BACKENDS",
-    "IncompatiblePeer",
-    "InvalidBlocks",
-    "KVTransport",
-    "TransferCounters",
-    "TransferError",
-    "TransferFailed",
-    "TransferTimeout",
-    "UnknownPeer",
-    "make_transport",
-]
+__all__ = ["BACKENDS", "IncompatiblePeer", "InvalidBlocks", "KVTransport", "TransferCounters", "TransferError",
+           "TransferFailed", "TransferTimeout", "UnknownPeer", "make_transport"]

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Literal
 
@@ -59,37 +58,9 @@ class InvalidBlocks(TransferError, ValueError):
     """Block id lists are empty, of different lengths, out of range or repeat a local block."""
 
 
-# -- pool layout ----------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class PoolLayout:
-    """Where the pool lives and how it splits into blocks; all a transport needs from the tensor."""
-
-    base_ptr: int
-    num_blocks: int
-    block_nbytes: int
-    mem_type: Literal["DRAM", "VRAM"]
-    device_id: int
-
-    @classmethod
-    def of(cls, kv: torch.Tensor) -> PoolLayout:
-        if kv.dim() < 1 or kv.shape[0] < 1:
-            raise ValueError(f"pool tensor needs a leading block dimension, got shape {tuple(kv.shape)}")
-        if not kv.is_contiguous():
-            raise ValueError("pool tensor must be contiguous (block i = one byte range kv[i])")
-        cuda = kv.device.type == "cuda"
-        if not cuda and kv.device.type != "cpu":
-            raise ValueError(f"pool tensor on {kv.device} is neither CPU (DRAM) nor CUDA (VRAM)")
-        return cls(base_ptr=kv.data_ptr(), num_blocks=kv.shape[0], block_nbytes=kv.nbytes // kv.shape[0],
-                   mem_type="VRAM" if cuda else "DRAM", device_id=(kv.device.index or 0) if cuda else 0)
-
-
-def pool_bytes(kv: torch.Tensor) -> torch.Tensor:
-    """The pool as a `[num_blocks, block_nbytes]` uint8 view sharing its memory (any dtype)."""
-    return kv.reshape(-1).view(torch.uint8).view(kv.shape[0], -1)
-
-
+# -- the pool and its metadata --------------------------------------------------------------------
 class PeerInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What a node publishes about its transport (msgpack-encoded into `transfer_metadata`)."""
+    """What a node publishes about its pool and transport (msgpack in `transfer_metadata`)."""
 
     backend: str
     name: str
@@ -97,9 +68,28 @@ class PeerInfo(msgspec.Struct, frozen=True, kw_only=True):
     num_blocks: int
     block_nbytes: int
     base_ptr: int
-    mem_type: str
+    mem_type: Literal["DRAM", "VRAM"]
     device_id: int
-    endpoint: bytes  # backend-specific: NIXL agent metadata, or the ucxx listener address
+    endpoint: bytes = b""  # backend-specific: NIXL agent metadata, or the ucxx listener address
+
+
+def describe(kv: torch.Tensor, backend: str, name: str, generation: int) -> PeerInfo:
+    """The pool as a transport sees it: block i is the byte range kv[i], in DRAM or VRAM."""
+    if kv.dim() < 1 or kv.shape[0] < 1:
+        raise ValueError(f"pool tensor needs a leading block dimension, got shape {tuple(kv.shape)}")
+    if not kv.is_contiguous():
+        raise ValueError("pool tensor must be contiguous (block i = one byte range kv[i])")
+    if kv.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"pool tensor on {kv.device} is neither CPU (DRAM) nor CUDA (VRAM)")
+    cuda = kv.device.type == "cuda"
+    return PeerInfo(backend=backend, name=name, generation=generation, num_blocks=kv.shape[0],
+                    block_nbytes=kv.nbytes // kv.shape[0], base_ptr=kv.data_ptr(), mem_type="VRAM" if cuda else "DRAM",
+                    device_id=(kv.device.index or 0) if cuda else 0)
+
+
+def pool_bytes(kv: torch.Tensor) -> torch.Tensor:
+    """The pool as a `[num_blocks, block_nbytes]` uint8 view sharing its memory (any dtype)."""
+    return kv.reshape(-1).view(torch.uint8).view(kv.shape[0], -1)
 
 
 _encode_info = msgspec.msgpack.Encoder().encode
@@ -123,22 +113,18 @@ class TransferCounters:
 
 
 # -- block ids ------------------------------------------------------------------------------------
-def block_ids(ids: Sequence[int] | np.ndarray, num_blocks: int, what: str) -> np.ndarray:
-    """Validated int32 array of block ids in [0, num_blocks)."""
-    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if arr.size == 0:
-        raise InvalidBlocks(f"{what} block id list is empty")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= num_blocks:
-        raise InvalidBlocks(f"{what} block ids must lie in [0, {num_blocks}); got min {lo}, max {hi}")
-    return arr.astype(np.int32)
-
-
 def pair_ids(local: Sequence[int] | np.ndarray, remote: Sequence[int] | np.ndarray,
              local_blocks: int, remote_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a (local, remote) pairing; a local (written) block must not appear twice."""
-    loc = block_ids(local, local_blocks, "local")
-    rem = block_ids(remote, remote_blocks, "remote")
+    """Validated int32 (local, remote) id arrays: in range, one to one, no local block written twice."""
+    out = []
+    for ids, n, what in ((local, local_blocks, "local"), (remote, remote_blocks, "remote")):
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            raise InvalidBlocks(f"{what} block id list is empty")
+        if arr.min() < 0 or arr.max() >= n:
+            raise InvalidBlocks(f"{what} block ids must lie in [0, {n}); got min {arr.min()}, max {arr.max()}")
+        out.append(arr.astype(np.int32))
+    loc, rem = out
     if loc.size != rem.size:
         raise InvalidBlocks(f"{loc.size} local block ids but {rem.size} remote ones: they pair up one to one")
     if np.unique(loc).size != loc.size:
@@ -155,12 +141,6 @@ def coalesce(local: np.ndarray, remote: np.ndarray) -> list[tuple[int, int, int]
     return [(int(local[s]), int(remote[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
-def apply_env_defaults(defaults: Mapping[str, str]) -> None:
-    """Set the UCX knobs a transport relies on unless the operator already did; before UCX starts."""
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-
-
 # -- the transport --------------------------------------------------------------------------------
 class KVTransport(ABC):
     """Block reads between pools. Used from one asyncio loop; backends guard their own threads."""
@@ -172,21 +152,17 @@ class KVTransport(ABC):
             raise ValueError(f"transport name must be non-empty and without '#': {name!r}")
         self.name = name
         self.generation = generation
-        self.layout = PoolLayout.of(kv)
+        self.layout = describe(kv, self.backend, name, generation)  # this pool, as peers will see it
         self.timeout_s = timeout_s
         self.counters = TransferCounters()
         self._peers: dict[str, PeerInfo] = {}
-        self._inbox: collections.deque[bytes] = collections.deque()
+        self._inbox: collections.deque[bytes] = collections.deque(maxlen=65536)  # bounded if nobody listens
         self._wake: Callable[[], None] | None = None
         self._closed = False
 
     def metadata(self) -> bytes:
         """Bytes for `NodeRecord.transfer_metadata`: what a peer needs to reach this pool."""
-        lay = self.layout
-        return _encode_info(PeerInfo(
-            backend=self.backend, name=self.name, generation=self.generation, num_blocks=lay.num_blocks,
-            block_nbytes=lay.block_nbytes, base_ptr=lay.base_ptr, mem_type=lay.mem_type,
-            device_id=lay.device_id, endpoint=self._endpoint()))
+        return _encode_info(msgspec.structs.replace(self.layout, endpoint=self._endpoint()))
 
     def add_peer(self, peer: str, generation: int, metadata: bytes) -> None:
         """Load a peer from its registry record. A no-op for the generation already loaded; a new

@@ -1,32 +1,23 @@
-"""KV blocks over NIXL (the default transport): one-sided READ of registered pool memory.
-
-The pool is registered once and described as one descriptor per block, prepared once locally
-(`prep_xfer_dlist`) and once per peer from its metadata; a read is then only
-`make_prepped_xfer("READ", local, ids, remote, ids, notif)` + `transfer`. NIXL merges adjacent
-descriptors itself (10 consecutive blocks post as 1 descriptor), so runs need no coalescing here.
-NIXL delivers the notification to the peer after the data; it carries an `_Envelope` (block count
-and the caller's tag) so the peer can tell our messages from anyone else's.
-
-Progress: NIXL's own progress thread spins a full core per agent even when idle (measured 99%);
-on a 2-CPU worker that core is the model's, so a pump thread here progresses the agent instead:
-every 100 us for a second after any activity, every 1 ms otherwise. The peer's progress gates the
-reader's completion, so the interval is the one-block latency floor (~0.25 ms busy, ~1.3 ms after
-idling) at ~4% of a core idle. A reader waiting on its request progresses it directly.
+"""KV blocks over NIXL (the default): one-sided READ of registered pool memory, one descriptor per
+block, prepared once per pool, so a read is `make_prepped_xfer` + `transfer` (NIXL merges adjacent
+descriptors itself). NIXL's own progress thread spins a full core even when idle; on a 2-CPU worker
+that core is the model's, so a pump thread here progresses the agent: every 100 us for a second
+after any activity, every 1 ms otherwise (~4% of a core idle). See docs/transfer.md for the numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any
 
-import msgspec
 import numpy as np
 import torch
 
-from workers.transfer.base import IncompatiblePeer, KVTransport, PeerInfo, TransferFailed, apply_env_defaults
+from workers.transfer.base import IncompatiblePeer, KVTransport, PeerInfo, TransferFailed
 
 log = logging.getLogger("agentkv.transfer.nixl")
 
@@ -40,23 +31,17 @@ UCX_DEFAULTS: dict[str, str] = {  # set unless the operator already did (see doc
 IDLE_PUMP_S, BUSY_PUMP_S = 1e-3, 1e-4
 
 
-class _Envelope(msgspec.Struct, array_like=True, frozen=True):
-    blocks: int
-    notif: bytes
+_MAGIC = b"akv2"  # our notifications: magic, block count (4 bytes), the caller's tag
 
 
-_MAGIC = b"akv2"
-_encode_env = msgspec.msgpack.Encoder().encode
-_decode_env = msgspec.msgpack.Decoder(_Envelope).decode
+def _envelope(blocks: int, notif: bytes) -> bytes:
+    return _MAGIC + blocks.to_bytes(4, "little") + notif
 
 
-def _block_descs(base_ptr: int, num_blocks: int, block_nbytes: int, device_id: int) -> np.ndarray:
+def _block_descs(pool: PeerInfo) -> np.ndarray:
     """One (addr, len, device) row per block: block i is the byte range kv[i]."""
-    descs = np.empty((num_blocks, 3), dtype=np.uint64)
-    descs[:, 0] = base_ptr + np.arange(num_blocks, dtype=np.uint64) * np.uint64(block_nbytes)
-    descs[:, 1] = block_nbytes
-    descs[:, 2] = device_id
-    return descs
+    addrs = pool.base_ptr + np.arange(pool.num_blocks, dtype=np.uint64) * np.uint64(pool.block_nbytes)
+    return np.stack([addrs, np.full_like(addrs, pool.block_nbytes), np.full_like(addrs, pool.device_id)], axis=1)
 
 
 class NixlTransport(KVTransport):
@@ -64,15 +49,14 @@ class NixlTransport(KVTransport):
 
     def __init__(self, name: str, kv: torch.Tensor, *, generation: int, timeout_s: float):
         super().__init__(name, kv, generation=generation, timeout_s=timeout_s)
-        apply_env_defaults(UCX_DEFAULTS)
+        for key, value in UCX_DEFAULTS.items():  # the operator's own settings win; UCX reads them once
+            os.environ.setdefault(key, value)
         from nixl._api import nixl_agent, nixl_agent_config  # heavy; only when this backend is chosen
 
-        lay = self.layout
         # Named per incarnation: a restarted peer is a new agent.
         self._agent = nixl_agent(f"{name}#{generation}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         self._reg = self._agent.register_memory(kv)
-        self._local = self._agent.prep_xfer_dlist(
-            "NIXL_INIT_AGENT", _block_descs(lay.base_ptr, lay.num_blocks, lay.block_nbytes, lay.device_id), lay.mem_type)
+        self._local = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", _block_descs(self.layout), self.layout.mem_type)
         self._remote: dict[str, tuple[str, Any]] = {}  # peer -> (NIXL agent name, prepped dlist)
         self._abandoned: list[Any] = []  # requests NIXL could not cancel: keep them alive
         self._lock = threading.Lock()  # the agent is not thread-safe (NIXL_THREAD_SYNC_NONE)
@@ -85,24 +69,20 @@ class NixlTransport(KVTransport):
         return self._agent.get_agent_metadata()
 
     def _load_peer(self, info: PeerInfo) -> None:
-        expected = f"{info.name}#{info.generation}"
-        descs = _block_descs(info.base_ptr, info.num_blocks, info.block_nbytes, info.device_id)
         with self._lock:
             try:
-                loaded = self._agent.add_remote_agent(info.endpoint)
+                agent = self._agent.add_remote_agent(info.endpoint)
+                agent = agent.decode() if isinstance(agent, bytes) else agent
             except Exception as e:
                 raise IncompatiblePeer(f"NIXL refused the metadata of {info.name!r}: {e}") from e
-            agent = loaded.decode() if isinstance(loaded, bytes) else loaded
             try:
-                if agent != expected:
-                    raise IncompatiblePeer(f"NIXL metadata of {info.name!r} is for agent {agent!r}, expected {expected!r}")
-                dlist = self._agent.prep_xfer_dlist(agent, descs, info.mem_type)
+                if agent != f"{info.name}#{info.generation}":
+                    raise ValueError(f"it describes agent {agent!r}")
+                self._remote[info.name] = (agent, self._agent.prep_xfer_dlist(agent, _block_descs(info), info.mem_type))
             except Exception as e:
                 self._agent.remove_remote_agent(agent)
-                if isinstance(e, IncompatiblePeer):
-                    raise
-                raise IncompatiblePeer(f"NIXL cannot address the pool of {info.name!r} ({info.mem_type}): {e}") from e
-            self._remote[info.name] = (agent, dlist)
+                raise IncompatiblePeer(f"NIXL cannot use the metadata of {info.name!r} generation "
+                                       f"{info.generation} ({info.mem_type} pool): {e}") from e
         self._busy()  # wireup to the peer starts with the first request and needs our progress
 
     def _drop_peer(self, info: PeerInfo) -> None:
@@ -120,7 +100,7 @@ class NixlTransport(KVTransport):
         self._busy()
         with self._lock:
             try:
-                self._agent.send_notif(agent, _MAGIC + _encode_env(_Envelope(0, notif)))
+                self._agent.send_notif(agent, _envelope(0, notif))
             except Exception as e:
                 self.counters.failures += 1
                 raise TransferFailed(f"NIXL could not notify {peer!r}: {e}") from e
@@ -161,8 +141,7 @@ class NixlTransport(KVTransport):
         self._busy()
         with self._lock:
             try:
-                msg = _MAGIC + _encode_env(_Envelope(int(local.size), notif))
-                xfer = self._agent.make_prepped_xfer("READ", self._local, local, remote_dlist, remote, msg)
+                xfer = self._agent.make_prepped_xfer("READ", self._local, local, remote_dlist, remote, _envelope(local.size, notif))
                 state = self._agent.transfer(xfer)
             except Exception as e:
                 raise TransferFailed(f"NIXL could not post the read from {info.name!r}: {e}") from e
@@ -193,13 +172,9 @@ class NixlTransport(KVTransport):
                     log.warning("NIXL notification poll failed: %s", e)
                     batches = {}
             for raw in (m for messages in batches.values() for m in messages):
-                try:
-                    env = _decode_env(raw[len(_MAGIC):]) if raw.startswith(_MAGIC) else None
-                except msgspec.DecodeError:
-                    env = None
-                if env is not None:
+                if raw.startswith(_MAGIC) and len(raw) >= 8:  # anything else is another NIXL user's
                     self._busy()
-                    self._arrival(env.notif, env.blocks)
+                    self._arrival(raw[8:], int.from_bytes(raw[4:8], "little"))
             interval = BUSY_PUMP_S if time.monotonic() < self._active_until else IDLE_PUMP_S
 
     def _busy(self) -> None:

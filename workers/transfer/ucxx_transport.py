@@ -1,22 +1,20 @@
 """KV blocks over ucxx (the optional `[ucxx]` extra): two-sided tagged send/recv between pools.
 
-Each node listens (metadata = host and port of its ucxx listener). The reader connects once per
-peer generation, posts its receives straight into pool memory, then sends one small active message,
-a `_Request` header; the peer answers with one tagged message per run of consecutive block ids
-(both sides consecutive), sent straight from its pool, and records the notification once its sends
-completed. A `notify` is a header with no runs. ucxx's asyncio API runs on one private event loop
-thread per process; `read` awaits that loop's future from the caller's loop.
-
-Endpoints use UCX peer error handling, so a dead peer fails the request instead of hanging it.
-With this UCX build that rules out CMA (single-copy shared memory) and the bytes go over TCP,
-which is why NIXL is the default; see docs/transfer.md for the numbers.
+The reader posts its receives straight into pool memory, then sends a `_Request` header; the peer
+sends one tagged message per run of block ids consecutive on both sides, from its pool in place,
+and records the notification once its sends completed (a `notify` is a header with no runs).
+ucxx runs on one private event loop thread per process. Endpoints use UCX peer error handling so a
+dead peer fails a read instead of hanging it; with this UCX build that rules out CMA and the bytes
+go over TCP, which is why NIXL is the default (docs/transfer.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
+import os
 import secrets
 import threading
 from typing import Any
@@ -25,7 +23,7 @@ import msgspec
 import numpy as np
 import torch
 
-from workers.transfer.base import KVTransport, PeerInfo, TransferFailed, apply_env_defaults, coalesce, pool_bytes
+from workers.transfer.base import KVTransport, PeerInfo, TransferFailed, coalesce, pool_bytes
 
 log = logging.getLogger("agentkv.transfer.ucxx")
 
@@ -48,35 +46,17 @@ class _Request(msgspec.Struct, array_like=True, frozen=True):
     runs: list[tuple[int, int]]  # (peer block start, count), in send order; empty for a notify
 
 
-class _Listen(msgspec.Struct, array_like=True, frozen=True):
-    host: str
-    port: int
-
-
 _encode = msgspec.msgpack.Encoder().encode
 _decode_request = msgspec.msgpack.Decoder(_Request).decode
-_decode_listen = msgspec.msgpack.Decoder(_Listen).decode
+_decode_listen = msgspec.msgpack.Decoder(tuple[str, int]).decode  # (host, port) of a listener
 
 
-class _Loop:
+@functools.cache
+def _ucxx_loop() -> asyncio.AbstractEventLoop:
     """The process's one asyncio loop for ucxx (its context is a process-wide singleton)."""
-
-    _instance: _Loop | None = None
-    _guard = threading.Lock()
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="ucxx-loop", daemon=True).start()
-
-    @classmethod
-    def get(cls) -> _Loop:
-        with cls._guard:
-            if cls._instance is None:
-                cls._instance = _Loop()
-            return cls._instance
-
-    def submit(self, coro: Any) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="ucxx-loop", daemon=True).start()
+    return loop
 
 
 class UcxxTransport(KVTransport):
@@ -84,32 +64,30 @@ class UcxxTransport(KVTransport):
 
     def __init__(self, name: str, kv: torch.Tensor, *, generation: int, timeout_s: float):
         super().__init__(name, kv, generation=generation, timeout_s=timeout_s)
-        apply_env_defaults(UCX_DEFAULTS)
+        for key, value in UCX_DEFAULTS.items():  # the operator's own settings win; UCX reads them once
+            os.environ.setdefault(key, value)
         try:
             import ucxx  # sets its own UCX defaults on import: after ours
         except ImportError as e:
             raise ImportError("the ucxx transfer backend needs the optional extra: pip install 'agentkv[ucxx]' "
                               f"(or run with --transfer nixl): {e}") from e
         self._ucxx = ucxx
-        self._bytes = pool_bytes(kv)
-        self._host_bytes = self._bytes.numpy() if kv.device.type == "cpu" else None
-        self._loop = _Loop.get()
+        # Block runs are slices of this, sent from / received into in place (CUDA: __cuda_array_interface__).
+        self._blocks = pool_bytes(kv).numpy() if kv.device.type == "cpu" else pool_bytes(kv)
+        self._loop = _ucxx_loop()
         self._eps: dict[str, tuple[int, Any]] = {}  # peer -> (generation, endpoint); loop thread only
         self._connecting: dict[str, asyncio.Lock] = {}
         self._served: set[asyncio.Task] = set()
         self._server_eps: set[Any] = set()
-        self._listener = self._loop.submit(self._listen()).result(30.0)
+        self._listener = self._submit(self._listen()).result(30.0)
         try:
             host = ucxx.get_address()
         except Exception:
             host = "127.0.0.1"
-        self._listen_at = _Listen(host, self._listener.port)
+        self._listen_at = (host, self._listener.port)
 
-    def _run_view(self, start: int, count: int) -> Any:
-        """Blocks [start, start+count) as one buffer ucxx sends from / receives into in place."""
-        if self._host_bytes is not None:
-            return self._host_bytes[start:start + count]
-        return self._bytes[start:start + count]  # CUDA: exposes __cuda_array_interface__
+    def _submit(self, coro: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     # -- peers ----------------------------------------------------------------------------------
     def _endpoint(self) -> bytes:
@@ -119,7 +97,7 @@ class UcxxTransport(KVTransport):
         _decode_listen(info.endpoint)  # validate now; connect lazily on the first request
 
     def _drop_peer(self, info: PeerInfo) -> None:
-        self._loop.submit(self._close_ep(info.name))
+        self._submit(self._close_ep(info.name))
 
     async def _close_ep(self, peer: str) -> None:
         _, ep = self._eps.pop(peer, (None, None))
@@ -132,8 +110,8 @@ class UcxxTransport(KVTransport):
             if ep is not None and generation == info.generation and not ep.closed:
                 return ep
             await self._close_ep(info.name)
-            where = _decode_listen(info.endpoint)
-            ep = await self._ucxx.create_endpoint(where.host, where.port, endpoint_error_handling=True,
+            host, port = _decode_listen(info.endpoint)
+            ep = await self._ucxx.create_endpoint(host, port, endpoint_error_handling=True,
                                                   connect_timeout=CONNECT_TIMEOUT_S)
             self._eps[info.name] = (info.generation, ep)
             return ep
@@ -141,7 +119,7 @@ class UcxxTransport(KVTransport):
     # -- reader ---------------------------------------------------------------------------------
     def notify(self, peer: str, notif: bytes) -> None:
         info = self._peer(peer)
-        sent = self._loop.submit(self._request(info, _Request(notif, 0, self.timeout_s, []), []))
+        sent = self._submit(self._request(info, _Request(notif, 0, self.timeout_s, []), []))
         sent.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._notify_failed(peer, f))
 
     def _notify_failed(self, peer: str, f: concurrent.futures.Future) -> None:
@@ -151,11 +129,11 @@ class UcxxTransport(KVTransport):
     async def _read(self, info: PeerInfo, local: np.ndarray, remote: np.ndarray, notif: bytes, timeout_s: float) -> None:
         runs = coalesce(local, remote)
         req = _Request(notif, secrets.randbits(40) << 20, timeout_s, [(r, c) for _, r, c in runs])
-        done = asyncio.wrap_future(self._loop.submit(self._request(info, req, [(s, c) for s, _, c in runs])))
+        done = asyncio.wrap_future(self._submit(self._request(info, req, [(s, c) for s, _, c in runs])))
         try:
             await asyncio.wait_for(done, timeout_s)
         except asyncio.TimeoutError:
-            aborted = asyncio.wrap_future(self._loop.submit(self._close_ep(info.name)))
+            aborted = asyncio.wrap_future(self._submit(self._close_ep(info.name)))
             try:  # aborting the endpoint cancels the UCX requests that still point at our blocks
                 await asyncio.wait_for(aborted, CONNECT_TIMEOUT_S)
                 in_flight = False
@@ -164,7 +142,7 @@ class UcxxTransport(KVTransport):
                 in_flight = True
             raise self._timeout(info, int(local.size), timeout_s, in_flight) from None
         except asyncio.CancelledError:
-            self._loop.submit(self._close_ep(info.name))
+            self._submit(self._close_ep(info.name))
             raise
         except Exception as e:
             raise TransferFailed(f"ucxx read from {info.name!r} failed: {type(e).__name__}: {e}") from e
@@ -173,7 +151,7 @@ class UcxxTransport(KVTransport):
         """On the ucxx loop: post our receives, then ask for the bytes (none for a notify)."""
         try:
             ep = await self._connect(info)
-            recvs = [asyncio.ensure_future(ep.recv(self._run_view(s, c), tag=req.tag_base + i))
+            recvs = [asyncio.ensure_future(ep.recv(self._blocks[s:s + c], tag=req.tag_base + i))
                      for i, (s, c) in enumerate(local_runs)]
             try:
                 await ep.am_send(np.frombuffer(_encode(req), dtype=np.uint8))
@@ -219,7 +197,7 @@ class UcxxTransport(KVTransport):
             self.counters.failures += 1
             ep.abort()
             return
-        sends = [ep.send(self._run_view(s, c), tag=req.tag_base + i) for i, (s, c) in enumerate(req.runs)]
+        sends = [ep.send(self._blocks[s:s + c], tag=req.tag_base + i) for i, (s, c) in enumerate(req.runs)]
         try:  # our own deadline wins over the reader's: posted sends must not pin our blocks forever
             await asyncio.wait_for(asyncio.gather(*sends), min(req.timeout_s, self.timeout_s))
         except Exception as e:  # timeout or reader failure: cancel whatever still touches our blocks
@@ -239,7 +217,7 @@ class UcxxTransport(KVTransport):
                 task.cancel()
 
         try:
-            self._loop.submit(shutdown()).result(10.0)
+            self._submit(shutdown()).result(10.0)
         except Exception as e:
             log.debug("ucxx teardown: %s", e)
         super().close()
