@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from bench.agent import metrics, mooncake, report
-from bench.agent.driver import Driver, DriveResult, Outcome, parse_route
+from bench.agent.driver import Driver, DriveResult, Outcome
 from bench.agent.mooncake import ReplayRequest, TraceRecord
 from bench.agent.workload import WORDS, AgentWorkload, build_plan, messages_for, shared_prefix_tokens
+from kvstore.wire import RouteStats
 
 # ------------------------------------------------------------------------------------ workload
 
@@ -171,6 +172,11 @@ def _drive(handler, work):
     return asyncio.run(go())
 
 
+STATS = RouteStats(decode_node="d0", prefill_node="p0", session_id="s", prompt_tokens=100, cached_tokens=64, prefilled_tokens=20,
+                   transferred_tokens=16, transferred_blocks=1, transferred_bytes=4096, ledger="extended")  # fmt: skip
+PLANNED = RouteStats(decode_node="d0", prefill_node="p0", session_id="s", source="planned")
+
+
 def test_driver_reads_tokens_usage_and_the_route_header():
     seen = {}
 
@@ -178,18 +184,15 @@ def test_driver_reads_tokens_usage_and_the_route_header():
         seen["body"] = json.loads(request.content)
         seen["session"] = request.headers.get("x-session-id")
         usage = {"prompt_tokens": 100, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 64},
-                 "agentkv": {"prefilled_tokens": 20, "transferred_tokens": 16, "transferred_blocks": 1,
-                             "transferred_bytes": 4096, "decode_node": "d0", "prefill_node": "p0", "ledger": "extended"}}  # fmt: skip
+                 "agentkv": msgspec.to_builtins(STATS)}
         body = _sse(_chunk(""), _chunk("a"), _chunk("b"), _chunk("c"), _chunk(finish="length"), _chunk(usage=usage), "[DONE]")
-        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream",
-                                                          "x-agentkv-route": "mode=exact; decode=d0; prefill=p0"})  # fmt: skip
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream", "x-agentkv-route": PLANNED.to_header()})
 
     o = _drive(handler, lambda d: d.chat([{"role": "user", "content": "hi"}], 3, kind="turn", id="s", turn=2, session="s"))
     assert o.ok and o.text == "abc" and o.output_tokens == 3 and len(o.itl_s) == 2 and o.ttft_s is not None
-    assert (o.prompt_tokens, o.cached_tokens, o.prefilled_tokens, o.reused_tokens) == (100, 64, 20, 80)
+    assert (o.prompt_tokens, o.cached_tokens, o.agentkv.prefilled_tokens, o.reused_tokens) == (100, 64, 20, 80)
     assert o.cache_reported
-    assert (o.transferred_blocks, o.transferred_bytes, o.decode_node, o.prefill_node) == (1, 4096, "d0", "p0")
-    assert o.route == {"mode": "exact", "decode": "d0", "prefill": "p0"}
+    assert o.agentkv == STATS and o.route == PLANNED
     assert seen["session"] == "s" and seen["body"]["stream"] is True and seen["body"]["temperature"] == 0.0
     assert seen["body"]["stream_options"] == {"include_usage": True}
 
@@ -231,18 +234,13 @@ def test_a_failed_turn_skips_the_rest_of_its_session():
     assert [o.error.startswith("skipped") for o in turns] == [False, True, True]
 
 
-def test_parse_route():
-    assert parse_route("mode=exact; decode=d; prefill=-; cached_tokens=32") == {"mode": "exact", "decode": "d", "prefill": "-",
-                                                                                "cached_tokens": "32"}  # fmt: skip
-    assert parse_route(None) == {}
-
-
 # ------------------------------------------------------------------------------------- metrics
 
 
-def _turn(sid, turn, prompt, out, cached, prefilled=None, **kw) -> Outcome:
-    return Outcome(kind="turn", id=sid, turn=turn, prompt_tokens=prompt, output_tokens=out, cached_tokens=cached,
-                   prefilled_tokens=prefilled, ttft_s=kw.pop("ttft", 0.1), cache_reported=kw.pop("reported", True), **kw)  # fmt: skip
+def _turn(sid, turn, prompt, out, cached, prefilled=None, prefill_node=None, moved=0, **kw) -> Outcome:
+    stats = None if prefilled is None else RouteStats(prefilled_tokens=prefilled, prefill_node=prefill_node, transferred_bytes=moved)
+    return Outcome(kind="turn", id=sid, turn=turn, prompt_tokens=prompt, output_tokens=out, cached_tokens=cached, agentkv=stats,
+                   ttft_s=kw.pop("ttft", 0.1), cache_reported=kw.pop("reported", True), **kw)  # fmt: skip
 
 
 def test_agent_ceilings_by_hand():
@@ -290,9 +288,9 @@ def test_reuse_counts_what_was_not_computed_anywhere():
 
 def test_bytes_moved_ratio_by_hand():
     bpb = 1000
-    exact = [_turn("a", 2, 100, 1, 32, 68, prefill_node="p", transferred_bytes=(7 - 2) * bpb)]  # ceil(100/16)=7 blocks, 2 held
+    exact = [_turn("a", 2, 100, 1, 32, 68, prefill_node="p", moved=(7 - 2) * bpb)]  # ceil(100/16)=7 blocks, 2 held
     assert metrics.bytes_moved_ratio(exact, 16, bpb) == (1.0, 1)
-    all_blocks = [_turn("a", 2, 100, 1, 32, 68, prefill_node="p", transferred_bytes=7 * bpb)]
+    all_blocks = [_turn("a", 2, 100, 1, 32, 68, prefill_node="p", moved=7 * bpb)]
     assert metrics.bytes_moved_ratio(all_blocks, 16, bpb) == (pytest.approx(7 / 5), 1)
     assert metrics.bytes_moved_ratio([_turn("a", 2, 100, 1, 32, 68)], 16, bpb) == (None, 0)  # no prefill node
 
@@ -347,7 +345,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_outcomes_round_trip_as_json():
-    result = DriveResult([_turn("a", 1, 10, 1, 0, 10, route={"mode": "exact"})], 1.0)
+    result = DriveResult([_turn("a", 1, 10, 1, 0, 10, route=RouteStats(decode_node="d"))], 1.0)
     assert msgspec.json.decode(msgspec.json.encode(result), type=DriveResult) == result
 
 

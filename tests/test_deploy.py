@@ -119,8 +119,25 @@ def test_dockerfile_uses_cuda_and_a_non_root_user():
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "--no-deps" in text and 'ENTRYPOINT ["agentkv"]' in text
+    assert 'pip install "/app[server]"' in text  # the base install is only the SDK
     for copied in re.findall(r"^COPY (\S+) ", text, re.M):
         assert (DEPLOY.parent / copied).exists(), f"the Dockerfile copies {copied}, which does not exist"
+
+
+def test_every_deployed_command_is_accepted_by_the_cli(monkeypatch):
+    """Options and choices (roles, ...) as `agentkv` parses them; compose variables at their defaults."""
+    import typer
+
+    from agentkv.cli import app
+
+    monkeypatch.setenv("AGENTKV_REDIS_URL", "redis://valkey:6379/0")
+    commands = [s["command"] for s in compose()["services"].values() if s.get("command", [""])[0] in ("worker", "gateway")]
+    commands += [c["args"] for _, doc in manifests() if doc["kind"] == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]]
+    assert len(commands) == 10  # compose: the gateway and 6 workers; k8s: the gateway and 2 workers
+    cli = typer.main.get_command(app)
+    for argv in commands:
+        argv = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", arg) for arg in argv]
+        cli.get_command(None, argv[0]).make_context(argv[0], argv[1:])  # raises click.UsageError on a bad option
 
 
 def _docker_compose_available() -> bool:

@@ -2,9 +2,9 @@
 
 Each request streams (SSE, `stream_options.include_usage`) so time to first token and the gaps
 between tokens are seen as a user sees them. What the server says about the prompt comes from
-`usage` (`prompt_tokens_details.cached_tokens`, and agentkv's `usage.agentkv` extension:
-prefilled and transferred tokens, nodes) and from the `x-agentkv-route` header; a server that
-sends neither (the peer) simply reports nothing cached. A failed request is recorded, never
+`usage` (`prompt_tokens_details.cached_tokens`, and agentkv's `usage.agentkv`: a RouteStats with
+prefilled and transferred tokens and the nodes) and the `x-agentkv-route` header (the same stats,
+planned, as the stream starts); a server that sends neither (the peer) simply reports nothing cached. A failed request is recorded, never
 raised: a benchmark counts failures instead of stopping at the first one.
 """
 
@@ -20,8 +20,8 @@ from httpx_sse import aconnect_sse
 
 from bench.agent.mooncake import ReplayRequest
 from bench.agent.workload import AgentPlan, SessionScript, messages_for
+from kvstore.wire import ROUTE_HEADER, RouteStats
 
-ROUTE_HEADER = "x-agentkv-route"
 SESSION_HEADER = "x-session-id"
 
 
@@ -39,14 +39,8 @@ class Outcome(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     cached_tokens: int = 0  # found in the decode node's own cache
     cache_reported: bool = False  # the server's usage says what it found cached (the peer's does not)
-    prefilled_tokens: int | None = None  # computed for this request anywhere (agentkv only)
-    transferred_tokens: int = 0
-    transferred_blocks: int = 0
-    transferred_bytes: int = 0
-    decode_node: str | None = None
-    prefill_node: str | None = None
-    ledger: str | None = None
-    route: dict[str, str] = msgspec.field(default_factory=dict)
+    agentkv: RouteStats | None = None  # usage.agentkv: what the turn computed and moved (agentkv only)
+    route: RouteStats | None = None  # the x-agentkv-route header
     text: str = ""
     error: str | None = None
 
@@ -58,20 +52,14 @@ class Outcome(msgspec.Struct, kw_only=True):
     def reused_tokens(self) -> int:
         """Prompt tokens not computed for this request: the decode node's cache, or a prefill
         node's cache whose blocks were then moved."""
-        if self.prefilled_tokens is None:
+        if self.agentkv is None:
             return self.cached_tokens
-        return max(0, self.prompt_tokens - self.prefilled_tokens)
+        return max(0, self.prompt_tokens - self.agentkv.prefilled_tokens)
 
 
 class DriveResult(msgspec.Struct):
     outcomes: list[Outcome]
     duration_s: float  # first request sent -> last one finished (warm-up excluded)
-
-
-def parse_route(value: str | None) -> dict[str, str]:
-    """`k=v; k=v` (the gateway's x-agentkv-route) as a dict."""
-    pairs = (item.partition("=") for item in (value or "").split(";"))
-    return {k.strip(): v.strip() for k, sep, v in pairs if sep}
 
 
 class Driver:
@@ -166,7 +154,7 @@ class Driver:
                 if resp.status_code != 200:
                     out.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
                     return out
-                out.route = parse_route(resp.headers.get(ROUTE_HEADER))
+                out.route = RouteStats.from_header(resp.headers.get(ROUTE_HEADER))
                 async for event in events.aiter_sse():
                     if event.data.strip() == "[DONE]":
                         break
@@ -214,12 +202,5 @@ def _read_usage(out: Outcome, usage: dict) -> None:
     details = usage.get("prompt_tokens_details")
     out.cache_reported = details is not None
     out.cached_tokens = (details or {}).get("cached_tokens") or 0
-    ext = usage.get("agentkv")
-    if ext:
-        out.prefilled_tokens = ext.get("prefilled_tokens", 0)
-        out.transferred_tokens = ext.get("transferred_tokens", 0)
-        out.transferred_blocks = ext.get("transferred_blocks", 0)
-        out.transferred_bytes = ext.get("transferred_bytes", 0)
-        out.decode_node = ext.get("decode_node")
-        out.prefill_node = ext.get("prefill_node")
-        out.ledger = ext.get("ledger")
+    if usage.get("agentkv"):
+        out.agentkv = msgspec.convert(usage["agentkv"], RouteStats)

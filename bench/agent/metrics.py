@@ -88,9 +88,9 @@ def bytes_moved_ratio(outcomes: list[Outcome], block_size: int, bytes_per_block:
     """(moved / lacked over requests with a prefill node, how many such requests)."""
     moved = lacked = n = 0
     for o in outcomes:
-        if o.ok and o.prefill_node:
+        if o.ok and o.agentkv and o.agentkv.prefill_node:
             n += 1
-            moved += o.transferred_bytes
+            moved += o.agentkv.transferred_bytes
             lacked += (-(-o.prompt_tokens // block_size) - o.cached_tokens // block_size) * bytes_per_block
     return (moved / lacked if lacked else None), n
 

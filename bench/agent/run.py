@@ -1,8 +1,8 @@
 """`agentkv bench agent`: every mode in one run, on one machine, one JSON object at the end.
 
 Modes are run grouped by the system they need, so each topology's workers start once (the three
-routing policies share one pair of workers, the gateway restarting between them). A system that
-fails to start marks its modes with an error and the run goes on. Progress goes to stderr.
+routing policies share one pair of workers, each behind its own gateway). A system that fails to
+start marks its modes with an error and the run goes on. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -23,16 +23,8 @@ import msgspec
 
 from bench.agent import metrics, mooncake, report
 from bench.agent.driver import Driver, DriveResult
-from bench.agent.modes import (
-    MODES,
-    AgentkvCluster,
-    Mode,
-    StackError,
-    TransformersServe,
-    kv_bytes_per_block,
-    topologies,
-    two_cores,
-)
+from agentkv.stack import Stack, StackError, first_cores
+from bench.agent.modes import MODES, Mode, kv_bytes_per_block, topologies, transformers_serve
 from bench.agent.workload import AgentWorkload, build_plan, shared_prefix_tokens
 
 # Sized for this 2-core CPU (~150 decode tok/s batched, ~250 prefill tok/s; the peer is several
@@ -99,16 +91,16 @@ def run(
         say(f"starting {system} ({topology}) for {', '.join(m.name for m in group)}")
         try:
             if system == "agentkv":
-                routings = [m.routing for m in group]
-                with AgentkvCluster(topo[topology], routings, out / "logs" / topology, model=model, block_size=block_size,
-                                    kv_cache_gb=KV_CACHE_GB) as cluster:  # fmt: skip
+                with Stack(workers=topo[topology], routings=tuple(m.routing for m in group), port=0, model=model,
+                           block_size=block_size, kv_cache_gb=KV_CACHE_GB, session_ttl_s=120.0,
+                           log_dir=out / "logs" / topology) as stack:  # fmt: skip
                     for mode in group:
-                        results[mode.name] = bench.measure_safely(mode, cluster.urls[mode.routing])
+                        results[mode.name] = bench.measure_safely(mode, stack.urls[mode.routing])
             else:
-                with TransformersServe(model_dir, tuple(sorted(set(two_cores()))), out / "logs" / topology, kv_cache_gb=KV_CACHE_GB,
-                                       kv_bytes_per_token=bench.bytes_per_block // block_size) as peer:  # fmt: skip
+                with transformers_serve(model_dir, out / "logs" / topology, kv_cache_gb=KV_CACHE_GB,
+                                        kv_bytes_per_token=bench.bytes_per_block // block_size) as url:  # fmt: skip
                     for mode in group:
-                        results[mode.name] = bench.measure_safely(mode, peer.url)
+                        results[mode.name] = bench.measure_safely(mode, url)
         except StackError as exc:
             say(f"{system} ({topology}) failed: {exc}")
             for mode in group:
@@ -120,7 +112,7 @@ def run(
         "model": model,
         "block_size": block_size,
         "kv_bytes_per_block": bench.bytes_per_block,
-        "cores": sorted(set(two_cores())),
+        "cores": first_cores(2),
         # Other work on a shared machine slows every mode: the 1-minute load average around the run.
         "load_avg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "workloads": {name: msgspec.to_builtins(w) for name, w in workloads.items()},
