@@ -1,4 +1,4 @@
-"""agentkv: the SDK and the command line (`agentkv`).
+"""agentkv: the SDK (over `openai`) and the command line (`agentkv`).
 
     from agentkv import Client, tool
 
@@ -10,33 +10,36 @@
     with Client("http://127.0.0.1:8000") as client, client.session() as session:
         print(session.run("What is 2 + 3?", tools=[add]).content)
 
-Imports are lazy so `agentkv --help` and the workers do not pay for the SDK's imports.
+The base install has no torch and this package imports only the SDK, lazily: `openai` takes about
+a second to import, which `agentkv --help` and the workers need not pay.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Client": "agentkv.client", "AsyncClient": "agentkv.client", "ChatResult": "agentkv.client",
-    "TurnStats": "agentkv.client", "AgentKVError": "agentkv.client", "APIStatusError": "agentkv.client",
-    "Session": "agentkv.session", "AsyncSession": "agentkv.session", "RunResult": "agentkv.session",
-    "tool": "agentkv.tools", "Tool": "agentkv.tools", "ToolCall": "agentkv.tools", "ToolResult": "agentkv.tools",
+    **dict.fromkeys(("AsyncClient", "ChatResult", "Client", "SessionInfo", "TurnStats"), "agentkv.client"),
+    **dict.fromkeys(("AsyncSession", "RunResult", "Session"), "agentkv.session"),
+    **dict.fromkeys(("Tool", "ToolCall", "ToolResult", "tool"), "agentkv.tools"),
+    **dict.fromkeys(("OpenAIError", "APIError", "APIConnectionError", "APITimeoutError", "APIStatusError",
+                               "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
+                               "RateLimitError", "InternalServerError"), "openai"),  # openai's errors, re-exported
 }  # fmt: skip
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from agentkv.client import AgentKVError, APIStatusError, AsyncClient, ChatResult, Client, TurnStats
+    from agentkv.client import AsyncClient, ChatResult, Client, SessionInfo, TurnStats
     from agentkv.session import AsyncSession, RunResult, Session
     from agentkv.tools import Tool, ToolCall, ToolResult, tool
+    from openai import (APIConnectionError, APIError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError,
+                        InternalServerError, NotFoundError, OpenAIError, PermissionDeniedError, RateLimitError)  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _EXPORTS:
         raise AttributeError(f"module 'agentkv' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

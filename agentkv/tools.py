@@ -1,12 +1,11 @@
 """Python functions as model tools: `@tool` derives the JSON schema, a registry runs the calls.
 
-The schema comes from the type hints (through a msgspec Struct built from the signature, so every
-type msgspec understands works: Literal, Enum, dataclasses, TypedDict, nested Structs, `X | None`)
-and the descriptions from the docstring (Google `Args:`, Sphinx `:param x:` or NumPy `Parameters`).
-The same Struct validates the model's arguments before the function runs: a small model that sends
-`"3"` for an int still works, one that forgets a required argument gets an error it can read.
+The schema comes from the type hints through a msgspec Struct built from the signature (so Literal,
+Enum, dataclasses, TypedDict, nested Structs and `X | None` all work) and the descriptions from the
+docstring (docstring_parser: Google, Sphinx, NumPy or Epydoc). The same Struct validates the
+model's arguments before the call: a small model that sends `"3"` for an int still works.
 
-A tool that raises never crashes the agent loop: its exception becomes the tool message's content
+A tool that raises never crashes the agent loop: the exception becomes the tool message's content
 (`ToolResult.is_error`), which is what the model sees and can recover from.
 """
 
@@ -19,14 +18,19 @@ import json
 import re
 import time
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, overload
+from dataclasses import dataclass
+from typing import Any
 
+import docstring_parser
 import msgspec
 
-__all__ = ["Tool", "ToolCall", "ToolRegistry", "ToolResult", "ToolArgumentsError", "tool"]
+__all__ = ["Tool", "ToolArgumentsError", "ToolCall", "ToolRegistry", "ToolResult", "tool"]
+
+
+class ToolArgumentsError(ValueError):
+    """The model's arguments are not valid for the tool (not JSON, wrong types, missing fields)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,13 @@ class ToolCall:
 
     @property
     def args(self) -> dict[str, Any]:
-        """The arguments decoded; `{}` for an empty string. Raises ToolArgumentsError if not a JSON object."""
-        return _decode_arguments(self.name, self.arguments)
+        try:
+            value = json.loads(self.arguments) if self.arguments.strip() else {}
+        except ValueError as exc:
+            raise ToolArgumentsError(f"arguments for tool {self.name!r} are not valid JSON ({exc}): {self.arguments[:200]!r}") from None
+        if not isinstance(value, dict):
+            raise ToolArgumentsError(f"arguments for tool {self.name!r} must be a JSON object, got {type(value).__name__}")
+        return value
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
@@ -60,10 +69,6 @@ class ToolResult:
         return {"role": "tool", "tool_call_id": self.call.id, "content": self.content}
 
 
-class ToolArgumentsError(ValueError):
-    """The model's arguments are not valid for the tool (not JSON, wrong types, missing fields)."""
-
-
 @dataclass(frozen=True, eq=False)
 class Tool:
     """A callable plus its OpenAI function schema. Calling the Tool calls the function unchanged."""
@@ -72,266 +77,115 @@ class Tool:
     name: str
     description: str
     parameters: dict[str, Any]
-    args_type: type[msgspec.Struct] = field(repr=False)
+    args_type: type[msgspec.Struct]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
-
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
 
     @property
     def spec(self) -> dict[str, Any]:
         """The entry for a request's `tools` list."""
         return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
 
-    def bind(self, arguments: str | dict[str, Any]) -> dict[str, Any]:
-        """Validate the model's arguments against the signature; returns keyword arguments."""
-        raw = _decode_arguments(self.name, arguments) if isinstance(arguments, str) else arguments
+    def bind(self, arguments: str) -> dict[str, Any]:
+        """The model's arguments validated against the signature, as keyword arguments."""
         try:
-            parsed = msgspec.convert(raw, self.args_type, strict=False)
+            parsed = msgspec.convert(ToolCall("", self.name, arguments).args, self.args_type, strict=False)
         except msgspec.ValidationError as exc:
             raise ToolArgumentsError(f"invalid arguments for tool {self.name!r}: {exc}") from None
         return {name: getattr(parsed, name) for name in self.args_type.__struct_fields__}
 
 
-@overload
-def tool(fn: Callable[..., Any], /) -> Tool: ...
-@overload
-def tool(*, name: str | None = None, description: str | None = None) -> Callable[[Callable[..., Any]], Tool]: ...
+def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None) -> Any:
+    """Make a function a tool: `@tool` or `@tool(name=..., description=...)`. Parameters must be
+    nameable (no *args, **kwargs or positional-only); an unannotated one accepts any JSON value."""
+    if fn is None:
+        return lambda f: tool(f, name=name, description=description)
+    name = name or getattr(fn, "__name__", "")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ValueError(f"tool name {name!r} must be 1-64 letters, digits, '_' or '-': pass @tool(name=...)")
+    doc = docstring_parser.parse(inspect.getdoc(fn) or "")
+    hints = typing.get_type_hints(fn, include_extras=True)
+    fields: list[tuple[Any, ...]] = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            kind = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "positional-only ")
+            raise TypeError(f"tool {name!r}: {kind}{p.name} is not supported; tools take named parameters only")
+        hint = hints.get(p.name, Any)
+        if p.default is p.empty:
+            fields.append((p.name, hint))
+        elif isinstance(p.default, (list, dict, set)):
+            fields.append((p.name, hint, msgspec.field(default_factory=lambda d=p.default: copy.copy(d))))
+        else:
+            fields.append((p.name, hint, p.default))
+    args_type = msgspec.defstruct(f"{name}_arguments", fields, kw_only=True)
+    defs = msgspec.json.schema(args_type).get("$defs", {})
+    schema = {k: v for k, v in defs.pop(args_type.__name__).items() if k != "title"}
+    for param in doc.params:
+        if param.arg_name in schema["properties"] and param.description:
+            schema["properties"][param.arg_name]["description"] = _prose(param.description)
+    if defs:  # nested types keep their `#/$defs/...` references, now relative to this root
+        schema["$defs"] = defs
+    return Tool(fn, name, description or _prose(doc.description or "") or name, schema, args_type)
 
 
-def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None):
-    """Make a function a tool: `@tool` or `@tool(name=..., description=...)`.
-
-    Parameters must be named (no *args/**kwargs); an unannotated one accepts any JSON value.
-    """
-
-    def wrap(f: Callable[..., Any]) -> Tool:
-        return _build(f, name, description)
-
-    return wrap(fn) if fn is not None else wrap
+def _prose(text: str) -> str:
+    """Docstring text with its line breaks undone, paragraphs kept."""
+    return "\n\n".join(" ".join(p.split()) for p in text.split("\n\n") if p.strip())
 
 
-def as_tool(obj: Tool | Callable[..., Any]) -> Tool:
-    return obj if isinstance(obj, Tool) else tool(obj)
-
-
-class ToolRegistry:
-    """Tools by name, and the two ways to run a turn's calls concurrently (threads or asyncio)."""
+class ToolRegistry(dict[str, Tool]):
+    """Tools by name, and the way to run a turn's calls concurrently."""
 
     def __init__(self, tools: Iterable[Tool | Callable[..., Any]] = ()) -> None:
-        self._tools: dict[str, Tool] = {}
+        super().__init__()
         for t in tools:
             self.add(t)
 
     def add(self, obj: Tool | Callable[..., Any]) -> Tool:
-        t = as_tool(obj)
-        if t.name in self._tools and self._tools[t.name].fn is not t.fn:
+        t = obj if isinstance(obj, Tool) else tool(obj)
+        if self.get(t.name, t).fn is not t.fn:
             raise ValueError(f"two different tools are named {t.name!r}: rename one with @tool(name=...)")
-        self._tools[t.name] = t
+        self[t.name] = t
         return t
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._tools
-
-    def __getitem__(self, name: str) -> Tool:
-        return self._tools[name]
-
-    def __iter__(self):
-        return iter(self._tools.values())
-
-    def __len__(self) -> int:
-        return len(self._tools)
-
     def specs(self) -> list[dict[str, Any]]:
-        return [t.spec for t in self._tools.values()]
+        return [t.spec for t in self.values()]
 
     def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
-        """Run calls concurrently, one thread each (async tools get their own event loop there)."""
-        if len(calls) <= 1:
-            return [self._run_one_sync(c) for c in calls]
-        with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="agentkv-tool") as pool:
-            return list(pool.map(self._run_one_sync, calls))
+        """`arun` on an event loop of its own, in a thread of its own (so it also works under a running loop)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="agentkv-tools") as pool:
+            return pool.submit(asyncio.run, self.arun(calls)).result()
 
     async def arun(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
-        """Run calls concurrently on the running loop; sync tools go to worker threads."""
-        return list(await asyncio.gather(*(self._run_one_async(c) for c in calls)))
+        """Run calls concurrently on the running loop; sync tools run in worker threads."""
 
-    # -- one call ---------------------------------------------------------------------
-    def _prepare(self, call: ToolCall) -> tuple[Tool, dict[str, Any]]:
-        t = self._tools.get(call.name)
-        if t is None:
-            known = ", ".join(sorted(self._tools)) or "none"
-            raise ToolArgumentsError(f"unknown tool {call.name!r} (available: {known})")
-        return t, t.bind(call.arguments)
+        async def one(call: ToolCall) -> ToolResult:
+            start = time.perf_counter()
+            try:
+                is_async = call.name in self and inspect.iscoroutinefunction(self[call.name].fn)
+                value = self._call(call) if is_async else await asyncio.to_thread(self._call, call)
+                return _outcome(call, start, await value if inspect.isawaitable(value) else value)
+            except Exception as exc:  # noqa: BLE001 - any tool failure is reported to the model
+                return _outcome(call, start, error=exc)
 
-    def _run_one_sync(self, call: ToolCall) -> ToolResult:
-        start = time.perf_counter()
-        try:
-            t, kwargs = self._prepare(call)
-            value = t.fn(**kwargs)
-            if inspect.isawaitable(value):
-                value = asyncio.run(_await(value))
-        except Exception as exc:  # noqa: BLE001 - any tool failure is reported to the model
-            return _error(call, exc, time.perf_counter() - start)
-        return _success(call, value, time.perf_counter() - start)
+        return list(await asyncio.gather(*map(one, calls)))
 
-    async def _run_one_async(self, call: ToolCall) -> ToolResult:
-        start = time.perf_counter()
-        try:
-            t, kwargs = self._prepare(call)
-            if t.is_async:
-                value = await t.fn(**kwargs)
-            else:
-                value = await asyncio.to_thread(t.fn, **kwargs)
-                if inspect.isawaitable(value):
-                    value = await value
-        except Exception as exc:  # noqa: BLE001
-            return _error(call, exc, time.perf_counter() - start)
-        return _success(call, value, time.perf_counter() - start)
+    def _call(self, call: ToolCall) -> Any:
+        """The tool's return value (a coroutine for an async tool)."""
+        if call.name not in self:
+            raise ToolArgumentsError(f"unknown tool {call.name!r} (available: {', '.join(sorted(self)) or 'none'})")
+        t = self[call.name]
+        return t.fn(**t.bind(call.arguments))
 
 
-def format_tool_output(value: Any) -> str:
-    """Tool output as message text: strings unchanged, everything else as JSON."""
-    if isinstance(value, str):
-        return value
+def _outcome(call: ToolCall, start: float, value: Any = None, error: Exception | None = None) -> ToolResult:
+    elapsed = time.perf_counter() - start
+    if error is not None:
+        text = str(error) if isinstance(error, ToolArgumentsError) else f"{type(error).__name__}: {error}"
+        return ToolResult(call, f"Error: {text}", is_error=True, elapsed_s=elapsed)
     try:
-        return msgspec.json.encode(value).decode()
-    except (TypeError, msgspec.EncodeError):
-        return json.dumps(value, default=str, ensure_ascii=False)
-
-
-# ------------------------------------------------------------------------------------- internals
-
-
-async def _await(value: Awaitable[Any]) -> Any:
-    return await value
-
-
-def _success(call: ToolCall, value: Any, elapsed: float) -> ToolResult:
-    return ToolResult(call, format_tool_output(value), is_error=False, value=value, elapsed_s=elapsed)
-
-
-def _error(call: ToolCall, exc: Exception, elapsed: float) -> ToolResult:
-    text = str(exc) if isinstance(exc, ToolArgumentsError) else f"{type(exc).__name__}: {exc}"
-    return ToolResult(call, f"Error: {text}", is_error=True, elapsed_s=elapsed)
-
-
-def _decode_arguments(name: str, arguments: str | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(arguments, dict):
-        return arguments
-    if not arguments.strip():
-        return {}
-    try:
-        value = json.loads(arguments)
-    except ValueError as exc:
-        raise ToolArgumentsError(f"arguments for tool {name!r} are not valid JSON ({exc}): {arguments[:200]!r}") from None
-    if not isinstance(value, dict):
-        raise ToolArgumentsError(f"arguments for tool {name!r} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-_NO_DEFAULT = inspect.Parameter.empty
-
-
-def _build(fn: Callable[..., Any], name: str | None, description: str | None) -> Tool:
-    if not callable(fn):
-        raise TypeError(f"@tool needs a function, got {fn!r}")
-    tool_name = name or getattr(fn, "__name__", None)
-    if not tool_name or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tool_name):
-        raise ValueError(f"tool name {tool_name!r} must be 1-64 letters, digits, '_' or '-': pass @tool(name=...)")
-    summary, param_docs = parse_docstring(inspect.getdoc(fn) or "")
-    try:
-        hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception as exc:  # an annotation that does not resolve: say which function
-        raise TypeError(f"cannot resolve the type hints of tool {tool_name!r}: {exc}") from exc
-    fields: list[tuple[Any, ...]] = []
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise TypeError(f"tool {tool_name!r}: *{p.name} is not supported; tools take named parameters only")
-        if p.kind is p.POSITIONAL_ONLY:
-            raise TypeError(f"tool {tool_name!r}: positional-only parameter {p.name!r} cannot be passed by name")
-        hint = hints.get(p.name, Any)
-        if p.default is _NO_DEFAULT:
-            fields.append((p.name, hint))
-        elif isinstance(p.default, (list, dict, set)) and p.default:
-            fields.append((p.name, hint, msgspec.field(default_factory=lambda d=p.default: copy.copy(d))))
-        else:
-            fields.append((p.name, hint, p.default))
-    args_type = msgspec.defstruct(f"{tool_name}_arguments", fields, kw_only=True)
-    parameters = _parameters_schema(tool_name, args_type, param_docs)
-    return Tool(fn=fn, name=tool_name, description=description or summary or tool_name, parameters=parameters, args_type=args_type)
-
-
-def _parameters_schema(tool_name: str, args_type: type[msgspec.Struct], docs: dict[str, str]) -> dict[str, Any]:
-    try:
-        schema = msgspec.json.schema(args_type)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"tool {tool_name!r}: a parameter type has no JSON schema ({exc})") from exc
-    defs = schema.pop("$defs", {})
-    root = dict(defs.pop(args_type.__name__))
-    root.pop("title", None)
-    root.setdefault("properties", {})
-    root.setdefault("required", [])
-    for pname, prop in root["properties"].items():
-        if pname in docs:
-            prop["description"] = docs[pname]
-    if defs:  # nested types keep their `#/$defs/...` references, now relative to this root
-        root["$defs"] = defs
-    return root
-
-
-_SECTION = re.compile(
-    r"^(args|arguments|parameters|params|keyword args|returns?|yields?|raises|examples?|notes?|see also|attributes)\s*:?$",
-    re.IGNORECASE,
-)
-_PARAM_SECTIONS = {"args", "arguments", "parameters", "params", "keyword args"}
-_GOOGLE_PARAM = re.compile(r"^\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")  # name (type): text
-_NUMPY_PARAM = re.compile(r"^(\w+)\s+:\s*.*$|^(\w+)$")  # name : type
-_SPHINX_PARAM = re.compile(r"^:param\s+(?:[^:]*\s)?(\w+)\s*:\s*(.*)$")  # :param type name: text
-
-
-def parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
-    """(description, {parameter: description}) from a Google, Sphinx or NumPy style docstring."""
-    lines = inspect.cleandoc(doc).splitlines() if doc else []
-    description: list[str] = []
-    params: dict[str, str] = {}
-    section: str | None = None  # None: still in the description
-    numpy = False
-    base_indent: int | None = None
-    current: str | None = None
-    i = 0
-    while i < len(lines):
-        line, stripped = lines[i], lines[i].strip()
-        indent = len(line) - len(line.lstrip())
-        underlined = i + 1 < len(lines) and lines[i + 1].strip() and set(lines[i + 1].strip()) == {"-"}
-        header = _SECTION.match(stripped) if indent == 0 else None
-        if header and (stripped.endswith(":") or underlined):
-            section, numpy, base_indent, current = header.group(1).lower(), bool(underlined), None, None
-            i += 2 if underlined else 1
-            continue
-        sphinx = _SPHINX_PARAM.match(stripped)
-        if sphinx:
-            section, current = "sphinx", sphinx.group(1)
-            params[current] = sphinx.group(2).strip()
-        elif stripped.startswith(":"):  # :returns:, :raises: ...
-            section, current = "sphinx", None
-        elif section is None:
-            description.append(stripped)
-        elif stripped and section in _PARAM_SECTIONS:
-            if base_indent is None:
-                base_indent = indent
-            if indent > base_indent and current:
-                params[current] = f"{params[current]} {stripped}".strip()
-            else:
-                match = _NUMPY_PARAM.match(stripped) if numpy else _GOOGLE_PARAM.match(stripped)
-                current = (match.group(1) or match.group(2)) if match else None
-                if current:
-                    params[current] = "" if numpy else match.group(2).strip()
-        elif stripped and section == "sphinx" and current and indent > 0:
-            params[current] = f"{params[current]} {stripped}".strip()
-        i += 1
-    paragraphs = " ".join(line or "\n\n" for line in description).split("\n\n")
-    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip()), params
+        text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    except (TypeError, msgspec.EncodeError):  # not JSON-serializable: its str() where needed
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    return ToolResult(call, text, value=value, elapsed_s=elapsed)

@@ -6,7 +6,7 @@
 A three-turn conversation (one streamed turn) in one session. The session header lets the
 gateway continue the session's exact token history and send each turn to the node that still
 holds its KV cache: `usage.prompt_tokens_details.cached_tokens` shows how much of each prompt
-was not recomputed. Any OpenAI-compatible client works the same way; most agent frameworks take
+was not recomputed, and `usage.agentkv` where the turn ran (the gateway's RouteStats). Any OpenAI-compatible client works the same way; most agent frameworks take
 `default_headers` (or send a session header of their own, which the gateway also accepts).
 """
 
@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             answer = "".join(parts)
         messages.append({"role": "assistant", "content": answer})
         cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+        route = (usage.model_extra or {}).get("agentkv", {})  # the gateway's per-turn RouteStats
         usages.append({"prompt_tokens": usage.prompt_tokens, "cached_tokens": cached, "completion_tokens": usage.completion_tokens})
-        print(f"user: {question}\nassistant: {answer}\n  [{usage.prompt_tokens} prompt tokens, {cached} cached]\n", flush=True)
+        print(f"user: {question}\nassistant: {answer}\n  [{usage.prompt_tokens} prompt tokens, {cached} cached, "
+              f"decode node {route.get('decode_node', '?')}]\n", flush=True)  # fmt: skip
     return usages
 
 

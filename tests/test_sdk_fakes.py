@@ -1,7 +1,7 @@
 """A scripted stand-in for the gateway, for fast SDK and example tests without the model.
 
 `FakeGateway` speaks the gateway's wire format (chat completions, stream and not, with the same
-chunk order, `usage.agentkv`, `x-agentkv-route` and the OpenAI error envelope; /v1/sessions;
+chunk order, `usage.agentkv` and `x-agentkv-route` from kvstore.wire.RouteStats, and the OpenAI error envelope; /v1/sessions;
 /v1/models). Its "model" is a rule: call a tool when tools are offered after a user message (the
 named or the first one, arguments from the schema), otherwise answer with the tool results since
 the last user message, or echo the user. Tests can queue exact replies or errors. Token counts are
@@ -25,7 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
+
+from kvstore.wire import ROUTE_HEADER, RouteStats
 
 MODEL = "fake-smollm2"
 
@@ -173,14 +176,14 @@ class FakeGateway:
                                ("cached_tokens", cached), ("prefilled_tokens", prompt - cached)):  # fmt: skip
                 record[key] += value
             record["node"] = "fake-decode"
+        stats = RouteStats(decode_node="fake-decode", session_id=sid, prompt_tokens=prompt, cached_tokens=cached,
+                           prefilled_tokens=prompt - cached)  # fmt: skip
         usage = {
             "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "agentkv": {"mode": "exact", "decode_node": "fake-decode", "prefilled_tokens": prompt - cached,
-                        "transferred_tokens": 0, "transferred_blocks": 0},
+            "prompt_tokens_details": {"cached_tokens": cached}, "agentkv": msgspec.to_builtins(stats),
         }  # fmt: skip
-        route = {"x-agentkv-route": f"mode=exact; decode=fake-decode; prefill=-; prompt_tokens={prompt}; "
-                                    f"cached_tokens={cached}; transfer_blocks=0; source=actual"}  # fmt: skip
+        planned = msgspec.structs.replace(stats, source="planned")  # a stream's headers leave before decoding
+        route = {ROUTE_HEADER: (planned if body.get("stream") else stats).to_header()}
         if sid:
             route["x-session-id"] = sid
         finish = "tool_calls" if calls else "stop"

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from agentkv.client import AsyncClient, Client, ContextLengthExceededError, Done, SessionNotFoundError, TextDelta
+from agentkv import BadRequestError, NotFoundError
+from agentkv.client import AsyncClient, Client, Done, TextDelta
 from agentkv.tools import tool
 
 pytestmark = pytest.mark.heavy
@@ -179,10 +184,11 @@ def test_session_streams_text_and_reports_the_cache(stack_url):
 
 def test_gateway_errors_arrive_as_typed_errors(stack_url):
     with Client(stack_url, max_retries=0) as client:
-        with pytest.raises(SessionNotFoundError):
+        with pytest.raises(NotFoundError) as missing:
             client.get_session("no-such-session")
-        with pytest.raises(ContextLengthExceededError) as info:
+        with pytest.raises(BadRequestError) as info:
             client.chat([{"role": "user", "content": "hello " * 12000}], max_tokens=4)
+    assert missing.value.code == "session_not_found"
     assert info.value.status_code == 400 and info.value.code == "context_length_exceeded"
 
 
@@ -195,3 +201,34 @@ def test_async_client_session_on_the_real_stack(stack_url):
 
     reply, info = asyncio.run(go())
     assert reply.content and info.turns == 1 and reply.stats.prompt_tokens > 0
+
+
+BASE_INSTALL_SESSION = """
+import json, sys
+import agentkv
+with agentkv.Client(sys.argv[1]) as client, client.session(temperature=0, max_tokens=8) as session:
+    reply = session.chat("Say one word.")
+    info = session.info()
+heavy = sorted(m for m in ("torch", "transformers", "litestar", "redis", "numpy", "nixl") if m in sys.modules)
+print(json.dumps({"content": reply.content, "prompt_tokens": reply.stats.prompt_tokens,
+                  "decode_node": reply.stats.decode_node, "turns": info.turns, "heavy": heavy}))
+"""
+
+
+def test_the_base_install_runs_a_session_without_torch(stack_url, tmp_path):
+    """`pip install agentkv` (no extras) into a fresh venv: no torch, and the SDK talks to the gateway."""
+    root = Path(__file__).resolve().parents[1]
+    source, venv = tmp_path / "src", tmp_path / "venv"
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "build", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    run = subprocess.run([python, "-c", BASE_INSTALL_SESSION, stack_url], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["content"] and result["prompt_tokens"] > 0 and result["decode_node"] and result["turns"] == 1, result
+    assert result["heavy"] == [], result
