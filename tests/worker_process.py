@@ -20,8 +20,12 @@ class WorkerProcess(Stack):
         port = port or free_port()
         worker = Worker(role, threads=1, node_id=node_id or f"test-{role}-{port}", port=port, args=extra)
         super().__init__(workers=(worker,), routings=(), redis_url=redis_url, kv_cache_gb=0.25, cluster_token="")
-        self.node_id, self.url = worker.node_id, f"http://127.0.0.1:{port}"
+        self.node_id = worker.node_id
         self.child = self.launch().children[0]
+
+    @property
+    def url(self) -> str:  # the worker's (a Stack's is its gateway's)
+        return next(iter(self.nodes.values()))
 
     def wait_ready(self, timeout: float = 180) -> None:
         self.start(timeout)
