@@ -3,9 +3,9 @@
 Each request streams (SSE, `stream_options.include_usage`) so time to first token and the gaps
 between tokens are seen as a user sees them. What the server says about the prompt comes from
 `usage` (`prompt_tokens_details.cached_tokens`, and agentkv's `usage.agentkv`: a RouteStats with
-prefilled and transferred tokens and the nodes) and the `x-agentkv-route` header (the same stats,
-planned, as the stream starts); a server that sends neither (the peer) simply reports nothing cached. A failed request is recorded, never
-raised: a benchmark counts failures instead of stopping at the first one.
+prefilled and transferred tokens and the nodes) and the `x-agentkv-route` header (a RouteStats as
+planned when the stream starts); a server that sends neither (the peer) reports nothing cached.
+A failed request is recorded, never raised: a benchmark counts failures instead of stopping.
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ class DriveResult(msgspec.Struct):
 class Driver:
     """Async client for one server. `model=None` takes the first id of its /v1/models."""
 
-    def __init__(self, base_url: str, model: str | None = None, timeout_s: float = 600.0, api_key: str | None = None) -> None:
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0),
+    def __init__(self, base_url: str, model: str | None = None, timeout_s: float = 600.0) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s, connect=10.0),
                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))  # fmt: skip
         self.model = model
 

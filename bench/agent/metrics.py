@@ -107,11 +107,10 @@ def reuse_by_turn(outcomes: list[Outcome], ceilings: dict[Key, int]) -> dict[int
     return {t: reused[t] / ceiling[t] for t in sorted(ceiling) if ceiling[t]}
 
 
-def summarize(result: DriveResult, ceilings: dict[Key, int], block_size: int, bytes_per_block: int,
-              kinds: tuple[str, ...] = REUSE_KINDS) -> Summary:  # fmt: skip
-    """Latency over the requests of `kinds`; failures and throughput over everything sent."""
+def summarize(result: DriveResult, ceilings: dict[Key, int], block_size: int, bytes_per_block: int) -> Summary:
+    """Latency over the requests with a reuse ceiling; failures and throughput over everything sent."""
     sent = result.outcomes
-    timed = [o for o in sent if o.kind in kinds and o.ok]
+    timed = [o for o in sent if o.kind in REUSE_KINDS and o.ok]
     itl = [gap for o in timed for gap in o.itl_s]
     ttft = [o.ttft_s for o in timed if o.ttft_s is not None]
     counted = [o for o in sent if o.kind != "warmup" and o.ok]
