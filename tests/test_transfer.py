@@ -10,20 +10,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from workers.transfer.base import (
-    InvalidBlocks,
-    PeerInfo,
-    coalesce,
-    describe,
-    pair_ids,
-)
 from tests.transfer_peer import BLOCK_SHAPE, PeerError, PeerProcess
+from workers.transfer import make_transport
+from workers.transfer.base import InvalidBlocks, PeerInfo, coalesce, describe, pair_ids
 
 BACKENDS = ("nixl", pytest.param("ucxx", marks=pytest.mark.skipif(
     importlib.util.find_spec("ucxx") is None, reason="the [ucxx] extra is not installed")))
@@ -213,6 +209,16 @@ def test_a_peer_killed_mid_read_never_hangs_the_reader(pair):
         victim.kill(), reader.stop()
 
 
+def test_a_cancelled_read_leaves_the_transport_usable(pair):
+    _, a, _ = pair
+    for _ in range(3):
+        a.call("start", "B", list(range(NUM_BLOCKS)), list(range(NUM_BLOCKS)), b"cancelled", 10.0)
+        assert a.call("cancel", b"cancelled") in ("CancelledError", "NoneType")  # NoneType: it finished first
+    before = a.call("digests")
+    a.call("read", "B", [9], [10], b"after-cancel", 10.0)
+    assert changed(before, a.call("digests")) == [10]
+
+
 def test_a_new_generation_of_a_peer_replaces_the_old_one(pair):
     backend, a, _ = pair
     old = PeerProcess(backend, "R", generation=1, seed=4, num_blocks=NUM_BLOCKS)
@@ -251,6 +257,18 @@ def test_pair_ids_validates_before_any_backend_sees_them():
         pair_ids([3, 3], [1, 2], 8, 8)
     with pytest.raises(InvalidBlocks, match=r"\[0, 8\)"):
         pair_ids([1, 2], [3, 8], 8, 8)
+
+
+def test_an_unknown_backend_or_a_missing_ucxx_extra_says_what_to_do(monkeypatch):
+    with pytest.raises(ValueError, match="nixl, ucxx"):
+        make_transport("tcp", "n", torch.zeros(2, 4), generation=1, timeout_s=1.0)
+    from workers.transfer.ucxx_transport import UCX_DEFAULTS
+
+    for key in UCX_DEFAULTS:  # the transport sets these first; keep this process's environment as it was
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    monkeypatch.setitem(sys.modules, "ucxx", None)  # as if the [ucxx] extra were not installed
+    with pytest.raises(ImportError, match=r"agentkv\[ucxx\]"):
+        make_transport("ucxx", "n", torch.zeros(2, 4), generation=1, timeout_s=1.0)
 
 
 def test_layout_follows_the_tensor_not_the_model():

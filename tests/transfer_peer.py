@@ -94,6 +94,10 @@ async def _serve(conn: Connection, backend: str, name: str, generation: int, num
                 value = None
             elif cmd == "finish":  # await a started read
                 value = await pending.pop(args[0])
+            elif cmd == "cancel":  # cancel a started read as a caller going away would; its outcome
+                task = pending.pop(args[0])
+                task.cancel()
+                value = type((await asyncio.gather(task, return_exceptions=True))[0]).__name__
             elif cmd == "notify":
                 value = transport.notify(*args)
             elif cmd == "wait_notif":
