@@ -1,17 +1,12 @@
-"""agentkv: the SDK (over `openai`) and the command line (`agentkv`).
+"""agentkv: the SDK (over `openai`; docs/sdk.md) and the command line (`agentkv`).
 
     from agentkv import Client, tool
 
-    @tool
-    def add(a: int, b: int) -> int:
-        "Add two integers."
-        return a + b
-
     with Client("http://127.0.0.1:8000") as client, client.session() as session:
-        print(session.run("What is 2 + 3?", tools=[add]).content)
+        print(session.run("What is 2 + 3?", tools=[add]).content)  # add: a @tool function
 
-The base install has no torch and this package imports only the SDK, lazily: `openai` takes about
-a second to import, which `agentkv --help` and the workers need not pay.
+Names are imported on first use: `openai` takes about a second to import, which `agentkv --help`
+and the workers need not pay. The errors are openai's, re-exported.
 """
 
 from __future__ import annotations
@@ -25,18 +20,19 @@ _EXPORTS = {
     **dict.fromkeys(("AsyncClient", "ChatResult", "Client", "SessionInfo", "TurnStats"), "agentkv.client"),
     **dict.fromkeys(("AsyncSession", "RunResult", "Session"), "agentkv.session"),
     **dict.fromkeys(("Tool", "ToolCall", "ToolResult", "tool"), "agentkv.tools"),
-    **dict.fromkeys(("OpenAIError", "APIError", "APIConnectionError", "APITimeoutError", "APIStatusError",
-                               "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
-                               "RateLimitError", "InternalServerError"), "openai"),  # openai's errors, re-exported
+    **dict.fromkeys(("OpenAIError", "APIError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
+                     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "RateLimitError",
+                     "InternalServerError"), "openai"),
 }  # fmt: skip
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from openai import (APIConnectionError, APIError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError,
+                        InternalServerError, NotFoundError, OpenAIError, PermissionDeniedError, RateLimitError)  # fmt: skip
+
     from agentkv.client import AsyncClient, ChatResult, Client, SessionInfo, TurnStats
     from agentkv.session import AsyncSession, RunResult, Session
     from agentkv.tools import Tool, ToolCall, ToolResult, tool
-    from openai import (APIConnectionError, APIError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError,
-                        InternalServerError, NotFoundError, OpenAIError, PermissionDeniedError, RateLimitError)  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

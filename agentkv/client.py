@@ -1,12 +1,9 @@
-"""`Client` and `AsyncClient`: the `openai` clients (`.openai`) plus what an agentkv gateway adds.
-
-openai does the HTTP: its errors, retries (honouring `retry-after`), timeouts and stream parsing.
-This layer adds the `/v1/sessions` API, the `X-Session-Id` header, per-turn stats (`TurnStats`: the
-gateway's `usage.agentkv`, else its `x-agentkv-route` header) and sessions that run the tool loop.
+"""`Client` and `AsyncClient`: the `openai` clients (`.openai`: errors, retries, timeouts, streams)
+plus what an agentkv gateway adds: `/v1/sessions`, `X-Session-Id`, per-turn `TurnStats` and sessions.
 
 Sync and async share one implementation: an operation is a generator of steps that yields what the
-openai client returned (a value from `OpenAI`, an awaitable from `AsyncOpenAI`) and is sent the
-value back. The two `_drive` methods are the only I/O-specific code besides `chat_stream`.
+openai client returned (a value, or an awaitable from `AsyncOpenAI`) and is sent the value back;
+only the two `_drive` methods and the two `chat_stream` loops differ.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from openai import AsyncOpenAI, BaseModel, OpenAI, OpenAIError
+from openai import NOT_GIVEN, AsyncOpenAI, BaseModel, OpenAI, OpenAIError
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from agentkv.session import AsyncSession, Session
@@ -79,21 +76,15 @@ StreamEvent = TextDelta | ToolCallEvent | Done
 
 
 class SessionInfo(BaseModel):
-    """The gateway's session record (`/v1/sessions/{id}`): its turns and token totals."""
+    """The gateway's session record (`/v1/sessions/{id}`); its other fields (tenant, created_at,
+    last_used_at, completion_tokens, prefilled_tokens, transferred_*) are kept as attributes too."""
 
     id: str
-    tenant: str | None = None
-    created_at: float | None = None
-    last_used_at: float | None = None
-    expires_at: float | None = None
     ttl_s: float | None = None
+    expires_at: float | None = None
     turns: int = 0
     prompt_tokens: int = 0
-    completion_tokens: int = 0
     cached_tokens: int = 0
-    prefilled_tokens: int = 0
-    transferred_tokens: int = 0
-    transferred_blocks: int = 0
     node: str | None = None  # the decode node holding the session's blocks
 
 
@@ -145,9 +136,9 @@ class _Base:
 
     _openai_class: Any
     _session_class: type[Session]
-    _drive: Callable[[Steps], Any]  # Client: run the steps and return their value; AsyncClient: a coroutine
-    _next_chunk: Callable[[Any], Any]  # the stream's next chunk, or None at its end (an awaitable if async)
-    _run_tools: Callable[[ToolRegistry, Sequence[ToolCall]], Any]  # threads, or the event loop if async
+    _drive: Callable[[Steps], Any]  # run the steps, return their value (async: a coroutine that does)
+    _next_chunk: Callable[[Any], Any]  # a stream's next chunk, None at its end
+    _run_tools: Callable[[ToolRegistry, Sequence[ToolCall]], Any]
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, model: str | None = None,
                  **openai_options: Any) -> None:  # fmt: skip
@@ -167,18 +158,14 @@ class _Base:
             if not page.data:
                 raise OpenAIError("the server lists no models (are the workers up?)")
             model = self.model = page.data[0].id
-        body: dict[str, Any] = {"model": model, "messages": list(messages), "extra_body": params}
-        if tools:
-            body["tools"] = [t if isinstance(t, Mapping) else (t if isinstance(t, Tool) else tool(t)).spec for t in tools]
         if isinstance(tool_choice, Tool | str) and tool_choice not in ("auto", "none", "required"):
             tool_choice = {"type": "function", "function": {"name": getattr(tool_choice, "name", tool_choice)}}
-        if tool_choice is not None:
-            body["tool_choice"] = tool_choice
-        if session_id:
-            body["extra_headers"] = {SESSION_HEADER: session_id}
-        if stream:
-            body |= {"stream": True, "stream_options": {"include_usage": True, **params.pop("stream_options", {})}}
-        return (yield self.openai.chat.completions.with_raw_response.create(**body))
+        specs = [t if isinstance(t, Mapping) else (t if isinstance(t, Tool) else tool(t)).spec for t in tools or ()]
+        usage = {"include_usage": True, **params.pop("stream_options", {})} if stream else NOT_GIVEN
+        return (yield self.openai.chat.completions.with_raw_response.create(
+            model=model, messages=list(messages), tools=specs or NOT_GIVEN, stream=stream, stream_options=usage,
+            tool_choice=NOT_GIVEN if tool_choice is None else tool_choice, extra_body=params,
+            extra_headers={SESSION_HEADER: session_id} if session_id else None))  # fmt: skip
 
     def _turn(self, messages: Sequence[dict[str, Any]], *, stream: bool, **kwargs: Any) -> Steps:
         """One chat completion -> ChatResult; streamed (and so timed to the first token) if `stream`."""
@@ -192,9 +179,8 @@ class _Base:
         return fold.result(raw.headers)
 
     def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> ChatResult:
-        """One non-streamed chat completion. Keywords: tools (@tool functions, functions or OpenAI
-        specs), tool_choice ("auto", "none", "required", a tool or its name), session_id, model; any
-        other (max_tokens, temperature, ...) goes into the request body unchanged."""
+        """One chat completion. Keywords: tools, tool_choice, session_id, model; any other goes into
+        the request body unchanged (docs/sdk.md)."""
         return self._drive(self._turn(messages, stream=False, **kwargs))
 
     def create_session(self, id: str | None = None, *, ttl_s: float | None = None) -> SessionInfo:
@@ -207,14 +193,12 @@ class _Base:
     def list_sessions(self) -> SessionList:
         return self.openai.get("/sessions", cast_to=SessionList)
 
-    def delete_session(self, id: str) -> Any:
-        """Drop a session: its pinned KV blocks are released. Returns the gateway's answer."""
+    def delete_session(self, id: str) -> Any:  # the gateway releases the session's pinned KV blocks
         return self.openai.delete(f"/sessions/{id}", cast_to=object)
 
     def session(self, id: str | None = None, *, system: str | None = None, tools: Iterable[Any] = (),
                 ttl_s: float | None = None, create: bool = True, **defaults: Any) -> Session:  # fmt: skip
-        """A server-side session that keeps its own history; `defaults` (temperature, max_tokens, ...)
-        apply to every call. Created on the server now (Client) or before its first use (AsyncClient)."""
+        """A server-side session that keeps its own history; `defaults` apply to every call."""
         return self._session_class(self, id, system=system, tools=tools, ttl_s=ttl_s, create=create, **defaults)
 
 

@@ -82,7 +82,7 @@ class Session:
 
     def stream(self, content: Content = None, *, tools: Iterable[ToolFn] | None = None, tool_choice: Any = None,
                **params: Any) -> Iterator[StreamEvent]:  # fmt: skip
-        """Like chat(), as events (TextDelta, ToolCallEvent, then Done); the reply joins the history at Done."""
+        """chat() as events; the reply joins the history at Done."""
         request = self._request(content, self._registry(tools), tool_choice, params)
         yield from map(self._record_done, self.client.chat_stream(self.messages, **request))
 

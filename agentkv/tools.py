@@ -1,12 +1,8 @@
 """Python functions as model tools: `@tool` derives the JSON schema, a registry runs the calls.
 
-The schema comes from the type hints through a msgspec Struct built from the signature (so Literal,
-Enum, dataclasses, TypedDict, nested Structs and `X | None` all work) and the descriptions from the
-docstring (docstring_parser: Google, Sphinx, NumPy or Epydoc). The same Struct validates the
-model's arguments before the call: a small model that sends `"3"` for an int still works.
-
-A tool that raises never crashes the agent loop: the exception becomes the tool message's content
-(`ToolResult.is_error`), which is what the model sees and can recover from.
+The schema comes from the type hints (through a msgspec Struct, which also validates and coerces the
+model's arguments) and the descriptions from the docstring (docstring_parser). A tool that raises
+never crashes the agent loop: the model reads the error as the tool's output and can recover.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ from types import ModuleType
 
 import pytest
 from test_sdk_fakes import FakeGateway, fake, fake_url  # noqa: F401 (fixtures)
-from test_sdk_stack import _free_port, stack_url  # noqa: F401 (the shared real stack)
+from test_sdk_stack import stack_url  # noqa: F401 (the shared real stack)
 
 from agentkv.client import Client
+from agentkv.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +122,7 @@ def test_demo_json_shows_the_cache_at_work_on_every_turn(tmp_path):
     """`agentkv demo --json` end to end: its own stack, the agent session, one JSON object, clean exit."""
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "agentkv.cli", "demo", "--json", "--port", str(_free_port())],
+        [sys.executable, "-m", "agentkv.cli", "demo", "--json", "--port", str(free_port())],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     elapsed = time.monotonic() - started

@@ -464,3 +464,21 @@ def test_async_session_is_created_when_awaited_or_before_its_first_call(fake):
     assert fake.sessions[awaited_id]["ttl_s"] == 30 and fake.sessions[lazy_id]["turns"] == 1
     creates = [r for r in fake.requests if r["path"] == "/v1/sessions" and r["method"] == "POST"]
     assert len(creates) == 2 and fake.chat_requests()[0]["headers"]["x-session-id"] == lazy_id
+
+
+def test_deleting_a_session_that_is_already_gone_is_fine(fake):
+    """The 404 of a second delete reaches the session's steps (thrown in by AsyncClient's driver)."""
+    with make_client(fake) as client:
+        session = client.session()
+        session.delete()
+        session.delete()
+        assert client.list_sessions().data == []
+
+    async def go():
+        async with make_async_client(fake) as client:
+            session = await client.session()
+            await session.delete()
+            await session.delete()
+
+    asyncio.run(go())
+    assert [r["method"] for r in fake.requests if r["path"].startswith("/v1/sessions/")] == ["DELETE"] * 4

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.heavy
 _STACK = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shared_stack(config: pytest.Config):
     """One real stack for every module that needs it (started on first use; stopped by
     `release_stack()` or, at the latest, when pytest exits)."""
@@ -44,7 +37,7 @@ def shared_stack(config: pytest.Config):
     if _STACK is None:
         from agentkv.stack import Stack
 
-        _STACK = Stack(port=_free_port()).start(timeout_s=400)
+        _STACK = Stack(port=0).start(timeout_s=400)
         config.add_cleanup(_STACK.stop)  # idempotent
     return _STACK
 
