@@ -149,7 +149,8 @@ class EmbeddedValkey:
         (self._dir / "valkey.log").unlink(missing_ok=True)  # so a failure reports this attempt's log
         with open(self._dir / "stdout.log", "wb") as out:
             self._process = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                start_new_session=True,  # a terminal Ctrl-C reaches the stack first, which stops Valkey last
             )
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
