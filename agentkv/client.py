@@ -152,7 +152,7 @@ class _Base:
 
     def _send(self, messages: Sequence[dict[str, Any]], *, stream: bool, tools: Iterable[Any] | None = None,
               tool_choice: Any = None, session_id: str | None = None, model: str | None = None, **params: Any) -> Steps:  # fmt: skip
-        """Post a chat completion; the steps' value is openai's raw response (headers + parse())."""
+        """Post a chat completion -> (a _Fold started just before, openai's raw response)."""
         if not (model := model or self.model):
             page = yield self.openai.models.list()
             if not page.data:
@@ -162,15 +162,14 @@ class _Base:
             tool_choice = {"type": "function", "function": {"name": getattr(tool_choice, "name", tool_choice)}}
         specs = [t if isinstance(t, Mapping) else (t if isinstance(t, Tool) else tool(t)).spec for t in tools or ()]
         usage = {"include_usage": True, **params.pop("stream_options", {})} if stream else NOT_GIVEN
-        return (yield self.openai.chat.completions.with_raw_response.create(
+        return _Fold(), (yield self.openai.chat.completions.with_raw_response.create(
             model=model, messages=list(messages), tools=specs or NOT_GIVEN, stream=stream, stream_options=usage,
             tool_choice=NOT_GIVEN if tool_choice is None else tool_choice, extra_body=params,
             extra_headers={SESSION_HEADER: session_id} if session_id else None))  # fmt: skip
 
     def _turn(self, messages: Sequence[dict[str, Any]], *, stream: bool, **kwargs: Any) -> Steps:
         """One chat completion -> ChatResult; streamed (and so timed to the first token) if `stream`."""
-        fold = _Fold()
-        raw = yield from self._send(messages, stream=stream, **kwargs)
+        fold, raw = yield from self._send(messages, stream=stream, **kwargs)
         if not stream:
             return _result(raw.parse(), raw.headers, fold.started, None)
         chunks = raw.parse()
@@ -225,8 +224,7 @@ class Client(_Base):
 
     def chat_stream(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Iterator[StreamEvent]:
         """chat(), streamed: TextDelta and ToolCallEvent as they come, then one Done."""
-        fold = _Fold()
-        raw = self._drive(self._send(messages, stream=True, **kwargs))
+        fold, raw = self._drive(self._send(messages, stream=True, **kwargs))
         with raw.parse() as chunks:
             for chunk in chunks:
                 yield from fold.feed(chunk)
@@ -272,8 +270,7 @@ class AsyncClient(_Base):
         return registry.arun(calls)
 
     async def chat_stream(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> AsyncIterator[StreamEvent]:
-        fold = _Fold()
-        raw = await self._drive(self._send(messages, stream=True, **kwargs))
+        fold, raw = await self._drive(self._send(messages, stream=True, **kwargs))
         async with raw.parse() as chunks:
             async for chunk in chunks:
                 for event in fold.feed(chunk):
