@@ -137,9 +137,10 @@ def test_metadata_for_another_node_or_generation_is_rejected(pair):
 
 
 # -- failures and restarts --------------------------------------------------------------------------
-def test_a_read_from_a_stalled_peer_times_out_and_is_cancelled(pair):
-    """SIGSTOP: the peer is alive but makes no progress. The read ends at its deadline, cancelled
-    (not in flight), and the peer works again once it continues."""
+def test_a_read_from_a_stalled_peer_ends_by_its_deadline(pair):
+    """SIGSTOP: the peer is alive but its CPU does nothing. ucxx needs the peer to send, so the read
+    times out, cancelled (not in flight); a one-sided NIXL read may still complete (the kernel copies
+    from a stopped process). Either way nothing hangs, and the peer works again once it continues."""
     backend, a, _ = pair
     stalled = PeerProcess(backend, "S", seed=7, num_blocks=NUM_BLOCKS).ready()
     try:
@@ -148,11 +149,14 @@ def test_a_read_from_a_stalled_peer_times_out_and_is_cancelled(pair):
         failures = a.call("counters")["failures"]
         os.kill(stalled.proc.pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        with pytest.raises(PeerError) as err:
-            a.call("read", "S", [1, 2], [1, 2], b"stalled", 1.0)
-        assert err.value.kind == "TransferTimeout" and "within 1.0s" in str(err.value)
+        try:
+            outcome = a.call("read", "S", [1, 2], [1, 2], b"stalled", 1.0) or "completed"
+        except PeerError as err:
+            outcome = err.kind
+            assert "within 1.0s" in str(err) and "keep the blocks referenced" not in str(err)
+            assert a.call("counters")["failures"] == failures + 1
+        assert outcome == "TransferTimeout" or (backend, outcome) == ("nixl", "completed")
         assert time.monotonic() - t0 < 1.0 + 1.5
-        assert a.call("counters")["failures"] == failures + 1
         os.kill(stalled.proc.pid, signal.SIGCONT)
         a.call("read", "S", [3], [3], b"continued", 10.0)
     finally:

@@ -16,6 +16,7 @@ blocks changed.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import hashlib
 import multiprocessing as mp
 import traceback
@@ -42,6 +43,7 @@ def block_digests(kv) -> list[str]:
 
 
 def serve(conn: Connection, backend: str, name: str, generation: int, num_blocks: int, seed: int) -> None:
+    faulthandler.enable()  # a native crash in a peer shows up in the test's output with its stack
     asyncio.run(_serve(conn, backend, name, generation, num_blocks, seed))
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -35,6 +36,15 @@ UCX_DEFAULTS: dict[str, str] = {  # set unless the operator already did (see doc
     "UCX_TCP_RX_SEG_SIZE": "512k",
 }
 CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _Job:
+    """One read as the ucxx loop sees it; `abandoned` and `posted` change only on that loop."""
+
+    local_runs: list[tuple[int, int]]  # (our block start, count), in the order of the request's runs
+    abandoned: bool = False
+    posted: bool = False
 
 
 class _Request(msgspec.Struct, array_like=True, frozen=True):
@@ -119,7 +129,7 @@ class UcxxTransport(KVTransport):
     # -- reader ---------------------------------------------------------------------------------
     def notify(self, peer: str, notif: bytes) -> None:
         info = self._peer(peer)
-        sent = self._submit(self._request(info, _Request(notif, 0, self.timeout_s, []), []))
+        sent = self._submit(self._request(info, _Request(notif, 0, self.timeout_s, []), _Job([])))
         sent.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._notify_failed(peer, f))
 
     def _notify_failed(self, peer: str, f: concurrent.futures.Future) -> None:
@@ -129,40 +139,48 @@ class UcxxTransport(KVTransport):
     async def _read(self, info: PeerInfo, local: np.ndarray, remote: np.ndarray, notif: bytes, timeout_s: float) -> None:
         runs = coalesce(local, remote)
         req = _Request(notif, secrets.randbits(40) << 20, timeout_s, [(r, c) for _, r, c in runs])
-        done = asyncio.wrap_future(self._submit(self._request(info, req, [(s, c) for s, _, c in runs])))
-        try:
-            await asyncio.wait_for(done, timeout_s)
-        except asyncio.TimeoutError:
-            aborted = asyncio.wrap_future(self._submit(self._close_ep(info.name)))
-            try:  # aborting the endpoint cancels the UCX requests that still point at our blocks
-                await asyncio.wait_for(aborted, CONNECT_TIMEOUT_S)
-                in_flight = False
-            except Exception as e:
-                log.warning("could not abort the ucxx endpoint to %s: %s", info.name, e)
-                in_flight = True
-            raise self._timeout(info, int(local.size), timeout_s, in_flight) from None
-        except asyncio.CancelledError:
-            self._submit(self._close_ep(info.name))
-            raise
+        job = _Job([(s, c) for s, _, c in runs])
+        done = asyncio.wrap_future(self._submit(self._request(info, req, job)))
+        try:  # shielded: cancelling a ucxx request's future while UCX still holds it crashes the process
+            return await asyncio.wait_for(asyncio.shield(done), timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as e:
+            stopped: BaseException = e
         except Exception as e:
             raise TransferFailed(f"ucxx read from {info.name!r} failed: {type(e).__name__}: {e}") from e
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is ours now
+        ended = True
+        if await asyncio.wrap_future(self._submit(self._abandon(info.name, job))):
+            # Aborting the endpoint makes UCX cancel the receives into our blocks; wait until they ended.
+            ended = bool((await asyncio.wait([done], timeout=CONNECT_TIMEOUT_S))[0])
+        if isinstance(stopped, asyncio.CancelledError):
+            raise stopped
+        raise self._timeout(info, int(local.size), timeout_s, in_flight=not ended)
 
-    async def _request(self, info: PeerInfo, req: _Request, local_runs: list[tuple[int, int]]) -> None:
+    async def _abandon(self, peer: str, job: _Job) -> bool:
+        """On the ucxx loop: stop a request; True if its receives were posted (and are now aborted)."""
+        job.abandoned = True
+        if job.posted:
+            await self._close_ep(peer)
+        return job.posted
+
+    async def _request(self, info: PeerInfo, req: _Request, job: _Job) -> None:
         """On the ucxx loop: post our receives, then ask for the bytes (none for a notify)."""
         try:
             ep = await self._connect(info)
-            recvs = [asyncio.ensure_future(ep.recv(self._blocks[s:s + c], tag=req.tag_base + i))
-                     for i, (s, c) in enumerate(local_runs)]
-            try:
-                await ep.am_send(np.frombuffer(_encode(req), dtype=np.uint8))
-                await asyncio.gather(*recvs)
-            finally:
-                for r in recvs:
-                    r.cancel()
-        except asyncio.CancelledError:
-            raise
         except Exception:
-            await self._close_ep(info.name)  # a broken connection is not reused
+            await self._close_ep(info.name)
+            raise
+        if job.abandoned:  # the reader gave up while we connected: our blocks may be reused already
+            return
+        job.posted = True
+        recvs = [asyncio.ensure_future(ep.recv(self._blocks[s:s + c], tag=req.tag_base + i))
+                 for i, (s, c) in enumerate(job.local_runs)]
+        try:
+            await ep.am_send(np.frombuffer(_encode(req), dtype=np.uint8))
+            await asyncio.gather(*recvs)
+        except Exception:
+            await self._close_ep(info.name)  # not reused; UCX cancels the receives still posted...
+            await asyncio.gather(*recvs, return_exceptions=True)  # ...and they end before we do
             raise
 
     # -- peer side ------------------------------------------------------------------------------
@@ -197,13 +215,16 @@ class UcxxTransport(KVTransport):
             self.counters.failures += 1
             ep.abort()
             return
-        sends = [ep.send(self._blocks[s:s + c], tag=req.tag_base + i) for i, (s, c) in enumerate(req.runs)]
-        try:  # our own deadline wins over the reader's: posted sends must not pin our blocks forever
-            await asyncio.wait_for(asyncio.gather(*sends), min(req.timeout_s, self.timeout_s))
-        except Exception as e:  # timeout or reader failure: cancel whatever still touches our blocks
-            log.info("serving a read failed on our side: %r", e)
+        sends = [asyncio.ensure_future(ep.send(self._blocks[s:s + c], tag=req.tag_base + i))
+                 for i, (s, c) in enumerate(req.runs)]
+        # Our own deadline wins over the reader's: posted sends must not pin our blocks forever.
+        ended, pending = await asyncio.wait(sends, timeout=min(req.timeout_s, self.timeout_s)) if sends else ((), ())
+        errors = [f.exception() for f in ended if f.exception() is not None]
+        if pending or errors:  # abort, so UCX cancels whatever still reads our blocks (never cancel its futures)
+            log.info("serving a read failed on our side: %r", errors[0] if errors else "timed out")
             self.counters.failures += 1
             ep.abort()
+            await asyncio.wait(sends, timeout=CONNECT_TIMEOUT_S)
             return
         self._arrival(req.notif, sum(c for _, c in req.runs))
 
