@@ -1,11 +1,16 @@
 """The engine on the real SmolLM2 model, checked against Hugging Face `generate`."""
 
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from kvstore.wire import SamplingParams
 from model_fixtures import smollm2  # noqa: F401  (fixture)
-from workers.engine import AdoptedKV, Engine, EngineConfig, InvalidRequest
+from workers.backend import InvalidRequest
+from workers.detokenizer import Detokenizer
+from workers.engine import AdoptedKV, Engine, EngineConfig
 
 pytestmark = pytest.mark.heavy
 
@@ -44,8 +49,28 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def generate(engine, prompts, sampling):
+    """Run prompts to completion on the engine alone (no thread, no server); one result per prompt."""
+    params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    results = {}
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        rid = f"gen-{time.monotonic_ns()}-{i}"
+        results[rid] = SimpleNamespace(token_ids=[], text="", logprobs=[], finish_reason=None, cached_tokens=0)
+        engine.add_request(rid, prompt, p)
+    while engine.has_work():
+        for chunk in engine.step():
+            res = results[chunk.request_id]
+            res.token_ids += chunk.token_ids
+            res.text += chunk.text
+            res.logprobs += chunk.logprobs or []
+            res.cached_tokens = chunk.cached_tokens
+            if chunk.finished:
+                res.finish_reason = chunk.finish_reason
+    return list(results.values())
+
+
 def solo(engine, prompt, params):
-    return engine.generate([prompt], params)[0]
+    return generate(engine, [prompt], params)[0]
 
 
 def greedy(n=32, **kw):
@@ -55,7 +80,7 @@ def greedy(n=32, **kw):
 def test_greedy_tokens_equal_hf_generate(smollm2, engine, prompts):
     eos = smollm2.hf_model.generation_config.eos_token_id
     # Suppress EOS in the engine the same way: a stop on EOS would end before 32 tokens.
-    results = engine.generate(prompts, greedy())
+    results = generate(engine, prompts, greedy())
     for prompt, result in zip(prompts, results):
         ref = hf_greedy(smollm2, prompt, 32)
         ours = result.token_ids
@@ -89,7 +114,7 @@ def test_eight_concurrent_sequences_equal_their_solo_runs(engine, prompts):
     mixed = [prompts[i % 5][: 10 + 7 * i] if i >= 5 else prompts[i] for i in range(8)]
     lengths = [8 + 3 * i for i in range(8)]
     params = [greedy(n) for n in lengths]
-    batched = engine.generate(mixed, params)
+    batched = generate(engine, mixed, params)
     engine.pool.reset_cache()
     for prompt, p, result in zip(mixed, params, batched):
         alone = solo(engine, prompt, p)
@@ -107,7 +132,7 @@ def test_preemption_when_blocks_run_out_keeps_outputs_correct(smollm2, prompts):
     # 5 sequences x (~40 prompt + 48 generated) tokens need ~30 blocks; give the pool 16.
     tight = Engine(smollm2, EngineConfig(num_blocks=16))
     roomy = Engine(smollm2, EngineConfig(num_blocks=200))
-    outs = tight.generate(prompts, greedy(48))
+    outs = generate(tight, prompts, greedy(48))
     assert tight.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == solo(roomy, prompt, greedy(48)).token_ids
@@ -180,13 +205,13 @@ def test_adopted_blocks_continue_decoding_like_a_local_prefill(smollm2, engine, 
     prefill_node = Engine(smollm2, EngineConfig(num_blocks=64))
     prefill_node.add_request("p", prompt, greedy(1), hold_blocks=True)
     [first] = [c for c in prefill_node.step() if c.finished]
-    source = prefill_node.held_blocks("p")
+    source = prefill_node.held["p"]
     assert len(source) == -(-len(prompt) // 16)  # full blocks and the partial last one
     engine.pool.reset_cache()
     free_before = engine.pool.num_free
-    dest = engine.reserve_blocks(len(source))
+    dest = engine.pool.allocate(len(source))
     engine.pool.kv[dest] = prefill_node.pool.kv[source]  # what a transfer does
-    prefill_node.release_held("p")
+    prefill_node.pool.release(prefill_node.held.pop("p"))
     assert prefill_node.pool.num_free == prefill_node.pool.num_blocks
     engine.add_request(
         "adopted", prompt, greedy(16),
@@ -201,3 +226,28 @@ def test_adopted_blocks_continue_decoding_like_a_local_prefill(smollm2, engine, 
     assert final.transferred_blocks == len(source) and final.transferred_tokens == len(prompt)
     assert final.transferred_bytes == len(source) * engine.pool.bytes_per_block
     assert engine.pool.num_free == free_before
+
+
+def test_detokenizer_streams_multibyte_characters_whole_and_skips_special_tokens(smollm2):
+    tok = smollm2.tokenizer
+    text = "Ünïcödé 日本語 🤖🎉 café<|im_end|> done"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = Detokenizer(tok, [])
+    pieces = [detok.push(i)[0] for i in ids]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == text.replace("<|im_end|>", "")
+    assert "\ufffd" not in "".join(pieces)
+
+
+def test_detokenizer_holds_back_a_possible_stop_string_until_it_is_decided(smollm2):
+    tok = smollm2.tokenizer
+    ids = tok.encode("The answer is 42. Done here.", add_special_tokens=False)
+    detok = Detokenizer(tok, ["Done", "is 4x"])
+    out, hit = "", False
+    for i in ids:
+        piece, hit = detok.push(i)
+        out += piece
+        if hit:
+            break
+    assert hit and out == "The answer is 42. "
+    nonstop = Detokenizer(tok, ["is 4x"])
+    assert "".join(nonstop.push(i)[0] for i in ids) + nonstop.flush() == "The answer is 42. Done here."

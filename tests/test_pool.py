@@ -1,6 +1,7 @@
 """The block pool and the per-sequence KV manager, without a model."""
 
 import time
+from collections import Counter
 
 import hypothesis.strategies as st
 import pytest
@@ -9,9 +10,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored
 from kvstore.hashing import block_hashes, hash_seed
-from workers.pool import BlockPool, KVLayout, OutOfBlocks
 from kvstore.wire import SamplingParams
 from workers.kv_cache import KVCacheManager
+from workers.pool import BlockPool, KVLayout, OutOfBlocks
 from workers.sequence import Sequence
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4)
@@ -20,6 +21,18 @@ SEED = hash_seed("pool-test")
 
 def make_pool(n=8, bs=4) -> BlockPool:
     return BlockPool(n, bs, LAYOUT)
+
+
+def check_invariants(pool: BlockPool) -> None:
+    """The pool's bookkeeping agrees with itself: refcounts, free list, hash map, pins."""
+    for block in pool.blocks:
+        assert block.ref_count >= 0, f"negative refcount on block {block.block_id}"
+        assert (block.ref_count == 0) == (block.block_id in pool._free), f"block {block.block_id}: free list != refcount 0"
+    for h, block_id in pool._by_hash.items():
+        assert pool.blocks[block_id].block_hash == h, f"hash map points at block {block_id}, which holds another hash"
+    pinned = Counter(block_id for pin in pool._pins.values() for block_id in pin.block_ids)
+    for block_id, n in pinned.items():
+        assert pool.blocks[block_id].ref_count >= n, f"pinned block {block_id} has fewer references than pins"
 
 
 def test_one_block_is_one_contiguous_range():
@@ -174,7 +187,7 @@ class PoolMachine(RuleBasedStateMachine):
     def time_passes(self, dt):
         self.clock += dt
         self.pool.expire_pins(now=self.clock)
-        for sid in [s for s in self.pinned if s not in self.pool.pinned_sessions()]:
+        for sid in [s for s in self.pinned if s not in self.pool._pins]:
             del self.pinned[sid]
 
     def _drop(self, seq):
@@ -183,7 +196,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @invariant()
     def in_use_and_pinned_blocks_are_never_evicted(self):
-        self.pool.check_invariants()
+        check_invariants(self.pool)
         for seq in self.running.values():
             for i, block_id in enumerate(seq.block_table[: seq.num_cached_blocks]):
                 # None only when another block published the same hash first (a duplicate).
@@ -196,7 +209,7 @@ class PoolMachine(RuleBasedStateMachine):
     def teardown(self):
         for seq in list(self.running.values()):
             self._drop(seq)
-        for sid in list(self.pool.pinned_sessions()):
+        for sid in list(self.pool._pins):
             self.pool.unpin(sid)
         assert self.pool.num_free == self.pool.num_blocks, "blocks leaked"
         assert all(b.ref_count == 0 for b in self.pool.blocks)
@@ -216,3 +229,23 @@ def test_block_hashes_of_a_sequence_match_hashing_module():
     kv.commit(seq)
     assert seq.block_hashes == block_hashes(list(range(13)), 4, SEED)
     assert pool.cached_prefix(seq.block_hashes) == seq.block_table[:3]
+
+
+def test_block_hashes_that_came_with_the_request_are_used_and_extended_not_recomputed():
+    pool = make_pool(n=8, bs=4)
+    kv = KVCacheManager(pool)
+    given = block_hashes(list(range(8)), 4, hash_seed("the-gateway's-seed"))
+    seq = Sequence("a", list(range(10)), SamplingParams(), hash_seed=SEED, block_hashes=list(given))
+    kv.try_admit(seq)
+    seq.token_ids += [10, 11]
+    seq.num_computed = 12
+    kv.commit(seq)
+    assert seq.block_hashes[:2] == given  # the gateway's hashes name the prompt's blocks
+    assert seq.block_hashes[2] == block_hashes(list(range(12)), 4, hash_seed("the-gateway's-seed"))[2]
+    assert pool.cached_prefix(given) == seq.block_table[:2]
+
+
+def test_unpin_says_how_many_blocks_the_pin_held():
+    pool = make_pool()
+    pool.pin("s", pool.allocate(3), ttl_s=60)
+    assert pool.unpin("s") == 3 and pool.unpin("s") == 0

@@ -1,35 +1,26 @@
 """The engine: requests in, tokens out. Its heartbeat is `schedule() -> run() -> postprocess()`.
 
-Single-threaded by design: the worker service owns one engine and calls it from one thread.
+Single-threaded by design: the built-in engine (workers.builtin) drives it from one thread (EngineLoop).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kvstore.hashing import block_hashes, hash_seed
-from workers.pool import BlockPool, KVLayout
 from kvstore.wire import SamplingParams, TokenChunk
-from workers.detokenizer import IncrementalDetokenizer
+from workers.backend import InvalidRequest
+from workers.detokenizer import Detokenizer
 from workers.kv_cache import KVCacheManager, blocks_for
 from workers.loader import LoadedModel
 from workers.model import PagedCausalLM
+from workers.pool import BlockPool, KVLayout
 from workers.runner import ModelRunner
-from workers.sampler import Sampler
+from workers.sampler import sample
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence
-
-
-class InvalidRequest(ValueError):
-    """The request cannot be run as given; `code` follows OpenAI's error codes where one exists."""
-
-    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.param = param
 
 
 @dataclass
@@ -39,7 +30,6 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None  # default: the model's context length
 
 
 @dataclass
@@ -57,24 +47,13 @@ class AdoptedKV:
     local_blocks: int = 0  # leading blocks that were already in this pool (not transferred)
 
 
-@dataclass
-class GenerationResult:
-    request_id: str
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-
-
 class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.loaded = model
         self.tokenizer = model.tokenizer
         self.paged_model = PagedCausalLM(model.hf_model)
-        self.max_model_len = config.max_model_len or model.max_model_len
+        self.max_model_len = model.max_model_len
         if config.block_size <= 0 or self.max_model_len % config.block_size:
             raise InvalidRequest(
                 f"block size {config.block_size} must divide the context length {self.max_model_len}",
@@ -88,20 +67,17 @@ class Engine:
         self.kv_cache = KVCacheManager(self.pool)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.paged_model, self.pool.kv, config.block_size)
-        self.sampler = Sampler()
         self.eos_token_ids = self._eos_ids()
         self._seqs: dict[str, Sequence] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._seeds: dict[str, int] = {}
-        self._held: dict[str, list[int]] = {}
+        self.held: dict[str, list[int]] = {}  # finished hold_blocks requests' blocks: full ones, then the partial one
         self._pending: list[TokenChunk] = []  # chunks produced outside a step (adopted first tokens)
 
     # -- requests --------------------------------------------------------------------------
-    def hash_seed(self, salt: str = "") -> int:
-        seed = self._seeds.get(salt)
-        if seed is None:
-            seed = self._seeds[salt] = hash_seed(self.loaded.fingerprint, salt)
-        return seed
+    def prompt_hashes(self, token_ids: list[int], hash_salt: str = "", given: list[int] | None = None) -> list[int]:
+        """Hashes of the prompt's full blocks: the gateway's when it sent them, computed otherwise."""
+        if given and len(given) == len(token_ids) // self.pool.block_size:
+            return list(given)
+        return block_hashes(token_ids, self.pool.block_size, hash_seed(self.loaded.fingerprint, hash_salt))
 
     def add_request(
         self,
@@ -112,26 +88,33 @@ class Engine:
         session_id: str | None = None,
         pin_ttl_s: float | None = None,
         hash_salt: str = "",
+        block_hashes: list[int] | None = None,
         adopted: AdoptedKV | None = None,
         hold_blocks: bool = False,
     ) -> None:
         """Queue a request. `hold_blocks` keeps its blocks referenced after it finishes (a prefill
-        node holds them until the transfer to the decode node is done; see `release_held`)."""
+        node holds them in `held` until the decode node has read them)."""
         sampling = sampling or SamplingParams()
-        self.validate(prompt_token_ids, sampling)
-        if request_id in self._seqs:
-            raise InvalidRequest(f"request id {request_id!r} is already running", code="duplicate_request_id")
+        try:
+            self.validate(prompt_token_ids, sampling)
+            if request_id in self._seqs:
+                raise InvalidRequest(f"request id {request_id!r} is already running", code="duplicate_request_id")
+        except InvalidRequest:
+            if adopted is not None:  # the adopted blocks were handed to us: do not leak them
+                self.pool.release(adopted.block_ids)
+            raise
         seq = Sequence(
             request_id=request_id,
             token_ids=list(prompt_token_ids),
             sampling=sampling,
-            hash_seed=self.hash_seed(hash_salt),
+            hash_seed=hash_seed(self.loaded.fingerprint, hash_salt),
+            block_hashes=self.prompt_hashes(prompt_token_ids, hash_salt, block_hashes),
             session_id=session_id,
             pin_ttl_s=pin_ttl_s,
             hold_blocks=hold_blocks,
+            detokenizer=Detokenizer(self.tokenizer, list(sampling.stop)),
         )
         self._seqs[request_id] = seq
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, list(sampling.stop))
         if adopted is not None:
             seq.block_table = list(adopted.block_ids)
             seq.num_computed = adopted.num_computed
@@ -187,14 +170,6 @@ class Engine:
                 chunks.append(chunk)
         return chunks
 
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
-
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
 
@@ -219,15 +194,13 @@ class Engine:
         if not sampled_rows:
             return []
         seqs = [batch.seqs[r] for r in sampled_rows]
-        tokens, logprobs = self.sampler.sample(logits[sampled_rows], seqs)
+        tokens, logprobs = sample(logits[sampled_rows], seqs)
         return [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> TokenChunk:
         seq.token_ids.append(token)
-        seq.output_logprobs.append(logprob)
         params = seq.sampling
-        detok = self._detok[seq.request_id]
-        text, hit_stop = detok.push(token)
+        text, hit_stop = seq.detokenizer.push(token)
         reason = None
         if hit_stop or token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             reason = "stop"
@@ -236,7 +209,7 @@ class Engine:
         if reason is None:
             return self._chunk(seq, [token], text, [logprob])
         if not hit_stop:
-            text += detok.flush()
+            text += seq.detokenizer.flush()
         final = self._finish(seq, reason)
         final.token_ids, final.text, final.logprobs = [token], text, [logprob]
         return final
@@ -245,12 +218,9 @@ class Engine:
         if reason != "abort" and seq.session_id and seq.pin_ttl_s:
             self.pool.pin(seq.session_id, self.kv_cache.full_blocks(seq), seq.pin_ttl_s)
         if reason != "abort" and seq.hold_blocks:
-            self._held[seq.request_id], seq.block_table = seq.block_table, []
+            self.held[seq.request_id], seq.block_table = seq.block_table, []
         self.scheduler.finish(seq)
-        seq.finish_reason = reason
         self._seqs.pop(seq.request_id, None)
-        self._detok.pop(seq.request_id, None)
-        self.sampler.forget(seq.request_id)
         chunk = self._chunk(seq, [], "", None)
         chunk.finished, chunk.finish_reason = True, reason
         return chunk
@@ -273,51 +243,5 @@ class Engine:
         ids: set[int] = set()
         for source in (self.loaded.hf_model.generation_config, self.tokenizer):
             eos = getattr(source, "eos_token_id", None)
-            if isinstance(eos, int):
-                ids.add(eos)
-            elif eos:
-                ids.update(eos)
+            ids.update([eos] if isinstance(eos, int) else eos or [])
         return ids
-
-    # -- disaggregation hooks --------------------------------------------------------------
-    def cached_prefix_blocks(self, token_ids: list[int], hash_salt: str = "") -> list[int]:
-        """Pool blocks that hold the leading full blocks of `token_ids` (no reference taken)."""
-        return self.pool.cached_prefix(block_hashes(token_ids, self.pool.block_size, self.hash_seed(hash_salt)))
-
-    def held_blocks(self, request_id: str) -> list[int]:
-        """Block table of a finished `hold_blocks` request: full blocks, then the partial one."""
-        return self._held.get(request_id, [])
-
-    def release_held(self, request_id: str) -> None:
-        """The transfer is done (or timed out): drop the references a finished request kept."""
-        blocks = self._held.pop(request_id, None)
-        if blocks:
-            self.pool.release(blocks)
-
-    def release_blocks(self, block_ids: list[int]) -> None:
-        """Give back reserved blocks that were never adopted (a transfer failed)."""
-        self.pool.release(block_ids)
-
-    def reserve_blocks(self, n: int) -> list[int]:
-        """Blocks for a transfer to write into; hand them to `add_request(adopted=...)` or release them."""
-        return self.pool.allocate(n)
-
-    # -- offline helper (tests, benchmarks) ------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
-        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        results = {}
-        base = time.monotonic_ns()
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            rid = f"gen-{base}-{i}"
-            results[rid] = GenerationResult(rid)
-            self.add_request(rid, prompt, p)
-        while self.has_work():
-            for chunk in self.step():
-                res = results[chunk.request_id]
-                res.token_ids += chunk.token_ids
-                res.text += chunk.text
-                res.logprobs += chunk.logprobs or []
-                res.prompt_tokens, res.cached_tokens = chunk.prompt_tokens, chunk.cached_tokens
-                if chunk.finished:
-                    res.finish_reason = chunk.finish_reason
-        return list(results.values())

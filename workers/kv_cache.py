@@ -7,8 +7,8 @@ are full (prompt AND generated tokens, so the next agent turn hits them); finish
 
 from __future__ import annotations
 
-from kvstore.hashing import block_hashes, extend_block_hashes
-from workers.pool import BlockPool, OutOfBlocks
+from kvstore.hashing import extend_block_hashes
+from workers.pool import BlockPool
 from workers.sequence import Sequence
 
 
@@ -26,7 +26,7 @@ class KVCacheManager:
         if seq.block_table:  # blocks supplied from outside (adopted after a transfer)
             return True
         bs = self.block_size
-        seq.block_hashes = block_hashes(seq.token_ids, bs, seq.hash_seed)
+        extend_block_hashes(seq.block_hashes, seq.token_ids, bs, seq.hash_seed)  # the gateway's, or computed here
         hit = self.pool.cached_prefix(seq.block_hashes)
         if len(hit) * bs >= len(seq):  # a full hit leaves no logits: recompute the last block
             hit = hit[:-1]
@@ -69,5 +69,3 @@ class KVCacheManager:
         seq.block_table = []
         seq.num_cached_blocks = 0
 
-
-__all__ = ["KVCacheManager", "OutOfBlocks", "blocks_for"]

@@ -37,15 +37,10 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_s: float
-    from_cache: bool
-
-    @property
-    def config(self):
-        return self.hf_model.config
 
     @property
     def max_model_len(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 2048))
+        return int(getattr(self.hf_model.config, "max_position_embeddings", 2048))
 
 
 def default_device() -> torch.device:
@@ -143,30 +138,18 @@ def fingerprint_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str | None = None) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = torch.device(device) if device else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dt = dtype or default_dtype(dev)
+    dtype = default_dtype(dev)
     start = time.perf_counter()
-    source, from_cache = resolve_model_path(spec)
+    source, _ = resolve_model_path(spec)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt).to(dev).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(dev).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise ModelNotFound(f"model {spec!r} could not be loaded (offline, or not in the local cache): {exc}") from exc
     path = Path(source) if Path(str(source)).exists() else Path(hf_model.config.name_or_path or str(source))
     fingerprint = fingerprint_of(path) if path.exists() else xxhash.xxh3_64_hexdigest(str(source))
-    return LoadedModel(
-        hf_model=hf_model,
-        tokenizer=tokenizer,
-        name=spec,
-        path=path,
-        fingerprint=fingerprint,
-        device=dev,
-        dtype=dt,
-        load_s=time.perf_counter() - start,
-        from_cache=from_cache,
-    )
+    return LoadedModel(hf_model, tokenizer, spec, path, fingerprint, dev, dtype, load_s=time.perf_counter() - start)

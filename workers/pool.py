@@ -167,12 +167,13 @@ class BlockPool:
         self.unpin(session_id)
         self._pins[session_id] = Pin(list(block_ids), (time.monotonic() if now is None else now) + ttl_s)
 
-    def unpin(self, session_id: str) -> bool:
+    def unpin(self, session_id: str) -> int:
+        """Drop the session's pin; returns how many blocks it held."""
         pin = self._pins.pop(session_id, None)
         if pin is None:
-            return False
+            return 0
         self.release(pin.block_ids)
-        return True
+        return len(pin.block_ids)
 
     def expire_pins(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -180,9 +181,6 @@ class BlockPool:
         for sid in expired:
             self.unpin(sid)
         return len(expired)
-
-    def pinned_sessions(self) -> dict[str, int]:
-        return {sid: len(pin.block_ids) for sid, pin in self._pins.items()}
 
     # -- whole-cache operations ------------------------------------------------------------
     def reset_cache(self) -> None:
@@ -207,21 +205,3 @@ class BlockPool:
         chain are merged."""
         events, self._events = self._events, []
         return events
-
-    def check_invariants(self) -> None:
-        """Raise if the bookkeeping contradicts itself (used by tests and debug runs)."""
-        for block in self.blocks:
-            if block.ref_count < 0:
-                raise AssertionError(f"negative refcount on block {block.block_id}")
-            if (block.ref_count == 0) != (block.block_id in self._free):
-                raise AssertionError(f"block {block.block_id} free-list membership != refcount 0")
-        for h, block_id in self._by_hash.items():
-            if self.blocks[block_id].block_hash != h:
-                raise AssertionError(f"hash map points at block {block_id} which holds another hash")
-        pinned: dict[int, int] = {}
-        for pin in self._pins.values():
-            for block_id in pin.block_ids:
-                pinned[block_id] = pinned.get(block_id, 0) + 1
-        for block_id, n in pinned.items():
-            if self.blocks[block_id].ref_count < n:
-                raise AssertionError(f"pinned block {block_id} has fewer references than pins")

@@ -7,43 +7,27 @@ import torch
 from workers.sequence import Sequence
 
 
-class Sampler:
-    def __init__(self) -> None:
-        self._generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
-
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """Next token per row and its log-probability under the model (before temperature)."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        greedy = logits.argmax(dim=-1)
-        tokens: list[int] = []
-        for row, seq in enumerate(seqs):
-            params = seq.sampling
-            if params.temperature <= 0:
-                tokens.append(int(greedy[row]))
-                continue
-            scores = logits[row] / params.temperature
-            if params.top_k > 0:
-                kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            if params.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                # keep the smallest prefix whose mass reaches top_p (always at least one token)
-                drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-                sorted_probs[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            tokens.append(int(torch.multinomial(probs, 1, generator=self._generator(seq))))
-        chosen = logprobs[torch.arange(len(seqs)), torch.tensor(tokens)]
-        return tokens, chosen.tolist()
-
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.sampling.seed is None:
-            return None
-        gen = self._generators.get(seq.request_id)
-        if gen is None:
-            gen = torch.Generator().manual_seed(seq.sampling.seed)
-            self._generators[seq.request_id] = gen
-        return gen
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+    """Next token per row and its log-probability under the model (before temperature)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    greedy = logits.argmax(dim=-1)
+    tokens: list[int] = []
+    for row, seq in enumerate(seqs):
+        params = seq.sampling
+        if params.temperature <= 0:
+            tokens.append(int(greedy[row]))
+            continue
+        scores = logits[row] / params.temperature
+        if params.top_k > 0:
+            kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    chosen = logprobs[torch.arange(len(seqs)), torch.tensor(tokens)]
+    return tokens, chosen.tolist()

@@ -12,16 +12,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from workers.pool import OutOfBlocks
 from workers.kv_cache import KVCacheManager
-from workers.sequence import Sequence, SequenceStatus
+from workers.pool import OutOfBlocks
+from workers.sequence import Sequence
 
 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
     query_lens: list[int]
-    is_prefill: bool
 
 
 class Scheduler:
@@ -44,32 +43,24 @@ class Scheduler:
         return batch if batch is not None else self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        budget = self.max_num_batched_tokens
-        seqs: list[Sequence] = []
-        lens: list[int] = []
+        batch, budget = ScheduledBatch([], []), self.max_num_batched_tokens
+
+        def take(seq: Sequence) -> None:
+            nonlocal budget
+            n = min(seq.num_uncomputed, budget)
+            self.kv.ensure_slots(seq, seq.num_computed + n)
+            batch.seqs.append(seq)
+            batch.query_lens.append(n)
+            budget -= n
+
         # Unfinished prompt chunks first, then admit new sequences.
         for seq in self.running:
             if seq.num_uncomputed > 1 and budget > 0:
-                n = min(seq.num_uncomputed, budget)
-                seqs.append(seq)
-                lens.append(n)
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.kv.try_admit(seq):
-                break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            n = min(seq.num_uncomputed, budget)
-            seqs.append(seq)
-            lens.append(n)
-            budget -= n
-        if not seqs:
-            return None
-        for seq, n in zip(seqs, lens):
-            self.kv.ensure_slots(seq, seq.num_computed + n)
-        return ScheduledBatch(seqs, lens, is_prefill=True)
+                take(seq)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.kv.try_admit(self.waiting[0]):
+            self.running.append(self.waiting.popleft())
+            take(self.running[-1])
+        return batch if batch.seqs else None
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         ready: list[Sequence] = []
@@ -88,13 +79,12 @@ class Scheduler:
                         break
         if not ready:
             return None
-        return ScheduledBatch(ready, [1] * len(ready), is_prefill=False)
+        return ScheduledBatch(ready, [1] * len(ready))
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed = 0
-        seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -104,4 +94,3 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq)
-        seq.status = SequenceStatus.FINISHED

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum, auto
+
+import torch
 
 from kvstore.wire import SamplingParams
-
-
-class SequenceStatus(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
+from workers.detokenizer import Detokenizer
 
 
 @dataclass(eq=False)
@@ -24,20 +20,20 @@ class Sequence:
     session_id: str | None = None
     pin_ttl_s: float | None = None
     hold_blocks: bool = False
-    status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # hashes of full blocks, in order
+    block_hashes: list[int] = field(default_factory=list)  # hashes of full blocks, in order (extended as they fill)
     num_cached_blocks: int = 0  # leading blocks already registered in the pool's hash map
     num_computed: int = 0  # tokens whose K/V are in the pool
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (reported in usage)
     num_transferred_tokens: int = 0  # prompt tokens whose KV arrived from a prefill node
     num_transferred_blocks: int = 0
-    finish_reason: str | None = None
-    output_logprobs: list[float] = field(default_factory=list)
+    detokenizer: Detokenizer | None = None
+    generator: torch.Generator | None = field(default=None, init=False)  # a seeded request's own random stream
 
     def __post_init__(self) -> None:
-        if not self.num_prompt_tokens:
-            self.num_prompt_tokens = len(self.token_ids)
+        self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
+        if self.sampling.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.sampling.seed)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -49,7 +45,3 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
