@@ -114,13 +114,19 @@ def test_disconnect_mid_stream_frees_every_block(worker):
     assert wait_until(lambda: worker.health()["load"]["free_blocks"] == free_before, 5, "blocks to be freed")
 
 
-def test_prefill_holds_blocks_until_released(worker):
-    body = {"request_id": "p1", "prompt_token_ids": list(range(400, 437)), "hold_timeout_s": 30}
+def test_prefill_holds_blocks_until_its_timeout_and_abort_does_not_end_a_hold(worker):
+    free = worker.health()["load"]["free_blocks"]
+    body = {"request_id": "p1", "prompt_token_ids": list(range(400, 437)), "hold_timeout_s": 3}
     result = httpx.post(f"{worker.url}/internal/prefill", json=body, headers=HEADERS, timeout=60).json()
     assert len(result["block_ids"]) == 3 and result["num_computed"] == 37
-    free = worker.health()["load"]["free_blocks"]
-    assert httpx.post(f"{worker.url}/internal/release/p1", headers=HEADERS).status_code == 204
-    assert wait_until(lambda: worker.health()["load"]["free_blocks"] == free + 3, 5, "hold release")
+    assert worker.health()["load"]["free_blocks"] == free - 3
+    # only the hold's owner ends it (the reader's notification, or the timeout): not an abort, and
+    # there is no release endpoint any more
+    assert httpx.post(f"{worker.url}/internal/abort/p1", headers=HEADERS).status_code == 204
+    assert httpx.post(f"{worker.url}/internal/release/p1", headers=HEADERS).status_code in (404, 405)
+    time.sleep(0.5)
+    assert worker.health()["load"]["free_blocks"] == free - 3
+    assert wait_until(lambda: worker.health()["load"]["free_blocks"] == free, 6, "the hold's timeout")
 
 
 def test_sigkilled_worker_disappears_from_lookups_within_the_ttl(valkey_url):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kvstore.wire import TokenChunk
+
 
 class WorkerMetrics:
     def __init__(self) -> None:
@@ -26,3 +28,14 @@ class WorkerMetrics:
         self.waiting = Gauge("agentkv_worker_waiting", "Sequences waiting for admission", registry=r)
         self.free_blocks = Gauge("agentkv_worker_free_blocks", "Free KV blocks (incl. evictable cached ones)", registry=r)
         self.redis_connected = Gauge("agentkv_worker_redis_connected", "1 while the index is reachable", registry=r)
+
+    def finished(self, final: TokenChunk | None) -> None:
+        """Count a request by its final chunk (None: the client went away first)."""
+        if final is None:
+            self.requests.labels("abort").inc()
+            return
+        self.requests.labels(final.finish_reason or "unknown").inc()
+        self.cached_tokens.inc(final.cached_tokens)
+        self.generated_tokens.inc(final.completion_tokens)
+        self.transferred_blocks.inc(final.transferred_blocks)
+        self.transferred_bytes.inc(final.transferred_bytes)

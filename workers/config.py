@@ -1,0 +1,37 @@
+"""A worker's settings: the CLI builds them, the process entry (workers.main) reads them."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from kvstore.nodes import Role
+
+
+@dataclass
+class WorkerConfig:
+    redis_url: str
+    role: Role = Role.BOTH
+    host: str = "127.0.0.1"
+    port: int = 8101
+    node_id: str = ""
+    model: str = "smollm2"
+    block_size: int = 16
+    kv_cache_gb: float = 1.0
+    max_num_seqs: int = 64
+    threads: int | None = None
+    cpus: list[int] = field(default_factory=list)
+    cluster_token: str | None = None
+    transfer: str = "nixl"
+    transfer_timeout_s: float = 10.0
+    heartbeat_ttl_s: float = 3.0
+    drain_timeout_s: float = 5.0
+    advertise_host: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            self.node_id = f"{socket.gethostname()}-{self.role.value}-{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"http://{self.advertise_host or self.host}:{self.port}"
