@@ -75,13 +75,23 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _smollm2_dir(gguf: Path) -> Path:
+    # v2: the embedding is stored as model.embed_tokens.weight (v1 dirs kept only lm_head.weight)
+    return cache_root() / "models" / f"SmolLM2-135M-Instruct-v2-{_file_digest(gguf)}"
+
+
 def dequantized_smollm2_dir() -> Path:
-    """Safetensors directory of the dequantized default model, created on first use."""
+    """Safetensors directory of the dequantized default model, created on first use.
+
+    The tied embedding is saved once, under `model.embed_tokens.weight`: safetensors' save_model
+    keeps only `lm_head.weight`, which vLLM skips for tied models, leaving its embedding unloaded
+    (uniform logits, no error). transformers re-ties lm_head to the embedding either way.
+    """
     gguf = smollm2_gguf_path()
-    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{_file_digest(gguf)}"
+    target = _smollm2_dir(gguf)
     if (target / "config.json").exists():
         return target
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -89,7 +99,10 @@ def dequantized_smollm2_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["architectures"] = [type(model).__name__]
@@ -109,8 +122,7 @@ def dequantized_smollm2_dir() -> Path:
 def resolve_model_path(spec: str) -> tuple[Path | str, bool]:
     """(what to pass to from_pretrained, whether it came from our cache)."""
     if spec in (DEFAULT_MODEL, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"):
-        gguf = smollm2_gguf_path()
-        cached = (cache_root() / "models" / f"SmolLM2-135M-Instruct-{_file_digest(gguf)}" / "config.json").exists()
+        cached = (_smollm2_dir(smollm2_gguf_path()) / "config.json").exists()
         return dequantized_smollm2_dir(), cached
     local = Path(spec).expanduser()
     if local.exists():
