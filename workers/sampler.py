@@ -22,6 +22,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        if seq.generator is None and params.seed is not None:
+            seq.generator = torch.Generator(logits.device).manual_seed(params.seed)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)

@@ -28,12 +28,10 @@ class Sequence:
     num_transferred_tokens: int = 0  # prompt tokens whose KV arrived from a prefill node
     num_transferred_blocks: int = 0
     detokenizer: Detokenizer | None = None
-    generator: torch.Generator | None = field(default=None, init=False)  # a seeded request's own random stream
+    generator: torch.Generator | None = None  # a seeded request's own random stream (on the logits' device)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
-        if self.sampling.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling.seed)
 
     def __len__(self) -> int:
         return len(self.token_ids)
