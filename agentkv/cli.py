@@ -58,15 +58,22 @@ def worker(
     transfer: Literal["nixl", "ucxx"] = typer.Option("nixl", help="KV transfer backend"),
     transfer_timeout: float = typer.Option(10.0, help="seconds before a KV transfer is given up and recomputed"),
     advertise_host: str = typer.Option("", help="host other nodes use to reach this one"),
+    engine: Literal["builtin", "vllm"] = typer.Option("builtin", help="the built-in engine, or a vLLM server (docs/vllm.md)"),
+    vllm_url: str = typer.Option("", help="attach to this running vLLM server instead of starting one"),
+    vllm_python: str = typer.Option("", envvar="AGENTKV_VLLM_PYTHON", help="interpreter with vLLM installed (default: this one)"),
+    vllm_args: str = typer.Option("", help="more arguments for the vLLM server, e.g. \"--max-model-len 4096\""),
 ) -> None:
     """Run a worker: the engine behind the internal API, registered in the Redis index."""
     _require(*SERVER)
+    if engine == "vllm":
+        _require("zmq", extra="server")
     from workers.main import WorkerConfig, run_worker
 
     run_worker(WorkerConfig(redis_url=redis_url, role=role, host=host, port=port, node_id=node_id, model=model, block_size=block_size,
                             kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, threads=threads or None, cpus=cpus,
                             cluster_token=cluster_token or None, transfer=transfer, transfer_timeout_s=transfer_timeout,
-                            advertise_host=advertise_host or None))  # fmt: skip
+                            advertise_host=advertise_host or None, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
+                            vllm_args=vllm_args))  # fmt: skip
 
 
 @app.command()

@@ -27,6 +27,10 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 3.0
     drain_timeout_s: float = 5.0
     advertise_host: str | None = None
+    engine: str = "builtin"  # builtin | vllm
+    vllm_url: str = ""  # attach to this vLLM server instead of starting one
+    vllm_python: str = ""  # interpreter that has vLLM (default: $AGENTKV_VLLM_PYTHON, else this one)
+    vllm_args: str = ""  # more arguments for the vLLM server we start
 
     def __post_init__(self) -> None:
         if not self.node_id:

@@ -1,4 +1,5 @@
-"""The worker process: load the model, join the cluster, serve the internal API until SIGTERM.
+"""The worker process: start its engine (built-in, or a vLLM server), join the cluster, serve the
+internal API until SIGTERM.
 
 One Redis connection serves the whole process: the generation counter, the registration, the
 registry lookups of disaggregation and the KV publisher.
@@ -10,22 +11,21 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 
-import torch
 import uvicorn
 
 from kvstore.index import BlockIndex
 from kvstore.registry import NodeRegistry, RegistryError
 from kvstore.valkey import RedisUnavailable, connect
-from workers.backend import InvalidRequest
-from workers.builtin import BuiltinEngine
+from workers.backend import InvalidRequest, WorkerEngine
 from workers.config import WorkerConfig
-from workers.engine import Engine, EngineConfig
-from workers.loader import ModelNotFound, load_model
+from workers.loader import ModelNotFound
 from workers.metrics import WorkerMetrics
 from workers.publisher import KVPublisher
 from workers.service import Worker, create_app
-from workers.transfer import TransferError, make_transport
+from workers.transfer import TransferError
+from workers.vllm_server import VllmError
 
 log = logging.getLogger("agentkv.worker")
 
@@ -35,10 +35,9 @@ def run_worker(config: WorkerConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)
-    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     try:
         asyncio.run(_serve(config))
-    except (RedisUnavailable, ModelNotFound, InvalidRequest, RegistryError, TransferError) as exc:
+    except (RedisUnavailable, ModelNotFound, InvalidRequest, RegistryError, TransferError, VllmError) as exc:
         print(f"agentkv worker: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -48,23 +47,46 @@ async def _serve(config: WorkerConfig) -> None:
     try:
         registry = NodeRegistry(redis)
         generation = await registry.next_generation(config.node_id)
-        kv_bytes = int(config.kv_cache_gb * (1 << 30))
-        engine = Engine(load_model(config.model), EngineConfig(config.block_size, kv_cache_bytes=kv_bytes,
-                                                               max_num_seqs=config.max_num_seqs))  # fmt: skip
-        transport = make_transport(config.transfer, config.node_id, engine.pool.kv, generation=generation,
-                                   timeout_s=config.transfer_timeout_s)  # fmt: skip
         metrics = WorkerMetrics()
+        engine, close = await _engine(config, generation, registry, metrics)
         try:
-            builtin = BuiltinEngine(config, engine, generation, transport, registry, metrics)
-            await registry.register(builtin.record, config.heartbeat_ttl_s)  # refuses a block size or model the cluster lacks
+            await registry.register(engine.record, config.heartbeat_ttl_s)  # refuses a block size or model the cluster lacks
         except BaseException:
-            transport.close()  # its native progress threads must stop before the interpreter exits
+            close()  # native progress threads (NIXL) or the vLLM server must stop before we exit
             raise
-        publisher = KVPublisher(builtin, registry, BlockIndex(redis, registry=registry), ttl_s=config.heartbeat_ttl_s)
-        app = create_app(Worker(builtin, publisher, metrics, config.cluster_token))
-        log.info("worker %s (%s) serving on %s", config.node_id, config.role.value, config.address)
+        publisher = KVPublisher(engine, registry, BlockIndex(redis, registry=registry), ttl_s=config.heartbeat_ttl_s)
+        app = create_app(Worker(engine, publisher, metrics, config.cluster_token))
+        log.info("worker %s (%s, %s engine) serving on %s", config.node_id, config.role.value, config.engine, config.address)
         server_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                        timeout_graceful_shutdown=config.drain_timeout_s + 2)  # fmt: skip
         await uvicorn.Server(server_config).serve()
     finally:
         await redis.aclose()
+
+
+async def _engine(config: WorkerConfig, generation: int, registry: NodeRegistry,
+                  metrics: WorkerMetrics) -> tuple[WorkerEngine, Callable[[], None]]:  # fmt: skip
+    """The configured engine, and what stops its resources if the node cannot join."""
+    if config.engine == "vllm":
+        from workers.vllm_engine import VllmEngine
+
+        vllm = await VllmEngine.launch(config, generation)
+        return vllm, vllm.server.stop
+    import torch
+
+    from workers.builtin import BuiltinEngine
+    from workers.engine import Engine, EngineConfig
+    from workers.loader import load_model
+    from workers.transfer import make_transport
+
+    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    kv_bytes = int(config.kv_cache_gb * (1 << 30))
+    engine = Engine(load_model(config.model), EngineConfig(config.block_size, kv_cache_bytes=kv_bytes,
+                                                           max_num_seqs=config.max_num_seqs))  # fmt: skip
+    transport = make_transport(config.transfer, config.node_id, engine.pool.kv, generation=generation,
+                               timeout_s=config.transfer_timeout_s)  # fmt: skip
+    try:
+        return BuiltinEngine(config, engine, generation, transport, registry, metrics), transport.close
+    except BaseException:
+        transport.close()
+        raise

@@ -1,0 +1,261 @@
+"""vLLM as a worker engine (workers.vllm_engine): two real vLLM servers behind `agentkv worker
+--engine vllm`, the real gateway, the openai client. One prefill + decode pair starts once for the
+module (~1 min); the last test kills the decode node's vLLM. The event translation is tested on
+its own with a payload recorded from vLLM 0.32 (no vLLM needed)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import openai
+import pytest
+import zmq
+
+from kvstore.events import AllCleared, BlockRemoved, BlockStored
+from kvstore.hashing import block_hashes, hash_block, hash_seed
+from workers.vllm_events import EventMirror, decode_batch
+
+BS = 32  # vLLM's CPU attention needs a multiple of 32
+KEY = "key-a"
+SALT = "tenant:alice"  # the gateway's salt for KEY's tenant, sent to vLLM as cache_salt
+SYSTEM = "You are a helpful agent that uses tools. " + " ".join(
+    f"Rule {i}: read each tool result carefully and answer in one short sentence." for i in range(25)
+)
+
+# A ZMQ payload recorded from vLLM 0.32 (block size 32): one full block of a prompt, no salt.
+RECORDED = bytes.fromhex(
+    "93cb41dac3d5e43c158f918ba474797065ab426c6f636b53746f726564ac626c6f636b5f68617368657391cfe6a16f6014727a67b170617265"
+    "6e745f626c6f636b5f68617368c0a9746f6b656e5f696473dc0020cd96eacd013acd0104cd0df7cd011acd12291ecd1b82cd013acd0104cd0d"
+    "f7cd011acd12291ecd1b82cd013acd0104cd0df7cd011acd12291ecd1b82cd013acd0104cd0df7cd011acd12291ecd1b82cd013acd0104cd0d"
+    "f7aa626c6f636b5f73697a6520a76c6f72615f6964c0a66d656469756da3475055a96c6f72615f6e616d65c0aa65787472615f6b65797391c0"
+    "a967726f75705f69647800b26b765f63616368655f737065635f6b696e64ae66756c6c5f617474656e74696f6e00"
+)
+
+
+def _stored(hashes, tokens, parent=None, salt=None):
+    """A BlockStored event as vLLM 0.32 sends it (a map; the cache salt in the first block's extra_keys)."""
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens, "block_size": BS,
+            "lora_id": None, "medium": "GPU", "lora_name": None, "extra_keys": [[salt] if salt else None] + [None] * (len(hashes) - 1),
+            "group_idx": 0, "kv_cache_spec_kind": "full_attention"}  # fmt: skip
+
+
+def _batch(*events) -> bytes:
+    return msgspec.msgpack.encode([time.time(), list(events), 0])
+
+
+def test_vllm_events_become_agentkv_hash_chains():
+    fp = "fingerprint"
+    mirror = EventMirror(fp, BS)
+    (recorded,) = mirror.translate(decode_batch(RECORDED))
+    tokens = decode_batch(RECORDED)[0]["token_ids"]
+    assert recorded == BlockStored(block_hashes(tokens, BS, hash_seed(fp)), parent_hash=None)
+
+    ids = list(range(1000, 1000 + 4 * BS))
+    chain = block_hashes(ids, BS, hash_seed(fp, SALT))
+    # a salted prompt's 3 blocks, then the block filled while decoding (its parent is the 3rd block)
+    first = mirror.translate(decode_batch(_batch(_stored([11, 12, 13], ids[: 3 * BS], salt=SALT))))
+    later = mirror.translate(decode_batch(_batch(_stored([14], ids[3 * BS :], parent=13))))
+    assert first == [BlockStored(chain[:3], parent_hash=None)] and later == [BlockStored(chain[3:], parent_hash=chain[2])]
+    # a parent this mirror never saw: skipped (routing just misses it)
+    assert mirror.translate([_stored([99], ids[:BS], parent=98)]) == []
+    # a second physical copy of block 14: its first removal keeps it, the second removes it
+    assert mirror.translate([_stored([14], ids[3 * BS :], parent=13)]) == [BlockStored(chain[3:], parent_hash=chain[2])]
+    removed = {"type": "BlockRemoved", "block_hashes": [14], "medium": "GPU", "group_idx": 0}
+    assert mirror.translate([removed]) == []
+    assert mirror.translate([removed, {**removed, "block_hashes": [77]}]) == [BlockRemoved([chain[3]])]
+    assert sorted(mirror.snapshot().blocks, key=str) == sorted(
+        [(recorded.block_hashes[0], None), (chain[0], None), (chain[1], chain[0]), (chain[2], chain[1])], key=str
+    )
+    assert mirror.translate([{"type": "AllBlocksCleared"}]) == [AllCleared()] and mirror.snapshot().blocks == []
+
+
+# -- two real vLLM workers ------------------------------------------------------------------------
+def _vllm_python() -> str | None:
+    for candidate in (os.environ.get("AGENTKV_VLLM_PYTHON"), Path(__file__).parents[1] / ".venv-vllm/bin/python", "/tmp/vllm_venv/bin/python"):  # fmt: skip
+        if candidate and shutil.which(str(candidate)):
+            return str(candidate)
+    return None
+
+
+class Cluster:
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.health = {name: httpx.get(url + "/internal/health", timeout=5).json() for name, url in stack.nodes.items()}
+        self.vllm = {name: h["vllm"]["url"] for name, h in self.health.items()}
+        self.ids = {name: h["node_id"] for name, h in self.health.items()}
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.stack.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+    def metric(self, name: str, node: str = "decode", **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.vllm[node] + "/metrics", timeout=5).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    python = _vllm_python()
+    if python is None:
+        pytest.skip("no vLLM interpreter: set AGENTKV_VLLM_PYTHON (make test builds .venv-vllm)")
+    from agentkv.stack import Stack, Worker, first_cores
+
+    cores = first_cores(2)
+    args = ("--engine", "vllm", "--vllm-python", python)
+    workers = tuple(Worker(role, cpus=(cores[n % len(cores)],) if cores else (), threads=1, args=args)
+                    for n, role in enumerate(("prefill", "decode")))  # fmt: skip
+    stack = Stack(workers=workers, port=0, block_size=BS, kv_cache_gb=0.25, api_keys=f"{KEY}:alice",
+                  log_dir=tmp_path_factory.mktemp("vllm-logs"))  # fmt: skip
+    started = time.monotonic()
+    with stack.start(timeout_s=900):
+        print(f"\nvLLM stack ready in {time.monotonic() - started:.0f} s (logs {stack.log_dir})")
+        yield Cluster(stack)
+
+
+def _usage(completion):
+    u = completion.usage
+    return u.prompt_tokens, u.completion_tokens, u.prompt_tokens_details.cached_tokens, u.model_extra["agentkv"]
+
+
+@pytest.mark.heavy
+def test_greedy_output_equals_vllm_own(cluster):
+    client = cluster.client()
+    paris = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert paris.choices[0].text.startswith(" Paris"), paris.choices[0].text  # the model dir vLLM loads is sound
+    ids = httpx.post(cluster.vllm["decode"] + "/tokenize", json={"prompt": SYSTEM + " What is rule 7?"}).json()["tokens"]
+    ours = client.completions.create(model="smollm2", prompt=ids, max_tokens=12, temperature=0)
+    theirs = httpx.post(cluster.vllm["decode"] + "/v1/completions", timeout=120,
+                        json={"model": "smollm2", "prompt": ids, "max_tokens": 12, "temperature": 0}).json()  # fmt: skip
+    assert ours.choices[0].text == theirs["choices"][0]["text"]
+    assert _usage(ours)[:2] == (len(ids), 12)
+    # every full block of that prompt is in the index under the tenant's agentkv hashes
+    hashes = block_hashes(ids, BS, hash_seed(_fingerprint(cluster), SALT))
+    assert set(hashes) <= _index_blocks(cluster, _usage(ours)[3]["decode_node"])
+
+
+@pytest.mark.heavy
+def test_session_reuses_cache_and_moves_only_lacking_blocks(cluster):
+    client, headers = cluster.client(), {"x-session-id": "vllm-session"}
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Check the build status."}]
+    turns = []
+    for n in range(4):
+        before = _transfer_counters(cluster)
+        started = time.perf_counter()
+        raw = client.chat.completions.with_raw_response.create(model="smollm2", messages=messages, max_tokens=16,
+                                                               temperature=0, extra_headers=headers)  # fmt: skip
+        elapsed, done = time.perf_counter() - started, raw.parse()
+        prompt, completion, cached, stats = _usage(done)
+        moved = _await_change(lambda: _transfer_counters(cluster), before, expect=stats["transferred_bytes"] > 0)
+        print(f"turn {n}: {elapsed:.2f} s, prompt {prompt}, cached {cached}, stats {stats}, vLLM counters {moved}")
+        turns.append((prompt, completion, cached, stats))
+        # P computed the new text and D pulled exactly the blocks it lacked: vLLM's own counters agree
+        assert stats["prefill_node"] == cluster.ids["prefill"] and stats["decode_node"] == cluster.ids["decode"], stats
+        assert stats["transferred_blocks"] == math.ceil(prompt / BS) - cached // BS, (n, stats)
+        assert moved == (stats["transferred_bytes"], stats["transferred_tokens"]), (n, stats, moved)
+        messages += [{"role": "assistant", "content": done.choices[0].message.content},
+                     {"role": "user", "content": f"Tool output {n}: " + " ".join(f"step {i} passed." for i in range(25))}]  # fmt: skip
+    assert turns[0][2] == 0
+    for n in range(1, 4):
+        prev_prompt, prev_completion = turns[n - 1][:2]
+        prompt, _, cached, stats = turns[n]
+        assert stats["ledger"] == "extended", (n, stats)
+        assert cached >= 0.9 * (prev_prompt + prev_completion), (n, turns)
+        assert stats["transferred_blocks"] < math.ceil(prompt / BS) / 2, (n, stats)  # only the new part moved
+
+
+@pytest.mark.heavy
+def test_index_lists_exactly_the_blocks_vllm_reported(cluster):
+    for name in ("prefill", "decode"):
+        fp, replay = _fingerprint(cluster), httpx.get(cluster.stack.nodes[name] + "/internal/health").json()["vllm"]["events_replay"]
+        expected = _replayed_blocks(replay, fp)
+        deadline = time.monotonic() + 5
+        while (got := _index_blocks(cluster, cluster.ids[name])) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert got == expected and expected, (name, len(got), len(expected))
+
+
+@pytest.mark.heavy
+def test_killing_the_decode_vllm_mid_stream_fails_fast_and_leaves_routing(cluster):
+    pid = httpx.get(cluster.stack.nodes["decode"] + "/internal/health").json()["vllm"]["pid"]
+    stream = cluster.client().chat.completions.create(model="smollm2", temperature=0, max_tokens=400, stream=True,
+                                                      messages=[{"role": "user", "content": "Count from 1 to 300."}])  # fmt: skip
+    killed_at, error = None, None
+    try:
+        for n, _ in enumerate(stream):
+            if n == 3:
+                os.killpg(pid, signal.SIGKILL)  # the whole vLLM: API server, engine core, worker
+                killed_at = time.monotonic()
+    except (openai.APIError, httpx.HTTPError) as exc:
+        error = exc
+    assert killed_at is not None and error is not None, "the stream ended without an error"
+    assert time.monotonic() - killed_at < 5, error
+    deadline = time.monotonic() + 10
+    while cluster.ids["decode"] in _routed_nodes(cluster) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.ids["decode"] not in _routed_nodes(cluster)
+    print(f"error after {time.monotonic() - killed_at:.2f} s: {error}")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _fingerprint(cluster) -> str:
+    return httpx.get(cluster.stack.nodes["decode"] + "/internal/info", timeout=5).json()["model_fingerprint"]
+
+
+def _transfer_counters(cluster) -> tuple[int, int]:
+    return (round(cluster.metric("vllm:nixl_bytes_transferred_sum")),
+            round(cluster.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")))  # fmt: skip
+
+
+def _await_change(read, before: tuple[int, int], expect: bool) -> tuple[int, int]:
+    """Deltas of vLLM's counters after a turn (they reach /metrics with the engine's next stats push)."""
+    deadline = time.monotonic() + (5 if expect else 1.5)
+    while (now := read()) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    now = read()
+    return now[0] - before[0], now[1] - before[1]
+
+
+def _index_blocks(cluster, node_id: str) -> set[int]:
+    import redis
+
+    r = redis.Redis.from_url(cluster.stack.redis_url)
+    generation = r.get(f"akv:gen:{node_id}").decode()
+    return {int.from_bytes(h, "little") for h in r.hkeys(f"akv:blk:{node_id}:{generation}")}
+
+
+def _routed_nodes(cluster) -> set[str]:
+    return {n["node_id"] for n in httpx.get(cluster.stack.url + "/health", timeout=5).json().get("nodes", [])}
+
+
+def _replayed_blocks(endpoint: str, fp: str) -> set[int]:
+    """The agentkv hashes of the blocks vLLM holds, from every event batch it published (its replay buffer)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send_multipart([b"", (0).to_bytes(8, "big")])
+    held: dict[int, tuple[int, int]] = {}  # vLLM hash -> (agentkv hash, copies)
+    while sock.poll(5000):
+        _, _, seq, payload = sock.recv_multipart()
+        if int.from_bytes(seq, "big", signed=True) < 0:
+            break
+        for event in decode_batch(payload):
+            if event["type"] == "BlockStored":
+                parent = event["parent_block_hash"]
+                chain = hash_seed(fp, (event["extra_keys"][0] or [""])[0]) if parent is None else held[parent][0]
+                for n, h in enumerate(event["block_hashes"]):
+                    chain = hash_block(chain, event["token_ids"][n * BS : (n + 1) * BS])
+                    held[h] = (chain, held.get(h, (0, 0))[1] + 1)
+            elif event["type"] == "BlockRemoved":
+                for h in event["block_hashes"]:
+                    held[h] = (held[h][0], held[h][1] - 1)
+    sock.close(0)
+    return {h for h, copies in held.values() if copies > 0}

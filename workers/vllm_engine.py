@@ -1,0 +1,391 @@
+"""vLLM behind the engine interface: the worker protocol spoken for a vLLM OpenAI server.
+
+Token ids in, token ids out: /v1/completions with the gateway's exact prompt ids, streamed, ids per
+chunk. The tenant's salt is vLLM's `cache_salt`, so its cache is isolated like agentkv's hashes.
+Closing a stream (the consumer left, or `abort`) is what aborts the request inside vLLM.
+
+P/D: the prefill node asks vLLM for `do_remote_decode` and returns vLLM's `kv_transfer_params`;
+the decode node hands them back to its vLLM, which pulls over NIXL only the blocks its own prefix
+cache lacks. vLLM's P owns the held blocks (freed when D has pulled them, or on its lease timeout).
+If D's vLLM fails before the first token (P unreachable), D retries once computing the prompt.
+
+The index is fed from vLLM's KV events (workers.vllm_events); load comes from its /metrics. When
+the vLLM server dies, the worker stops (SIGTERM to itself): it deregisters at once, and a
+supervisor restarts it as a new generation with an empty index entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+import zmq
+import zmq.asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvstore.events import KVEvent
+from kvstore.nodes import NodeLoad, NodeRecord
+from kvstore.wire import GenerateRequest, PrefillRequest, PrefillResult, SamplingParams, TokenChunk
+from workers.backend import CacheSnapshot, InvalidRequest, Unavailable
+from workers.config import WorkerConfig
+from workers.loader import fingerprint_of, resolve_model_path
+from workers.vllm_events import EventMirror, decode_batch
+from workers.vllm_server import VllmError, VllmServer, default_python
+
+log = logging.getLogger("agentkv.worker")
+
+
+class _Call:
+    """One in-flight /v1/completions call: a task feeds its events (SSE or one JSON body) to a queue,
+    so that `cancel` (abort, or the consumer leaving) ends it at any point and closes the stream."""
+
+    def __init__(self, http: httpx.AsyncClient, body: dict[str, Any]) -> None:
+        self.queue: asyncio.Queue[dict | None | VllmError] = asyncio.Queue()
+        self.task = asyncio.create_task(self._pump(http, body))
+
+    async def _pump(self, http: httpx.AsyncClient, body: dict[str, Any]) -> None:
+        try:
+            async with http.stream("POST", "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")
+                    raise VllmError(_message(text), resp.status_code)
+                if not body.get("stream"):
+                    self.queue.put_nowait(json.loads(await resp.aread()))
+                    return
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        event = json.loads(line[6:])
+                        if "error" in event:  # e.g. the engine core died mid-stream
+                            raise VllmError(_message(line[6:]), 500)
+                        self.queue.put_nowait(event)
+            self.queue.put_nowait(None)
+        except VllmError as exc:
+            self.queue.put_nowait(exc)
+        except (httpx.HTTPError, ValueError) as exc:
+            self.queue.put_nowait(VllmError(f"vLLM stream failed: {type(exc).__name__}: {exc}"))
+
+    async def next(self) -> dict | None:
+        item = await self.queue.get()
+        if isinstance(item, VllmError):
+            raise item
+        return item
+
+    def cancel(self, why: str | None = None) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            self.queue.put_nowait(VllmError(why or "cancelled", aborted=True))
+
+
+class VllmEngine:
+    def __init__(self, config: WorkerConfig, server: VllmServer, record: NodeRecord, sub: zmq.asyncio.Socket,
+                 replay: str, bytes_per_block: int) -> None:  # fmt: skip
+        self.config, self.server, self.record, self.sub, self.replay = config, server, record, sub, replay
+        self.bytes_per_block = bytes_per_block
+        self.http = httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(10.0, read=None))
+        self.events: asyncio.Queue[list[KVEvent] | CacheSnapshot] = asyncio.Queue()
+        self.mirror = EventMirror(record.model_fingerprint, record.block_size)
+        self._load = NodeLoad(total_blocks=record.capacity_blocks, free_blocks=record.capacity_blocks)
+        self._calls: dict[str, _Call] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._seq: int | None = None
+        self.transfer_fallbacks = 0
+
+    @classmethod
+    async def launch(cls, config: WorkerConfig, generation: int, start_timeout_s: float = 900.0) -> VllmEngine:
+        """Spawn vLLM (or attach to `config.vllm_url`), wait for /health, and describe it as a node."""
+        from agentkv.stack import free_port
+
+        model_dir = Path(resolve_model_path(config.model)[0])
+        model_config = json.loads((model_dir / "config.json").read_text())
+        token_bytes = _kv_bytes_per_token(model_config)
+        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+        if config.vllm_url:
+            server = VllmServer(config.vllm_url.rstrip("/"))
+            replay = await _attach_events(server.url, sub)
+        else:
+            events, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+            kv_bytes, bs = int(config.kv_cache_gb * (1 << 30)), config.block_size
+            sub.bind(events)  # with a host in the endpoint, vLLM's publisher connects
+            server = VllmServer.spawn(config.vllm_python or default_python(), model_dir, config.model, free_port(),
+                                      block_size=bs, kv_cache_bytes=kv_bytes, max_num_seqs=config.max_num_seqs,
+                                      max_model_len=min(model_config.get("max_position_embeddings", 1 << 20),
+                                                        (kv_bytes // (token_bytes * bs) - 1) * bs),  # vLLM keeps a block back
+                                      events=events, replay=replay,
+                                      side_channel_port=free_port(), extra_args=config.vllm_args)  # fmt: skip
+        try:
+            started = time.monotonic()
+            info = await _wait_ready(server, start_timeout_s)
+            log.info("vLLM at %s ready in %.0f s", server.url, time.monotonic() - started)
+        except BaseException:
+            server.stop()
+            sub.close(0)
+            raise
+        record = NodeRecord(
+            node_id=config.node_id, role=config.role, address=config.address, block_size=info["block_size"],
+            model_fingerprint=fingerprint_of(model_dir), capacity_blocks=info["num_blocks"], generation=generation,
+            transfer_backend="vllm-nixl", started_at=time.time(), model_name=config.model, model_path=str(model_dir),
+            max_model_len=info["max_model_len"], engine="vllm", features=[],  # no session pinning in vLLM
+        )  # fmt: skip
+        return cls(config, server, record, sub, replay, token_bytes * info["block_size"])
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._consume_events(), name="vllm-events"),
+                       asyncio.create_task(self._watch(), name="vllm-watch")]  # fmt: skip
+
+    async def stop(self) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self._calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for call in list(self._calls.values()):
+            call.cancel("the worker is shutting down; the request was aborted")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.http.aclose()
+        self.sub.close(0)
+        await asyncio.to_thread(self.server.stop)
+
+    def load(self) -> NodeLoad:
+        return self._load
+
+    def stats(self) -> dict[str, Any]:
+        pid = self.server.process.pid if self.server.process else None
+        vllm = {"url": self.server.url, "pid": pid, "events_replay": self.replay, "events_seq": self._seq}
+        return {"vllm": vllm, "transfer_fallbacks": self.transfer_fallbacks}
+
+    def snapshot(self) -> None:
+        self.events.put_nowait(self.mirror.snapshot())  # the mirror holds every batch queued so far
+
+    async def abort(self, request_id: str) -> None:
+        if (call := self._calls.get(request_id)) is not None:
+            call.cancel("aborted by the gateway")
+
+    async def unpin(self, session_key: str) -> int:
+        return 0  # vLLM has no session pins (the record declares no "session_pins" feature)
+
+    # -- requests ------------------------------------------------------------------------------
+    def _body(self, ids: list[int], s: SamplingParams, salt: str, **extra: Any) -> dict[str, Any]:
+        body = {"model": self.record.model_name, "prompt": ids, "max_tokens": s.max_tokens, "temperature": s.temperature,
+                "top_p": s.top_p, "top_k": s.top_k or -1, "seed": s.seed, "stop": s.stop, "stop_token_ids": s.stop_token_ids,
+                "ignore_eos": s.ignore_eos, "return_token_ids": True, **extra}  # fmt: skip
+        if s.logprobs:
+            body["logprobs"] = 0
+        if salt:
+            body["cache_salt"] = salt
+        return body
+
+    async def _start(self, request_id: str, body: dict[str, Any]) -> tuple[_Call, dict | None]:
+        """Send the call and wait for its first event; a 400 is the request's fault."""
+        self._calls[request_id] = call = _Call(self.http, body)
+        try:
+            return call, await call.next()
+        except BaseException as exc:  # a failure, an abort, or our caller cancelled
+            call.cancel()
+            self._calls.pop(request_id, None)
+            if isinstance(exc, VllmError) and exc.status == 400:
+                raise InvalidRequest(str(exc)) from None
+            raise
+
+    async def generate(self, req: GenerateRequest) -> AsyncGenerator[TokenChunk, None]:
+        body = self._body(req.prompt_token_ids, req.sampling, req.hash_salt, stream=True,
+                          stream_options={"include_usage": True})  # fmt: skip
+        remote = req.remote_kv.kv_transfer_params if req.remote_kv else None
+        try:
+            if remote:
+                try:
+                    call, first = await self._start(req.request_id, {**body, "kv_transfer_params": remote})
+                    return self._stream(req.request_id, call, first, pulled=True)
+                except VllmError as exc:
+                    if exc.aborted:
+                        raise
+                    log.warning("vLLM could not use the prefill node's KV (%s); computing the prompt here", exc)
+                    self.transfer_fallbacks += 1
+            call, first = await self._start(req.request_id, body)
+        except VllmError as exc:
+            raise Unavailable(str(exc)) from None
+        return self._stream(req.request_id, call, first, pulled=False)
+
+    async def _stream(self, request_id: str, call: _Call, event: dict | None, pulled: bool) -> AsyncGenerator[TokenChunk, None]:
+        """Token chunks from vLLM's events: content chunks as they come, and the last one carrying
+        the finish reason joined with the usage chunk that follows it."""
+        last: TokenChunk | None = None
+        try:
+            while event is not None:
+                for choice in event.get("choices") or ():
+                    if last is not None:
+                        yield last
+                    logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+                    last = TokenChunk(request_id=request_id, token_ids=choice.get("token_ids") or [], text=choice.get("text") or "",
+                                      logprobs=logprobs, finish_reason=choice.get("finish_reason"))  # fmt: skip
+                if usage := event.get("usage"):
+                    yield self._final(last or TokenChunk(request_id=request_id, token_ids=[]), usage, pulled)
+                    return
+                event = await call.next()
+            if last is not None:  # no usage chunk: finish with what we have
+                yield self._final(last, {}, pulled)
+        except VllmError as exc:
+            if last is not None:
+                yield last
+            yield TokenChunk(request_id=request_id, token_ids=[], finished=True, error=str(exc),
+                             finish_reason="abort" if exc.aborted else "error")  # fmt: skip
+        finally:
+            call.cancel()  # the consumer left early: closing the stream aborts the request in vLLM
+            self._calls.pop(request_id, None)
+
+    def _final(self, chunk: TokenChunk, usage: dict[str, Any], pulled: bool) -> TokenChunk:
+        """The finished chunk with the turn's accounting. Pulled over NIXL: every block of the prompt
+        from the first one this node lacked (its own hits are whole blocks) to the partial last one."""
+        prompt, bs = usage.get("prompt_tokens", 0), self.record.block_size
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        blocks = -(-prompt // bs) - cached // bs if pulled else 0
+        return msgspec.structs.replace(
+            chunk, finished=True, finish_reason=chunk.finish_reason or "stop", prompt_tokens=prompt, cached_tokens=cached,
+            completion_tokens=usage.get("completion_tokens", 0), transferred_tokens=prompt - cached if pulled else 0,
+            transferred_blocks=blocks, transferred_bytes=blocks * self.bytes_per_block,
+        )  # fmt: skip
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        one = msgspec.structs.replace(req.sampling, max_tokens=1)
+        body = self._body(req.prompt_token_ids, one, req.hash_salt, stream=False, kv_transfer_params={"do_remote_decode": True})
+        try:
+            _, resp = await self._start(req.request_id, body)
+        except VllmError as exc:
+            raise Unavailable(str(exc)) from None
+        finally:
+            self._calls.pop(req.request_id, None)
+        choice, usage = resp["choices"][0], resp.get("usage") or {}
+        return PrefillResult(
+            request_id=req.request_id, node_id=self.record.node_id, generation=self.record.generation, block_ids=[],
+            num_computed=len(req.prompt_token_ids), first_token=(choice.get("token_ids") or [0])[0],
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+            kv_transfer_params=resp.get("kv_transfer_params"),
+        )  # fmt: skip
+
+    # -- KV events, load, liveness -------------------------------------------------------------
+    async def _consume_events(self) -> None:
+        while True:
+            _, seq, payload = await self.sub.recv_multipart()
+            await self._apply(int.from_bytes(seq, "big"), payload)
+
+    async def _apply(self, seq: int, payload: bytes) -> None:
+        if self._seq is not None and seq > self._seq + 1:  # lost batches: vLLM keeps recent ones for replay
+            log.warning("KV events %d..%d lost; replaying them from vLLM", self._seq + 1, seq - 1)
+            for missed, missed_payload in await _replay(self.replay, self._seq + 1, seq):
+                self._translate(missed, missed_payload)
+        if self._seq is None or seq > self._seq:
+            self._translate(seq, payload)
+
+    def _translate(self, seq: int, payload: bytes) -> None:
+        self._seq = seq
+        if events := self.mirror.translate(decode_batch(payload)):
+            self.events.put_nowait(events)
+
+    async def _watch(self) -> None:
+        """Refresh the load from /metrics; if vLLM is gone, fail the in-flight requests and stop."""
+        failures = 0
+        while failures < 3 and self.server.exited() is None:
+            try:
+                resp = await self.http.get("/metrics", timeout=2.0)
+                resp.raise_for_status()
+                self._load = _load(resp.text, self.record.capacity_blocks)
+                failures = 0
+            except (httpx.HTTPError, ValueError):
+                failures += 1
+            await asyncio.sleep(0.5)
+        log.error("the vLLM server at %s is gone (exit code %s); stopping this worker", self.server.url, self.server.exited())
+        for call in list(self._calls.values()):
+            call.cancel("the vLLM server died")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _wait_ready(server: VllmServer, timeout_s: float) -> dict[str, Any]:
+    """Poll /health; then the block size, KV capacity, dtype and context length vLLM settled on."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as http:
+        while True:
+            if server.exited() is not None:
+                raise VllmError(f"the vLLM server exited at start (code {server.exited()}); see its output above")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get("/health")).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise VllmError(f"the vLLM server at {server.url} was not ready within {timeout_s:g} s")
+            await asyncio.sleep(1.0)
+        model = (await http.get("/v1/models")).json()["data"][0]
+        metrics = (await http.get("/metrics")).text
+    cache = next(s.labels for f in text_string_to_metric_families(metrics) if f.name == "vllm:cache_config_info" for s in f.samples)
+    log.info("vLLM cache config: %s", cache)
+    return {"block_size": int(cache["block_size"]), "num_blocks": int(cache["num_gpu_blocks"]),
+            "max_model_len": int(model.get("max_model_len") or 0)}
+
+
+def _kv_bytes_per_token(cfg: dict[str, Any]) -> int:
+    """KV bytes of one token in fp32 (the dtype we start vLLM with): K and V of every layer."""
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * 2 * heads * head_dim * 4
+
+
+def _load(metrics: str, total_blocks: int) -> NodeLoad:
+    values = {f.name: f.samples[0].value for f in text_string_to_metric_families(metrics) if f.samples}
+    used = values.get("vllm:kv_cache_usage_perc", 0.0)
+    return NodeLoad(running=int(values.get("vllm:num_requests_running", 0)), waiting=int(values.get("vllm:num_requests_waiting", 0)),
+                    free_blocks=int(total_blocks * (1 - used)), total_blocks=total_blocks)  # fmt: skip
+
+
+async def _attach_events(url: str, sub: zmq.asyncio.Socket) -> str:
+    """Subscribe to the events of a vLLM someone else started; its replay endpoint ("" without one)."""
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        sources = (await http.get(f"{url}/kv_event_sources")).json()
+    source = next(iter(sources.values()), None) if sources else None
+    if not source or not source.get("enable_kv_cache_events"):
+        log.warning("vLLM at %s publishes no KV events: the index will not know its blocks", url)
+        return ""
+    endpoint = source["endpoint"]
+    if "*" in endpoint:  # vLLM binds: connect to it
+        sub.connect(endpoint.replace("*", urlsplit(url).hostname or "127.0.0.1"))
+    else:  # vLLM connects: bind where it points
+        sub.bind(endpoint)
+    return (source.get("replay_endpoint") or "").replace("*", urlsplit(url).hostname or "127.0.0.1")
+
+
+async def _replay(endpoint: str, start: int, end: int) -> list[tuple[int, bytes]]:
+    """Batches start..end-1 from vLLM's replay buffer (fewer if it no longer holds them)."""
+    if not endpoint:
+        return []
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    got: list[tuple[int, bytes]] = []
+    try:
+        await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+        while await dealer.poll(2000):
+            _, _, seq, payload = await dealer.recv_multipart()
+            if (n := int.from_bytes(seq, "big", signed=True)) < 0 or n >= end:
+                break
+            got.append((n, payload))
+    finally:
+        dealer.close(0)
+    if len(got) < end - start:
+        log.warning("vLLM replayed %d of %d lost KV event batches; the index may miss or keep some blocks",
+                    len(got), end - start)  # fmt: skip
+    return got
+
+
+def _message(text: str) -> str:
+    try:
+        return json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return text[:500]
