@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+import msgspec
+
 from gateway.errors import InvalidRequest, Unsupported
 from gateway.openai_schema import ChatMessage, NamedFunction, NamedToolChoice, Tool
 
@@ -95,10 +97,8 @@ class ChatRenderer:
             if msg.role not in ROLES:
                 raise InvalidRequest(f"messages[{n}].role {msg.role!r} is not one of {sorted(ROLES)}", param="messages")
             text = message_text(msg)
-            if msg.role in ("system", "developer"):
-                out.append({"role": "system", "content": text})
-            elif msg.role == "user":
-                out.append({"role": "user", "content": text})
+            if msg.role in ("system", "developer", "user"):
+                out.append({"role": "user" if msg.role == "user" else "system", "content": text})
             elif msg.role == "assistant":
                 out.append(self._assistant(text, msg))
             else:  # tool / legacy function results
@@ -111,20 +111,14 @@ class ChatRenderer:
                 out.insert(0, {"role": "system", "content": prompt})
         return out
 
-    def assistant_message(self, content: str) -> dict:
-        """A raw assistant turn (the exact text the model produced, tool-call markup included)."""
-        return {"role": "assistant", "content": content}
-
     def render(self, messages: list[dict], tools: list[Tool] | None, add_generation_prompt: bool) -> str:
         if not self.has_template:
             raise InvalidRequest("this model's tokenizer has no chat template; use /v1/completions")
         kwargs: dict[str, Any] = {}
         if tools and self.native_tools:
-            kwargs["tools"] = [msgspec_to_dict(t) for t in tools]
+            kwargs["tools"] = msgspec.to_builtins(tools)
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
-            )
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
         except Exception as exc:  # jinja raises TemplateError / raise_exception(...) messages
             raise InvalidRequest(f"the model's chat template rejected these messages: {exc}", param="messages") from None
         if not isinstance(text, str):
@@ -202,9 +196,3 @@ def tools_prompt(tools: list[Tool]) -> str:
         '<tool_call>[{"name": "get_stock_price", "arguments": {"symbol": "AAPL"}}]</tool_call>\n'
         "When no function is needed, answer in plain text."
     )
-
-
-def msgspec_to_dict(obj: Any) -> Any:
-    import msgspec
-
-    return msgspec.to_builtins(obj)

@@ -94,9 +94,6 @@ class StateUnavailable(APIError):
     code = "state_unavailable"
 
 
-_WORKER_CODES: dict[str, type[APIError]] = {"context_length_exceeded": ContextLengthExceeded}
-
-
 def from_worker(status: int, body: bytes) -> APIError:
     """Map a worker's error reply (ErrorBody JSON) to the gateway's error types."""
     from kvstore.wire import ErrorBody
@@ -106,7 +103,8 @@ def from_worker(status: int, body: bytes) -> APIError:
     except msgspec.DecodeError:
         err = ErrorBody(message=body[:200].decode(errors="replace") or f"HTTP {status}")
     if 400 <= status < 500:
-        return _WORKER_CODES.get(err.code, InvalidRequest)(err.message, param=err.param, code=err.code)
+        kind = ContextLengthExceeded if err.code == ContextLengthExceeded.code else InvalidRequest
+        return kind(err.message, param=err.param, code=err.code)
     return UpstreamError(f"worker error: {err.message}")
 
 
@@ -124,13 +122,10 @@ def handle_api_error(_: Request, exc: APIError) -> Response:
 def handle_validation_error(_: Request, exc: ValidationException) -> Response:
     """Litestar's body and parameter errors (malformed JSON included) -> 400 invalid_request_error."""
     detail = exc.detail or "invalid request"
-    param = None
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    if extra and isinstance(extra[0], dict):
-        param = extra[0].get("key")
-        message = extra[0].get("message")
-        if message:
-            detail = f"{detail}: {message}" + (f" (at {param})" if param else "")
+    first = exc.extra[0] if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict) else {}
+    param = first.get("key")
+    if first.get("message"):
+        detail = f"{detail}: {first['message']}" + (f" (at {param})" if param else "")
     if "JSON" in detail or "decode" in detail.lower():
         return _response(400, InvalidRequest(f"We could not parse the JSON body of your request: {detail}").envelope())
     return _response(400, InvalidRequest(detail, param=param).envelope())

@@ -120,7 +120,7 @@ def _extend(renderer: ChatRenderer, messages: list[ChatMessage], tools: list[Too
         return None
     eos = renderer.eos_ids
     body = ledger.reply_ids[:-1] if ledger.reply_ids and ledger.reply_ids[-1] in eos else ledger.reply_ids
-    turn = before + [renderer.assistant_message(renderer.decode(body))]
+    turn = before + [{"role": "assistant", "content": renderer.decode(body)}]  # the exact text, call markup included
     upto_reply = renderer.render(turn, tools, add_generation_prompt=False)
     full = renderer.render(turn + renderer.template_messages(messages[k + 1 :], None), tools, add_generation_prompt=True)
     reply_text = renderer.decode(ledger.reply_ids)

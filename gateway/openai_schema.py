@@ -66,46 +66,39 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+class _GenerationRequest(msgspec.Struct, kw_only=True):
+    """The fields chat and legacy completions share."""
+
     model: str
-    messages: list[ChatMessage]
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    tools: list[Tool] | None = None
-    tool_choice: str | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
-    logprobs: bool | None = None
     # agentkv extensions (send with the openai client's `extra_body`)
     session_id: str | None = None
     session_ttl_s: float | None = None
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
-    model: str
+class ChatCompletionRequest(_GenerationRequest, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+
+
+class CompletionRequest(_GenerationRequest, kw_only=True):
     prompt: str | list[Any]  # a string, token ids, or a one-element list of either
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     max_tokens: int | None = 16  # OpenAI's default for legacy completions
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
     echo: bool | None = None
     logprobs: int | None = None
-    user: str | None = None
-    prompt_cache_key: str | None = None
-    session_id: str | None = None
-    session_ttl_s: float | None = None
 
 
 # --------------------------------------------------------------------------------------- responses
@@ -149,10 +142,13 @@ class Choice(msgspec.Struct, kw_only=True):
     logprobs: None = None
 
 
-class ChatCompletion(msgspec.Struct, kw_only=True):
+class _Response(msgspec.Struct, kw_only=True):
     id: str
     created: int
     model: str
+
+
+class ChatCompletion(_Response, kw_only=True):
     choices: list[Choice]
     usage: Usage
     object: str = "chat.completion"
@@ -172,10 +168,7 @@ class ChunkChoice(msgspec.Struct, kw_only=True):
     logprobs: None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, kw_only=True):
-    id: str
-    created: int
-    model: str
+class ChatCompletionChunk(_Response, kw_only=True):
     choices: list[ChunkChoice]
     object: str = "chat.completion.chunk"
     usage: Usage | None = None
@@ -188,10 +181,7 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     logprobs: None = None
 
 
-class Completion(msgspec.Struct, kw_only=True):
-    id: str
-    created: int
-    model: str
+class Completion(_Response, kw_only=True):
     choices: list[CompletionChoice]
     object: str = "text_completion"
     usage: Usage | None = None

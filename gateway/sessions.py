@@ -89,23 +89,18 @@ class SessionStore:
         validate_session_id(session_id)
         ttl = self.ttl(ttl_s)  # validate before touching Redis
         keys = self._keys(tenant, session_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(keys.hash, "ttl", "node")
+        pipe.get(keys.ledger)
+        (stored_ttl, node), raw_ledger = await self._guard(pipe.execute())
+        if stored_ttl is None:
+            await self._create(tenant, session_id, ttl)
+        else:
+            ttl = self.ttl(ttl_s, float(stored_ttl))
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hmget(keys.hash, "ttl", "node")
-            pipe.get(keys.ledger)
-            (stored_ttl, node), raw_ledger = await pipe.execute()
-            if stored_ttl is None:
-                await self._create(tenant, session_id, ttl)
-            else:
-                ttl = self.ttl(ttl_s, float(stored_ttl))
-        except RedisError as exc:
-            raise StateUnavailable(f"session store unreachable: {exc}") from None
-        ledger = None
-        if raw_ledger:
-            try:
-                ledger = _decode_ledger(raw_ledger)
-            except msgspec.DecodeError:
-                ledger = None  # written by an incompatible gateway version: start afresh
+            ledger = _decode_ledger(raw_ledger) if raw_ledger else None
+        except msgspec.DecodeError:
+            ledger = None  # written by an incompatible gateway version: start afresh
         return Session(session_id, tenant, ttl, node.decode() if node else None, ledger)
 
     async def record_turn(self, session: Session, stats: RouteStats, completion_tokens: int, ledger: Ledger | None) -> None:
@@ -130,10 +125,7 @@ class SessionStore:
         pipe.pexpire(keys.hash, ttl_ms)
         pipe.pexpire(keys.nodes, ttl_ms)
         pipe.zadd(keys.index, {session.id: now + session.ttl_s})
-        try:
-            await pipe.execute()
-        except RedisError as exc:
-            raise StateUnavailable(f"session store unreachable: {exc}") from None
+        await self._guard(pipe.execute())
 
     # -- the sessions API -----------------------------------------------------------------
     async def create(self, tenant: str, session_id: str | None, ttl_s: float | None) -> tuple[SessionOut, bool]:
