@@ -107,9 +107,6 @@ class Renderers:
         self._lock = asyncio.Lock()
 
     async def get(self, model: ModelInfo) -> ChatRenderer:
-        renderer = self._by_fingerprint.get(model.fingerprint)
-        if renderer is not None:
-            return renderer
         async with self._lock:
             if model.fingerprint not in self._by_fingerprint:
                 path = self.tokenizer_path or model.path or model.name
@@ -124,7 +121,3 @@ class Renderers:
     @property
     def ready(self) -> bool:
         return bool(self._by_fingerprint)
-
-    def put(self, fingerprint: str, tokenizer: Any) -> None:
-        """Pre-load a tokenizer (tests, or a gateway started with a known model)."""
-        self._by_fingerprint[fingerprint] = ChatRenderer(tokenizer)

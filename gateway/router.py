@@ -128,14 +128,17 @@ def choose_route(
             cost += config.load_tokens * FULL_PENALTY_SEQS
         return cost
 
-    costs: dict[str, float] = {}
+    def decode_cost(c: Candidate) -> float:
+        miss = prompt_tokens - cached(c)
+        return miss + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
+
+    def prefill_cost(c: Candidate) -> float:
+        return prompt_tokens - cached(c) + busy(c, prompt_tokens)
+
     decoders = [c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)]
     if not decoders:
         raise NoWorkers("no decode-capable worker is live (only prefill nodes): start one with --role decode or both")
-    for c in decoders:
-        miss = prompt_tokens - cached(c)
-        costs[f"decode:{c.node_id}"] = miss + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
-    d = min(decoders, key=lambda c: (costs[f"decode:{c.node_id}"], c.node_id))
+    d = min(decoders, key=lambda c: (decode_cost(c), c.node_id))
     d_miss = prompt_tokens - cached(d)
     route = Route(mode, d.record, None, prompt_tokens, bs, cached(d))
     if d_miss <= config.prefill_threshold_tokens:
@@ -145,12 +148,8 @@ def choose_route(
         if c.record.role in (Role.PREFILL, Role.BOTH) and c.node_id != d.node_id and c.load.waiting <= config.max_prefill_queue
         and prompt_tokens - cached(c) <= d_miss + bs
     ]  # fmt: skip
-    for c in prefillers:
-        costs[f"prefill:{c.node_id}"] = (prompt_tokens - cached(c)) + busy(c, prompt_tokens)
-    if not prefillers:
-        return route
-    p = min(prefillers, key=lambda c: (costs[f"prefill:{c.node_id}"], c.node_id))
-    if costs[f"prefill:{p.node_id}"] <= config.prefill_worth * d_miss:
+    p = min(prefillers, key=lambda c: (prefill_cost(c), c.node_id), default=None)
+    if p is not None and prefill_cost(p) <= config.prefill_worth * d_miss:
         route.prefill, route.prefill_cached_tokens = p.record, cached(p)
     return route
 

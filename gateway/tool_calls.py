@@ -50,10 +50,6 @@ class CallDelta:
 Delta = ContentDelta | CallDelta
 
 
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
-
-
 @dataclass
 class ToolCallParser:
     parallel: bool = True  # parallel_tool_calls=False keeps only the first call
@@ -184,7 +180,7 @@ def _as_call(obj: object) -> ParsedCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ParsedCall(new_call_id(), name, json.dumps(args, ensure_ascii=False))
+    return ParsedCall("call_" + secrets.token_hex(12), name, json.dumps(args, ensure_ascii=False))
 
 
 def _skip_ws(text: str, i: int) -> int:

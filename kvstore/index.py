@@ -74,21 +74,15 @@ class BlockIndex:
         One round trip, plus one the first time a node incarnation is seen (records are immutable per
         generation, so they are cached).
         """
+        def known(node_id: str, gen: int) -> bool:
+            return (rec := self._records.get(node_id)) is not None and rec.generation == gen
+
         matches = await self._matches(block_hashes)
-        missing = [
-            node_id
-            for node_id, gen, _, _ in matches
-            if (rec := self._records.get(node_id)) is None or rec.generation != gen
-        ]
-        if missing:
+        if missing := [node_id for node_id, gen, _, _ in matches if not known(node_id, gen)]:
             self._records.update(await self.registry.get_many(missing))
-        result = []
-        for node_id, gen, matched, load in matches:
-            record = self._records.get(node_id)
-            if record is not None and record.generation == gen:  # else it restarted between the two calls
-                result.append((record, load, matched))
-        result.sort(key=lambda r: (-r[2], r[0].node_id))
-        return result
+        # A node still unknown restarted between the two calls: skip it.
+        found = [(self._records[node_id], load, matched) for node_id, gen, matched, load in matches if known(node_id, gen)]
+        return sorted(found, key=lambda r: (-r[2], r[0].node_id))
 
     async def resync(self, node_id: str, generation: int, blocks: list[tuple[int, int | None]]) -> bool:
         """Replace the node's whole entry set with `blocks`, (hash, parent hash) pairs, atomically

@@ -156,9 +156,7 @@ class Engine:
     def abort(self, request_id: str) -> TokenChunk | None:
         """Stop a request now and free its blocks (client gone, timeout, shutdown)."""
         seq = self._seqs.get(request_id)
-        if seq is None:
-            return None
-        return self._finish(seq, "abort")
+        return None if seq is None else self._finish(seq, "abort")
 
     def abort_all(self, error: str) -> list[TokenChunk]:
         """Abort every request (shutdown, or a failed step); each final chunk carries `error`."""

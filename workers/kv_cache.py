@@ -64,8 +64,7 @@ class KVCacheManager:
         return seq.block_table[: seq.num_cached_blocks]
 
     def free(self, seq: Sequence) -> None:
-        if seq.block_table:
-            self.pool.release(seq.block_table)
+        self.pool.release(seq.block_table)
         seq.block_table = []
         seq.num_cached_blocks = 0
 

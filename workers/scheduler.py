@@ -77,9 +77,7 @@ class Scheduler:
                     self.preempt(victim)
                     if victim is seq:
                         break
-        if not ready:
-            return None
-        return ScheduledBatch(ready, [1] * len(ready))
+        return ScheduledBatch(ready, [1] * len(ready)) if ready else None
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
