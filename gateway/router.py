@@ -10,19 +10,9 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
                 and miss(p) <= miss(D) + block_size   (P never recomputes what D already holds)
     use P  iff  miss(D) > prefill_threshold_tokens  and  miss(P) + busy(P) <= prefill_worth * miss(D)
 
-running/waiting are the node's reported load corrected by what this gateway knows that the report
-(up to `load_report_age_s` old) cannot: turns it sent there and has not seen finish count at once,
-and its turns that finished there since the report was possibly taken no longer count (`LoadTracker`).
-Without that, turns that arrive together all see the same stale snapshot and herd onto one node.
-
-So D is the node that already holds most of the prompt unless it is much busier; a prefill node
-takes the prompt when D lacks a lot of it and P is not itself the bottleneck (and does not have
-to compute far more than D lacks); otherwise D prefills locally. Affinity is a score term: it
-breaks near-ties toward the session's node and is all that is left when the index is unreachable.
-
-Modes: EXACT (the index answered: cached_tokens are real) and DEGRADED (the lookup failed or took
-longer than index_timeout_s: every cached_tokens is 0, so load and affinity decide, from the last
-node snapshot). The mode is in metrics and in each response's `x-agentkv-route` header.
+running/waiting are the node's report corrected by this gateway's own turns (`LoadTracker`), so
+turns that arrive together do not all herd onto one stale snapshot. Mode EXACT: the index answered;
+DEGRADED: it failed or was slow, every cached_tokens is 0 and load and affinity decide.
 """
 
 from __future__ import annotations

@@ -69,8 +69,7 @@ Unpin = Callable[[list[str], str], Awaitable[list[str]]]  # (node ids, worker ke
 
 
 class SessionStore:
-    def __init__(self, redis: aredis.Redis, namespace: str, default_ttl_s: float, max_ttl_s: float,
-                 unpin: Unpin | None = None) -> None:  # fmt: skip
+    def __init__(self, redis: aredis.Redis, namespace: str, default_ttl_s: float, max_ttl_s: float, unpin: Unpin) -> None:
         self.redis = redis
         self.unpin = unpin
         self.prefix = f"{namespace}:gw:"
@@ -154,11 +153,6 @@ class SessionStore:
 
     async def end(self, tenant: str, session_id: str) -> SessionDeleted:
         """Forget the session and release its pinned blocks on the nodes that served it."""
-        node_ids = await self._delete(tenant, session_id)
-        unpinned = await self.unpin(node_ids, worker_session_key(tenant, session_id)) if self.unpin else []
-        return SessionDeleted(id=session_id, unpinned_nodes=unpinned)
-
-    async def _delete(self, tenant: str, session_id: str) -> list[str]:
         keys = self._keys(tenant, session_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.exists(keys.hash)
@@ -168,7 +162,8 @@ class SessionStore:
         exists, nodes, _, _ = await self._guard(pipe.execute())
         if not exists:
             raise SessionNotFound(f"no session {session_id!r} (it expired, was deleted, or belongs to another API key)")
-        return sorted(n.decode() for n in nodes)
+        unpinned = await self.unpin(sorted(n.decode() for n in nodes), worker_session_key(tenant, session_id))
+        return SessionDeleted(id=session_id, unpinned_nodes=unpinned)
 
     # -- internals ------------------------------------------------------------------------
     async def _create(self, tenant: str, session_id: str, ttl: float) -> bool:
