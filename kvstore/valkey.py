@@ -169,8 +169,7 @@ class EmbeddedValkey:
     def _log_tail(self) -> str:
         lines: list[str] = []
         for name in ("valkey.log", "stdout.log"):
-            path = self._dir / name if self._dir else None
-            if path is not None and path.exists():
+            if (path := self._dir / name).exists():
                 lines += path.read_text(errors="replace").splitlines()
         return " | ".join(lines[-3:]) or "no log"
 
