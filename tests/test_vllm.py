@@ -20,6 +20,7 @@ import zmq
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored
 from kvstore.hashing import block_hashes, hash_block, hash_seed
+from kvstore.wire import TOKEN_HEADER, Paths
 from workers.vllm_events import EventMirror, decode_batch
 
 BS = 32  # vLLM's CPU attention needs a multiple of 32
@@ -63,6 +64,7 @@ def test_vllm_events_become_agentkv_hash_chains():
     first = mirror.translate(decode_batch(_batch(_stored([11, 12, 13], ids[: 3 * BS], salt=SALT))))
     later = mirror.translate(decode_batch(_batch(_stored([14], ids[3 * BS :], parent=13))))
     assert first == [BlockStored(chain[:3], parent_hash=None)] and later == [BlockStored(chain[3:], parent_hash=chain[2])]
+    assert mirror.cached_prefix(chain[:2] + [123]) == 2 and mirror.cached_prefix(chain) == 4
     # a parent this mirror never saw: skipped (routing just misses it)
     assert mirror.translate([_stored([99], ids[:BS], parent=98)]) == []
     # a second physical copy of block 14: its first removal keeps it, the second removes it
@@ -155,12 +157,12 @@ def test_session_reuses_cache_and_moves_only_lacking_blocks(cluster):
         elapsed, done = time.perf_counter() - started, raw.parse()
         prompt, completion, cached, stats = _usage(done)
         moved = _await_change(lambda: _transfer_counters(cluster), before, expect=stats["transferred_bytes"] > 0)
-        print(f"turn {n}: {elapsed:.2f} s, prompt {prompt}, cached {cached}, stats {stats}, vLLM counters {moved}")
+        print(f"turn {n}: {elapsed:.2f} s, prompt {prompt}, cached {cached}, moved {stats['transferred_tokens']}, vLLM counters {moved}")
         turns.append((prompt, completion, cached, stats))
         # P computed the new text and D pulled exactly the blocks it lacked: vLLM's own counters agree
         assert stats["prefill_node"] == cluster.ids["prefill"] and stats["decode_node"] == cluster.ids["decode"], stats
         assert stats["transferred_blocks"] == math.ceil(prompt / BS) - cached // BS, (n, stats)
-        assert moved == (stats["transferred_bytes"], stats["transferred_tokens"]), (n, stats, moved)
+        assert moved == (stats["transferred_bytes"], stats["transferred_tokens"], cached), (n, stats, moved)
         messages += [{"role": "assistant", "content": done.choices[0].message.content},
                      {"role": "user", "content": f"Tool output {n}: " + " ".join(f"step {i} passed." for i in range(25))}]  # fmt: skip
     assert turns[0][2] == 0
@@ -197,32 +199,36 @@ def test_killing_the_decode_vllm_mid_stream_fails_fast_and_leaves_routing(cluste
     except (openai.APIError, httpx.HTTPError) as exc:
         error = exc
     assert killed_at is not None and error is not None, "the stream ended without an error"
+    print(f"error event {time.monotonic() - killed_at:.2f} s after the kill: {error}")
     assert time.monotonic() - killed_at < 5, error
     deadline = time.monotonic() + 10
     while cluster.ids["decode"] in _routed_nodes(cluster) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert cluster.ids["decode"] not in _routed_nodes(cluster)
-    print(f"error after {time.monotonic() - killed_at:.2f} s: {error}")
+    print(f"decode node out of routing {time.monotonic() - killed_at:.2f} s after the kill")
 
 
 # -- helpers --------------------------------------------------------------------------------------
 def _fingerprint(cluster) -> str:
-    return httpx.get(cluster.stack.nodes["decode"] + "/internal/info", timeout=5).json()["model_fingerprint"]
+    headers = {TOKEN_HEADER: cluster.stack.cluster_token}
+    return httpx.get(cluster.stack.nodes["decode"] + Paths.INFO, headers=headers, timeout=5).json()["model_fingerprint"]
 
 
-def _transfer_counters(cluster) -> tuple[int, int]:
+def _transfer_counters(cluster) -> tuple[int, int, int]:
+    """D's vLLM: bytes pulled over NIXL, prompt tokens that arrived that way, prompt tokens found in its own cache."""
     return (round(cluster.metric("vllm:nixl_bytes_transferred_sum")),
-            round(cluster.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")))  # fmt: skip
+            round(cluster.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")),
+            round(cluster.metric("vllm:prompt_tokens_by_source_total", source="local_cache_hit")))  # fmt: skip
 
 
-def _await_change(read, before: tuple[int, int], expect: bool) -> tuple[int, int]:
+def _await_change(read, before: tuple[int, ...], expect: bool) -> tuple[int, ...]:
     """Deltas of vLLM's counters after a turn (they reach /metrics with the engine's next stats push)."""
     deadline = time.monotonic() + (5 if expect else 1.5)
     while (now := read()) == before and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.3)
     now = read()
-    return now[0] - before[0], now[1] - before[1]
+    return tuple(a - b for a, b in zip(now, before))
 
 
 def _index_blocks(cluster, node_id: str) -> set[int]:

@@ -35,6 +35,7 @@ import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvstore.events import KVEvent
+from kvstore.hashing import block_hashes, hash_seed
 from kvstore.nodes import NodeLoad, NodeRecord
 from kvstore.wire import GenerateRequest, PrefillRequest, PrefillResult, SamplingParams, TokenChunk
 from workers.backend import CacheSnapshot, InvalidRequest, Unavailable
@@ -204,9 +205,10 @@ class VllmEngine:
         remote = req.remote_kv.kv_transfer_params if req.remote_kv else None
         try:
             if remote:
+                local = self._local_hit(req) * self.record.block_size
                 try:
                     call, first = await self._start(req.request_id, {**body, "kv_transfer_params": remote})
-                    return self._stream(req.request_id, call, first, pulled=True)
+                    return self._stream(req.request_id, call, first, pulled_after=local)
                 except VllmError as exc:
                     if exc.aborted:
                         raise
@@ -215,9 +217,17 @@ class VllmEngine:
             call, first = await self._start(req.request_id, body)
         except VllmError as exc:
             raise Unavailable(str(exc)) from None
-        return self._stream(req.request_id, call, first, pulled=False)
+        return self._stream(req.request_id, call, first)
 
-    async def _stream(self, request_id: str, call: _Call, event: dict | None, pulled: bool) -> AsyncGenerator[TokenChunk, None]:
+    def _local_hit(self, req: GenerateRequest) -> int:
+        """Blocks of the prompt vLLM's prefix cache holds here, by its KV events. Needed because with
+        a remote prefill vLLM reports the prefill node's hits as `cached_tokens`, not its own."""
+        bs = self.record.block_size
+        hashes = req.block_hashes or block_hashes(req.prompt_token_ids, bs, hash_seed(self.record.model_fingerprint, req.hash_salt))
+        return self.mirror.cached_prefix(hashes[: (len(req.prompt_token_ids) - 1) // bs])  # vLLM computes the last token
+
+    async def _stream(self, request_id: str, call: _Call, event: dict | None,
+                      pulled_after: int | None = None) -> AsyncGenerator[TokenChunk, None]:  # fmt: skip
         """Token chunks from vLLM's events: content chunks as they come, and the last one carrying
         the finish reason joined with the usage chunk that follows it."""
         last: TokenChunk | None = None
@@ -230,11 +240,11 @@ class VllmEngine:
                     last = TokenChunk(request_id=request_id, token_ids=choice.get("token_ids") or [], text=choice.get("text") or "",
                                       logprobs=logprobs, finish_reason=choice.get("finish_reason"))  # fmt: skip
                 if usage := event.get("usage"):
-                    yield self._final(last or TokenChunk(request_id=request_id, token_ids=[]), usage, pulled)
+                    yield self._final(last or TokenChunk(request_id=request_id, token_ids=[]), usage, pulled_after)
                     return
                 event = await call.next()
             if last is not None:  # no usage chunk: finish with what we have
-                yield self._final(last, {}, pulled)
+                yield self._final(last, {}, pulled_after)
         except VllmError as exc:
             if last is not None:
                 yield last
@@ -244,16 +254,18 @@ class VllmEngine:
             call.cancel()  # the consumer left early: closing the stream aborts the request in vLLM
             self._calls.pop(request_id, None)
 
-    def _final(self, chunk: TokenChunk, usage: dict[str, Any], pulled: bool) -> TokenChunk:
+    def _final(self, chunk: TokenChunk, usage: dict[str, Any], pulled_after: int | None) -> TokenChunk:
         """The finished chunk with the turn's accounting. Pulled over NIXL: every block of the prompt
-        from the first one this node lacked (its own hits are whole blocks) to the partial last one."""
+        from the first one this node lacked (`pulled_after` tokens were its own hits) to the partial last one."""
         prompt, bs = usage.get("prompt_tokens", 0), self.record.block_size
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        blocks = -(-prompt // bs) - cached // bs if pulled else 0
+        moved = blocks = 0
+        if pulled_after is not None:
+            cached, moved, blocks = pulled_after, prompt - pulled_after, -(-prompt // bs) - pulled_after // bs
         return msgspec.structs.replace(
             chunk, finished=True, finish_reason=chunk.finish_reason or "stop", prompt_tokens=prompt, cached_tokens=cached,
-            completion_tokens=usage.get("completion_tokens", 0), transferred_tokens=prompt - cached if pulled else 0,
-            transferred_blocks=blocks, transferred_bytes=blocks * self.bytes_per_block,
+            completion_tokens=usage.get("completion_tokens", 0), transferred_tokens=moved, transferred_blocks=blocks,
+            transferred_bytes=blocks * self.bytes_per_block,
         )  # fmt: skip
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:

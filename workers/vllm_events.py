@@ -11,6 +11,7 @@ its own, so copies are counted and a removal reaches the index only when the las
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -33,6 +34,11 @@ class EventMirror:
     def __init__(self, model_fingerprint: str, block_size: int) -> None:
         self.fingerprint, self.block_size = model_fingerprint, block_size
         self.blocks: dict[int, list] = {}
+        self.held: Counter[int] = Counter()  # agentkv hash -> vLLM blocks with that content
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        """How many leading blocks of a prompt (agentkv hashes) vLLM holds: what its prefix cache finds."""
+        return next((n for n, h in enumerate(hashes) if h not in self.held), len(hashes))
 
     def translate(self, events: list[dict[str, Any]]) -> list[KVEvent]:
         out: list[KVEvent] = []
@@ -46,6 +52,7 @@ class EventMirror:
                     out.append(BlockRemoved(removed))
             elif kind == "AllBlocksCleared":
                 self.blocks.clear()
+                self.held.clear()
                 out.append(AllCleared())
         return out
 
@@ -70,6 +77,7 @@ class EventMirror:
                 entry[2] += 1
             else:
                 self.blocks[vllm_hash] = [child, chain if n or parent is not None else None, 1]
+                self.held[child] += 1
             hashes.append(chain := child)
         return BlockStored(hashes, parent_hash=parent)
 
@@ -80,5 +88,9 @@ class EventMirror:
             if entry is not None:
                 entry[2] -= 1
                 if entry[2] == 0:
-                    gone.append(self.blocks.pop(vllm_hash)[0])
+                    del self.blocks[vllm_hash]
+                    self.held[entry[0]] -= 1
+                    if not self.held[entry[0]]:
+                        del self.held[entry[0]]
+                        gone.append(entry[0])
         return gone
