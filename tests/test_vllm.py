@@ -20,7 +20,7 @@ import zmq
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored
 from kvstore.hashing import block_hashes, hash_block, hash_seed
-from kvstore.wire import TOKEN_HEADER, Paths
+from kvstore.wire import TOKEN_HEADER, GenerateRequest, Paths, PrefillResult, SamplingParams, TokenChunk
 from workers.vllm_events import EventMirror, decode_batch
 
 BS = 32  # vLLM's CPU attention needs a multiple of 32
@@ -183,6 +183,22 @@ def test_index_lists_exactly_the_blocks_vllm_reported(cluster):
         while (got := _index_blocks(cluster, cluster.ids[name])) != expected and time.monotonic() < deadline:
             time.sleep(0.2)
         assert got == expected and expected, (name, len(got), len(expected))
+
+
+@pytest.mark.heavy
+def test_unreachable_prefill_node_means_local_prefill(cluster):
+    ids = list(range(2000, 2000 + 2 * BS + 5))
+    gone = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "gone", "remote_request_id": "gone-1",
+            "remote_block_ids": [[1, 2, 3]], "remote_host": "127.0.0.1", "remote_port": 9, "tp_size": 1,
+            "remote_num_tokens": len(ids)}  # fmt: skip
+    remote = PrefillResult(request_id="gone-1", node_id=cluster.ids["prefill"], generation=1, block_ids=[], num_computed=len(ids),
+                           first_token=0, kv_transfer_params=gone)  # fmt: skip
+    body = GenerateRequest(request_id="fallback-1", prompt_token_ids=ids, sampling=SamplingParams(max_tokens=4), remote_kv=remote)
+    headers = {TOKEN_HEADER: cluster.stack.cluster_token}
+    resp = httpx.post(cluster.stack.nodes["decode"] + Paths.GENERATE, content=msgspec.json.encode(body), headers=headers, timeout=120)
+    *_, final = (msgspec.json.decode(line, type=TokenChunk) for line in resp.text.splitlines())
+    assert final.finished and final.finish_reason == "length" and final.transferred_tokens == 0, final
+    assert httpx.get(cluster.stack.nodes["decode"] + "/internal/health").json()["transfer_fallbacks"] == 1
 
 
 @pytest.mark.heavy
