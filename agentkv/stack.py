@@ -10,6 +10,7 @@ without agentkv in it (the bench's peer server uses it).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import secrets
 import signal
@@ -115,6 +116,19 @@ class Worker:
     args: tuple[str, ...] = ()  # more `agentkv worker` options
 
 
+def vllm_python() -> str:
+    """The interpreter with vLLM: $AGENTKV_VLLM_PYTHON, else this checkout's .venv-vllm (`make test`
+    builds it), else "" (the worker then uses its own)."""
+    local = Path(__file__).parents[1] / ".venv-vllm" / "bin" / "python"
+    return os.environ.get("AGENTKV_VLLM_PYTHON") or (str(local) if local.exists() else "")
+
+
+def vllm_workers(python: str = "") -> tuple[Worker, ...]:
+    """`agentkv up --engine vllm`'s and the bench's pair: a prefill and a decode vLLM worker, one core each."""
+    args = ("--engine", "vllm", *(("--vllm-python", python) if python else ()))
+    return tuple(dataclasses.replace(w, args=args) for w in one_core_each("prefill", "decode"))
+
+
 def first_cores(n: int) -> list[int]:
     """The first `n` cores this process may use (fewer on a smaller machine; none where unknown)."""
     return sorted(os.sched_getaffinity(0))[:n] if hasattr(os, "sched_getaffinity") else []
@@ -141,6 +155,7 @@ class Stack(Processes):
     block_size: int = 16
     kv_cache_gb: float = 0.5
     session_ttl_s: float = 300.0
+    start_timeout_s: float = 300.0  # vLLM workers: 35-100 s each on a loaded 2-core machine; give them more
     cluster_token: str = field(default_factory=lambda: secrets.token_hex(16))  # "": none
     valkey: EmbeddedValkey | None = None  # the one we started
     nodes: dict[str, str] = field(default_factory=dict)  # worker name -> internal API URL
@@ -178,11 +193,11 @@ class Stack(Processes):
             self.urls[routing] = f"http://{self.host}:{port}"
         return self
 
-    def start(self, timeout_s: float = 300.0) -> Stack:
+    def start(self, timeout_s: float | None = None) -> Stack:
         try:
             if not self.children:
                 self.launch()
-            self.wait_until(self._ready, "the stack", timeout_s)
+            self.wait_until(self._ready, "the stack", timeout_s or self.start_timeout_s)
         except BaseException:
             self.stop()
             raise
