@@ -124,8 +124,8 @@ async def health(cluster: NamedDependency[ClusterView], renderers: NamedDependen
         "redis": cluster.reachable,
         "nodes": [
             {"node_id": rec.node_id, "role": rec.role.value, "address": rec.address, "generation": rec.generation,
-             "running": load.running, "waiting": load.waiting, "free_blocks": load.free_blocks,
-             "total_blocks": load.total_blocks}  # fmt: skip
+             "engine": rec.engine, "features": rec.features, "running": load.running, "waiting": load.waiting,
+             "free_blocks": load.free_blocks, "total_blocks": load.total_blocks}  # fmt: skip
             for rec, load in nodes
         ],
     }

@@ -76,7 +76,8 @@ def create_app(
 
             async def unpin(node_ids: list[str], key: str) -> list[str]:
                 live = {rec.node_id: rec for rec, _ in cluster.nodes() or await cluster.refresh()}
-                return [nid for nid in node_ids if nid in live and await workers.unpin(live[nid], key)]
+                pinning = [live[n] for n in node_ids if n in live and "session_pins" in live[n].features]  # vLLM: none
+                return [rec.node_id for rec in pinning if await workers.unpin(rec, key)]
 
             sessions = SessionStore(r, config.namespace, config.session_ttl_s, config.max_session_ttl_s, unpin)
             rend = renderers or Renderers(tokenizer_path=config.tokenizer)
