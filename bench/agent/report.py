@@ -24,9 +24,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Issue 7's targets against this run's numbers; a target whose modes did not run is `met: null`."""
+    """Issues 7's and 12's targets against this run's numbers; a target whose modes did not run is `met: null`."""
     prefix, peer = modes.get("prefix_aware", {}), modes.get("transformers_serve", {})
     colo, disagg = modes.get("colocated", {}), modes.get("disaggregated", {})
+    vllm, vllm_pd = modes.get("vllm", {}), modes.get("vllm_pd", {})
     checks: dict[str, tuple[float | None, str, Any]] = {
         "prefix_aware_ttft_p50_vs_transformers_serve": (
             _ratio(prefix.get("ttft_p50_s"), peer.get("ttft_p50_s")), "<= 0.333", lambda v: v <= 1 / 3),
@@ -35,6 +36,10 @@ def targets(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         "prefix_aware_reuse_ratio": (prefix.get("reuse_ratio"), ">= 0.98", lambda v: v >= 0.98),
         "disaggregated_short_ttft_p99_vs_colocated": (
             _ratio(disagg.get("ttft_p99_s"), colo.get("ttft_p99_s")), "<= 0.333", lambda v: v <= 1 / 3),
+        "vllm_pd_ttft_p99_vs_vllm": (_ratio(vllm_pd.get("ttft_p99_s"), vllm.get("ttft_p99_s")), "<= 0.5", lambda v: v <= 0.5),
+        "vllm_pd_itl_p99_vs_vllm": (_ratio(vllm_pd.get("itl_p99_s"), vllm.get("itl_p99_s")), "<= 0.5", lambda v: v <= 0.5),
+        "vllm_pd_out_tok_s_vs_vllm": (_ratio(vllm_pd.get("out_tok_s"), vllm.get("out_tok_s")), ">= 1.2", lambda v: v >= 1.2),
+        "vllm_pd_reuse_ratio": (vllm_pd.get("reuse_ratio"), ">= 0.98", lambda v: v >= 0.98),
     }  # fmt: skip
     out = {name: {"value": value, "target": target, "met": None if value is None else bool(ok(value))}
            for name, (value, target, ok) in checks.items()}  # fmt: skip

@@ -8,6 +8,7 @@ start marks its modes with an error and the run goes on. Progress goes to stderr
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -23,8 +24,8 @@ import msgspec
 
 from bench.agent import metrics, mooncake, report
 from bench.agent.driver import Driver, DriveResult
-from agentkv.stack import Stack, StackError, first_cores
-from bench.agent.modes import MODES, Mode, kv_bytes_per_block, topologies, transformers_serve
+from agentkv.stack import Stack, StackError, first_cores, vllm_python
+from bench.agent.modes import MODES, Mode, kv_bytes_per_block, topologies, transformers_serve, vllm_serve
 from bench.agent.workload import AgentWorkload, build_plan, shared_prefix_tokens
 
 # Sized for this 2-core CPU (~150 decode tok/s batched, ~250 prefill tok/s; the peer is several
@@ -68,7 +69,8 @@ def run(
     trace: TraceReplay | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
-    """Run the selected modes (default: all six) and return the result; files go to `out_dir`."""
+    """Run the selected modes (default: all) and return the result; files go to `out_dir`.
+    The vLLM modes run vLLM with $AGENTKV_VLLM_PYTHON, else .venv-vllm."""
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     say = log or _stderr(started)
@@ -83,35 +85,43 @@ def run(
     from workers.loader import resolve_model_path
 
     model_dir = Path(resolve_model_path(model)[0])
-    bench = _Bench(workloads, trace, block_size, kv_bytes_per_block(model, block_size), _chat_encoder(model_dir), out, say)
+    bench = _Bench(workloads, trace, block_size, lambda bs: kv_bytes_per_block(model, bs), _chat_encoder(model_dir), out, say)
     results: dict[str, dict[str, Any]] = {}
-    topo = topologies()
+    python = vllm_python()
+    topo = topologies(python)
     for (system, topology), group in itertools.groupby(selected, key=lambda m: (m.system, m.topology)):
         group = list(group)
         say(f"starting {system} ({topology}) for {', '.join(m.name for m in group)}")
         try:
+            bs = bench.block_size_of(group[0])
             if system == "agentkv":
+                if topology == "vllm_pd" and not python:
+                    raise StackError("no vLLM interpreter: set AGENTKV_VLLM_PYTHON or build .venv-vllm (make test does)")
                 with Stack(workers=topo[topology], routings=tuple(m.routing for m in group), port=0, model=model,
-                           block_size=block_size, kv_cache_gb=KV_CACHE_GB, session_ttl_s=120.0,
+                           block_size=bs, kv_cache_gb=KV_CACHE_GB, session_ttl_s=120.0, start_timeout_s=900.0,
                            log_dir=out / "logs" / topology) as stack:  # fmt: skip
                     for mode in group:
                         results[mode.name] = bench.measure_safely(mode, stack.urls[mode.routing])
+            elif system == "vllm":
+                with vllm_serve(python, model_dir, out / "logs" / topology, kv_cache_gb=KV_CACHE_GB, block_size=bs) as url:
+                    for mode in group:
+                        results[mode.name] = bench.measure_safely(mode, url)
             else:
                 with transformers_serve(model_dir, out / "logs" / topology, kv_cache_gb=KV_CACHE_GB,
-                                        kv_bytes_per_token=bench.bytes_per_block // block_size) as url:  # fmt: skip
+                                        kv_bytes_per_token=bench.bytes_per_block(bs) // bs) as url:  # fmt: skip
                     for mode in group:
                         results[mode.name] = bench.measure_safely(mode, url)
         except StackError as exc:
             say(f"{system} ({topology}) failed: {exc}")
             for mode in group:
-                results.setdefault(mode.name, {**_describe(mode, bench.workload_name(mode)), "error": str(exc)})
+                results.setdefault(mode.name, {**bench.describe(mode), "error": str(exc)})
 
     result: dict[str, Any] = {
         "bench": "agent",
         "quick": quick,
         "model": model,
         "block_size": block_size,
-        "kv_bytes_per_block": bench.bytes_per_block,
+        "kv_bytes_per_block": bench.bytes_per_block(block_size),
         "cores": first_cores(2),
         # Other work on a shared machine slows every mode: the 1-minute load average around the run.
         "load_avg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
@@ -134,11 +144,11 @@ class _Bench:
     """What every mode shares: workloads, the ceiling's tokenizer, where outcomes and plot data go."""
 
     def __init__(self, workloads: dict[str, AgentWorkload], trace: TraceReplay | None, block_size: int,
-                 bytes_per_block: int, encode: Callable[[list[dict]], list[int]], out: Path, say: Log) -> None:  # fmt: skip
+                 bytes_per_block: Callable[[int], int], encode: Callable[[list[dict]], list[int]], out: Path, say: Log) -> None:  # fmt: skip
         self.workloads = workloads
         self.trace = trace
-        self.block_size = block_size
-        self.bytes_per_block = bytes_per_block
+        self.block_size = block_size  # the run's; a mode may have its own (vLLM's)
+        self.bytes_per_block = functools.cache(bytes_per_block)
         self.encode = encode
         self.out = out
         self.say = say
@@ -148,16 +158,30 @@ class _Bench:
     def workload_name(self, mode: Mode) -> str:
         return "mooncake" if mode.workload == "agent" and self.trace is not None else mode.workload
 
+    def block_size_of(self, mode: Mode) -> int:
+        return mode.block_size or self.block_size
+
+    def describe(self, mode: Mode) -> dict[str, Any]:
+        notes = {
+            "agent": "agent sessions; latency over every turn",
+            "mooncake": "Mooncake trace replay (open loop); latency over every request",
+            "hol_mix": "head-of-line mix: agent sessions with short turns plus long documents; latency over the agent "
+                       "turns (the short requests), long documents under long_docs; out_tok_s counts both",
+        }  # fmt: skip
+        workload = self.workload_name(mode)
+        return {"system": mode.system, "topology": mode.topology, "routing": mode.routing, "workload": workload,
+                "workload_note": notes[workload], "block_size": self.block_size_of(mode)}  # fmt: skip
+
     def measure_safely(self, mode: Mode, url: str) -> dict[str, Any]:
         """A mode that breaks (the server stops answering /v1/models, ...) is reported, not fatal."""
         try:
             return self.measure(mode, url)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the other modes still run
             self.say(f"{mode.name} failed: {type(exc).__name__}: {exc}")
-            return {**_describe(mode, self.workload_name(mode)), "error": f"{type(exc).__name__}: {exc}"}
+            return {**self.describe(mode), "error": f"{type(exc).__name__}: {exc}"}
 
     def measure(self, mode: Mode, url: str) -> dict[str, Any]:
-        name = self.workload_name(mode)
+        name, bs = self.workload_name(mode), self.block_size_of(mode)
         self.say(f"{mode.name}: running the {name} workload against {url}")
         nonce = f"{mode.name}-{secrets.token_hex(4)}"
         if name == "mooncake":
@@ -166,18 +190,18 @@ class _Bench:
                 time_scale=self.trace.time_scale, max_requests=self.trace.max_requests, nonce=nonce,
             )  # fmt: skip
             drive = asyncio.run(_drive(url, lambda d: d.run_replay(requests)))
-            reusable = dict(zip((r.id for r in requests), mooncake.reusable_tokens(requests, self.block_size)))
+            reusable = dict(zip((r.id for r in requests), mooncake.reusable_tokens(requests, bs)))
             ceilings = metrics.replay_ceilings(drive.outcomes, reusable)
         else:
             plan = build_plan(self.workloads[name], nonce)
             drive = asyncio.run(_drive(url, lambda d: d.run_agent(plan)))
-            ceilings = metrics.agent_ceilings(drive.outcomes, shared_prefix_tokens(plan, self.encode), self.block_size)
-        summary = metrics.summarize(drive, ceilings, self.block_size, self.bytes_per_block)
+            ceilings = metrics.agent_ceilings(drive.outcomes, shared_prefix_tokens(plan, self.encode), bs)
+        summary = metrics.summarize(drive, ceilings, bs, self.bytes_per_block(bs))
         (self.out / "outcomes" / f"{mode.name}.json").write_bytes(msgspec.json.encode(drive))
         timed = [o for o in drive.outcomes if o.kind in metrics.REUSE_KINDS and o.ok and o.ttft_s is not None]
         self.ttfts[mode.name] = [o.ttft_s for o in timed]
         self.reuse[mode.name] = metrics.reuse_by_turn(drive.outcomes, ceilings)
-        result = {**_describe(mode, name), **msgspec.to_builtins(summary), "reuse_by_turn": self.reuse[mode.name]}
+        result = {**self.describe(mode), **msgspec.to_builtins(summary), "reuse_by_turn": self.reuse[mode.name]}
         if mode.system != "agentkv":
             result.pop("bytes_moved_ratio")
         if name == "hol_mix":
@@ -185,17 +209,6 @@ class _Bench:
         self.say(f"{mode.name}: ttft p50 {_fmt(summary.ttft_p50_s)} s p99 {_fmt(summary.ttft_p99_s)} s, "
                  f"{summary.out_tok_s:.1f} out tok/s, reuse {_fmt(summary.reuse_ratio)}, failed {summary.failed}")  # fmt: skip
         return result
-
-
-def _describe(mode: Mode, workload: str) -> dict[str, Any]:
-    notes = {
-        "agent": "agent sessions; latency over every turn",
-        "mooncake": "Mooncake trace replay (open loop); latency over every request",
-        "hol_mix": "head-of-line mix: agent sessions with short turns plus long documents; latency over the agent "
-                   "turns (the short requests), long documents under long_docs; out_tok_s counts both",
-    }  # fmt: skip
-    return {"system": mode.system, "topology": mode.topology, "routing": mode.routing, "workload": workload,
-            "workload_note": notes[workload]}  # fmt: skip
 
 
 async def _drive(url: str, work: Callable[[Driver], Any]) -> DriveResult:
