@@ -445,3 +445,20 @@ def test_vllm_modes_wiring(tmp_path, monkeypatch):
     args = " ".join(record["args"])
     assert "--dtype float32" in args and "--block-size 32" in args and "--enable-prefix-caching" in args
     assert "--enable-prompt-tokens-details" in args and record["cpus"] == first_cores(2)
+
+
+def test_up_with_the_vllm_engine_starts_vllm_workers(monkeypatch):
+    """`agentkv up --engine vllm`: the same stack, its two workers as `--engine vllm`, blocks of 32, a long start."""
+    from typer.testing import CliRunner
+
+    import agentkv.stack
+    from agentkv.cli import app
+
+    stacks = []
+    monkeypatch.setattr(agentkv.stack, "run_up", lambda stack: stacks.append(stack) or 0)
+    assert CliRunner().invoke(app, ["up", "--engine", "vllm", "--vllm-python", "/opt/vllm/bin/python"]).exit_code == 0
+    assert CliRunner().invoke(app, ["up"]).exit_code == 0
+    vllm, builtin = stacks
+    assert [w.role for w in vllm.workers] == ["prefill", "decode"] and vllm.block_size == 32 and vllm.start_timeout_s >= 600
+    assert all(w.args == ("--engine", "vllm", "--vllm-python", "/opt/vllm/bin/python") for w in vllm.workers)
+    assert all(w.args == () for w in builtin.workers) and builtin.block_size == 16
