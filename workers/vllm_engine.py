@@ -124,7 +124,8 @@ class VllmEngine:
                                       max_model_len=min(model_config.get("max_position_embeddings", 1 << 20),
                                                         (kv_bytes // (token_bytes * bs) - 1) * bs),  # vLLM keeps a block back
                                       events=events, replay=replay,
-                                      side_channel_port=free_port(), extra_args=config.vllm_args)  # fmt: skip
+                                      side_channel_port=free_port(), side_channel_host=config.advertise_host or "127.0.0.1",
+                                      extra_args=config.vllm_args)  # fmt: skip
         try:
             started = time.monotonic()
             info = await _wait_ready(server, start_timeout_s)

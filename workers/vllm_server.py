@@ -38,7 +38,8 @@ class VllmServer:
 
     @classmethod
     def spawn(cls, python: str, model_dir: Path, served_name: str, port: int, *, block_size: int, kv_cache_bytes: int,
-              max_num_seqs: int, max_model_len: int, events: str, replay: str, side_channel_port: int, extra_args: str = "") -> VllmServer:  # fmt: skip
+              max_num_seqs: int, max_model_len: int, events: str, replay: str, side_channel_port: int, side_channel_host: str = "127.0.0.1",
+              extra_args: str = "") -> VllmServer:  # fmt: skip
         cores = sorted(os.sched_getaffinity(0))
         argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
@@ -53,7 +54,7 @@ class VllmServer:
         env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it would override the bytes
         env.update(
             VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-            OMP_NUM_THREADS=str(len(cores)), VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1",
+            OMP_NUM_THREADS=str(len(cores)), VLLM_NIXL_SIDE_CHANNEL_HOST=side_channel_host,  # where decode nodes reach it
             VLLM_NIXL_SIDE_CHANNEL_PORT=str(side_channel_port), NIXL_NO_PROG_THREAD="1",
             PYTHONPATH=os.pathsep.join(filter(None, [str(SITECUSTOMIZE), os.environ.get("PYTHONPATH")])),
         )  # fmt: skip
