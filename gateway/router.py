@@ -26,7 +26,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import msgspec
 from redis.exceptions import RedisError
@@ -35,6 +35,9 @@ from gateway.config import RouterConfig
 from gateway.errors import ClusterMisconfigured, NoWorkers
 from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord, Role
+
+if TYPE_CHECKING:  # routing reads a turn's block_hashes, prompt_ids, affinity and max_tokens
+    from gateway.turn import Turn
 
 log = logging.getLogger("agentkv.gateway")
 
@@ -191,22 +194,11 @@ class LoadTracker:
         return msgspec.structs.replace(load, running=total - waiting, waiting=waiting)
 
 
-class Routable(Protocol):
-    """What routing needs of a turn (gateway.turn.Turn)."""
-
-    block_hashes: list[int]
-    prompt_ids: list[int]
-    affinity: str | None
-
-    @property
-    def max_tokens(self) -> int: ...
-
-
 class RouteLease:
     """A route held for one turn: its nodes count as busy (LoadTracker) until the lease ends, and
     the turn may move once, when its decode node turns out to be unreachable before any token."""
 
-    def __init__(self, router: Router, turn: Routable, route: Route) -> None:
+    def __init__(self, router: Router, turn: Turn, route: Route) -> None:
         self.router = router
         self.turn = turn
         self.route = route
@@ -234,7 +226,7 @@ class Router:
         self._turns = itertools.count()  # round-robin position of the baseline policies
 
     @contextlib.asynccontextmanager
-    async def lease(self, turn: Routable) -> AsyncIterator[RouteLease]:
+    async def lease(self, turn: Turn) -> AsyncIterator[RouteLease]:
         lease = RouteLease(self, turn, await self.choose(turn))
         self.loads.started(lease.route)
         try:
@@ -242,7 +234,7 @@ class Router:
         finally:
             self.loads.finished(lease.route)
 
-    async def choose(self, turn: Routable, exclude: frozenset[str] = frozenset()) -> Route:
+    async def choose(self, turn: Turn, exclude: frozenset[str] = frozenset()) -> Route:
         prompt_tokens, affinity = len(turn.prompt_ids), turn.affinity
         try:
             found = await asyncio.wait_for(self.index.lookup_with_nodes(turn.block_hashes), self.config.index_timeout_s)

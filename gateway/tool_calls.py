@@ -156,14 +156,6 @@ class ToolCallParser:
             out.append(ContentDelta(text))
 
 
-def parse_tool_calls(text: str, parallel: bool = True, names: frozenset[str] | None = None) -> tuple[str, list[ParsedCall]]:
-    """Whole-text parse: (content, calls)."""
-    parser = ToolCallParser(parallel=parallel, names=names)
-    parser.feed(text)
-    parser.finish()
-    return parser.content, parser.calls
-
-
 def _as_call(obj: object) -> ParsedCall | None:
     if not isinstance(obj, dict):
         return None

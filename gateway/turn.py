@@ -193,7 +193,8 @@ class TurnPipeline:
         finally:
             if not finished:
                 touched = [route.decode] + ([route.prefill] if route.prefill else [])
-                await _shielded(self.workers.abort(touched, request_id))
+                with anyio.CancelScope(shield=True):  # must run even while being cancelled
+                    await self.workers.abort(touched, request_id)
 
     # -- internals --------------------------------------------------------------------------------
     def _turn(self, prefix: str, tenant: Tenant, model: ModelInfo, renderer: ChatRenderer, ids: list[int],
@@ -305,11 +306,6 @@ def _openai_delta(d: ContentDelta | CallDelta) -> Delta:
     if d.id is not None:
         return Delta(tool_calls=[ToolCallOut(index=d.index, id=d.id, type="function", function=ToolCallFunction(name=d.name, arguments=""))])
     return Delta(tool_calls=[ToolCallOut(index=d.index, function=ToolCallFunction(arguments=d.arguments))])
-
-
-async def _shielded(awaitable) -> None:
-    with anyio.CancelScope(shield=True):  # must run even while being cancelled
-        await awaitable
 
 
 def _completion_prompt(renderer: ChatRenderer, prompt: str | list) -> list[int]:

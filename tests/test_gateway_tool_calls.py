@@ -7,7 +7,16 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.tool_calls import CallDelta, ContentDelta, ToolCallParser, parse_tool_calls
+from gateway.tool_calls import CallDelta, ContentDelta, ParsedCall, ToolCallParser
+
+
+def parse_tool_calls(text: str, parallel: bool = True, names: frozenset[str] | None = None) -> tuple[str, list[ParsedCall]]:
+    """Whole-text parse: (content, calls)."""
+    parser = ToolCallParser(parallel=parallel, names=names)
+    parser.feed(text)
+    parser.finish()
+    return parser.content, parser.calls
+
 
 SMOL = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {"tz": "CET"}}]</tool_call>'
 HERMES = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
