@@ -144,7 +144,12 @@ def handle_unexpected(_: Request, exc: Exception) -> Response:
     return _response(500, APIError("internal gateway error (see the gateway log)").envelope())
 
 
+def handle_too_deep(_: Request, exc: RecursionError) -> Response:
+    return _response(400, InvalidRequest("the JSON body is nested too deeply").envelope())
+
+
 EXCEPTION_HANDLERS = {
+    RecursionError: handle_too_deep,
     APIError: handle_api_error,
     ValidationException: handle_validation_error,
     HTTPException: handle_http_exception,

@@ -321,4 +321,8 @@ def _completion_prompt(renderer: ChatRenderer, prompt: str | list) -> list[int]:
         raise InvalidRequest("`prompt` must be a string, a list of token ids, or a one-element list of either", param="prompt")
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
+    vocab = len(renderer.tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the model's vocabulary [0, {vocab})", param="prompt")
     return ids

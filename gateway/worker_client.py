@@ -76,9 +76,7 @@ class WorkerClient:
         try:
             if resp.status_code != 200:
                 raise from_worker(resp.status_code, await resp.aread())
-            async for line in resp.aiter_lines():
-                if not line.strip():
-                    continue
+            async for line in _ndjson_lines(resp):
                 try:
                     chunk = _decode_chunk(line)
                 except msgspec.DecodeError as exc:
@@ -114,3 +112,16 @@ class WorkerClient:
 
     def _json_headers(self) -> dict[str, str]:
         return {**self.headers, "content-type": "application/json"}
+
+
+async def _ndjson_lines(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """NDJSON lines, split on the newline byte only: model text may hold U+2028, U+2029 or U+0085,
+    which a str line reader (httpx's aiter_lines, str.splitlines) also breaks on, cutting a chunk."""
+    pending = b""
+    async for data in resp.aiter_bytes():
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending

@@ -113,7 +113,12 @@ class FakeWorker:
         out = self.reply_ids()[: req.sampling.max_tokens]
         reason = "stop" if len(out) == len(self.reply_ids()) else "length"
         base = dict(request_id=req.request_id, prompt_tokens=len(ids), cached_tokens=matched * bs)
-        chunks = [TokenChunk(token_ids=[t], text=self.tokenizer.decode([t], skip_special_tokens=True), **base) for t in out]
+        texts, shown = [], ""
+        for i in range(len(out)):
+            full = self.tokenizer.decode(out[: i + 1], skip_special_tokens=True)
+            texts.append("" if full.endswith("\ufffd") else full[len(shown):])
+            shown = shown if full.endswith("\ufffd") else full
+        chunks = [TokenChunk(token_ids=[t], text=text, **base) for t, text in zip(out, texts)]
         final = chunks[-1]
         final.finished, final.finish_reason, final.completion_tokens = True, reason, len(out)
         final.transferred_blocks, final.transferred_tokens = transferred_blocks, transferred_tokens

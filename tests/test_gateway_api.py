@@ -369,3 +369,49 @@ def test_api_keys_config_and_tenant_ids():
     with pytest.raises(AuthenticationFailed):
         tenants.authenticate("Basic k1")
     assert TenantDirectory({}).authenticate(None).id == "local"
+
+
+# -- hostile input (issue 13): a clear 4xx or an intact answer, never a 5xx -------------------------
+
+
+def test_model_text_with_unicode_line_separators_reaches_the_client_intact(gateway, workers):
+    fakes = workers(("d1", Role.DECODE))
+    fakes[0].reply = "a\u2028b\u2029c\u0085d"
+
+    async def scenario(client, cluster):
+        body = {"model": "m", "prompt": "hi", "max_tokens": 32, "temperature": 0}
+        r = await client.post("/v1/completions", json=body, headers=A)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "a\u2028b\u2029c\u0085d"
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_a_session_id_that_is_not_latin1_works_and_is_never_echoed_raw(gateway, workers):
+    async def scenario(client, cluster):
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "user": "渡辺"}
+        r = await client.post("/v1/chat/completions", json=body, headers=A)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["agentkv"]["session_id"] == "渡辺" == route_of(r).session_id
+        assert "x-session-id" not in r.headers
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+@pytest.mark.parametrize("prompt", [[-5] * 20, [99999999], [1, 2, 49152]])
+def test_token_ids_outside_the_vocabulary_are_a_400(gateway, workers, prompt):
+    async def scenario(client, cluster):
+        r = await client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 4}, headers=A)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert cluster.workers["d1"].requests == []
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_json_nested_a_thousand_levels_deep_is_a_400(gateway, workers):
+    async def scenario(client, cluster):
+        raw = '{"model": "m", "prompt": ' + "[" * 1500 + "]" * 1500 + "}"
+        r = await client.post("/v1/completions", content=raw, headers={**A, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
