@@ -42,7 +42,7 @@ from workers.backend import CacheSnapshot, InvalidRequest, Unavailable
 from workers.config import WorkerConfig
 from workers.loader import fingerprint_of, resolve_model_path
 from workers.vllm_events import EventMirror, decode_batch
-from workers.vllm_server import VllmError, VllmServer, default_python
+from workers.vllm_server import VllmError, VllmServer, default_python, spare_port
 
 log = logging.getLogger("agentkv.worker")
 
@@ -105,8 +105,6 @@ class VllmEngine:
     @classmethod
     async def launch(cls, config: WorkerConfig, generation: int, start_timeout_s: float = 900.0) -> VllmEngine:
         """Spawn vLLM (or attach to `config.vllm_url`), wait for /health, and describe it as a node."""
-        from agentkv.stack import free_port
-
         model_dir = Path(resolve_model_path(config.model)[0])
         model_config = json.loads((model_dir / "config.json").read_text())
         token_bytes = _kv_bytes_per_token(model_config)
@@ -116,15 +114,15 @@ class VllmEngine:
             server = VllmServer(config.vllm_url.rstrip("/"))
             replay = await _attach_events(server.url, sub)
         else:
-            events, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+            events, replay = (f"tcp://127.0.0.1:{spare_port()}" for _ in range(2))
             kv_bytes, bs = int(config.kv_cache_gb * (1 << 30)), config.block_size
             sub.bind(events)  # with a host in the endpoint, vLLM's publisher connects
-            server = VllmServer.spawn(config.vllm_python or default_python(), model_dir, config.model, free_port(),
+            server = VllmServer.spawn(config.vllm_python or default_python(), model_dir, config.model, spare_port(),
                                       block_size=bs, kv_cache_bytes=kv_bytes, max_num_seqs=config.max_num_seqs,
                                       max_model_len=min(model_config.get("max_position_embeddings", 1 << 20),
                                                         (kv_bytes // (token_bytes * bs) - 1) * bs),  # vLLM keeps a block back
                                       events=events, replay=replay,
-                                      side_channel_port=free_port(), side_channel_host=config.advertise_host or "127.0.0.1",
+                                      side_channel_port=spare_port(), side_channel_host=config.advertise_host or "127.0.0.1",
                                       extra_args=config.vllm_args)  # fmt: skip
         try:
             started = time.monotonic()

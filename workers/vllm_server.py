@@ -10,10 +10,13 @@ both roles, KV events published to the worker's ZMQ socket.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import random
 import shlex
+import socket
 import signal
 import subprocess
 import sys
@@ -93,3 +96,14 @@ def default_python() -> str:
 def _die_with_parent() -> None:
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spare_port() -> int:
+    """A free port below the kernel's ephemeral range (32768+): no bind(0) elsewhere (vLLM's own
+    port picking included) can take it between this check and vLLM's bind. Seen with ports from
+    bind(0): another socket took the NIXL side-channel port first and vLLM hung at start."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with contextlib.suppress(OSError), socket.create_server(("127.0.0.1", port)):
+            return port
+    raise OSError("no free port in 20000-32000")
