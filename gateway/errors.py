@@ -135,8 +135,9 @@ def handle_http_exception(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
             405: "invalid_request_error", 413: "invalid_request_error"}.get(status, "server_error")  # fmt: skip
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-    return _response(status, {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}})
+    code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}}
+    return _response(status, body, dict(exc.headers or {}) or None)  # e.g. 405's Allow
 
 
 def handle_unexpected(_: Request, exc: Exception) -> Response:

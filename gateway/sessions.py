@@ -78,8 +78,8 @@ class SessionStore:
 
     def ttl(self, requested: float | None, current: float | None = None) -> float:
         ttl = requested if requested is not None else (current or self.default_ttl_s)
-        if not 0 < ttl <= self.max_ttl_s:
-            raise InvalidRequest(f"session TTL must be in (0, {self.max_ttl_s:g}] seconds, got {ttl:g}", param="session_ttl_s")
+        if not 0.001 <= ttl <= self.max_ttl_s:  # Redis expiries are whole milliseconds
+            raise InvalidRequest(f"session TTL must be in [0.001, {self.max_ttl_s:g}] seconds, got {ttl:g}", param="session_ttl_s")
         return ttl
 
     # -- the request path -----------------------------------------------------------------

@@ -415,3 +415,21 @@ def test_json_nested_a_thousand_levels_deep_is_a_400(gateway, workers):
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_protocol_errors_carry_a_code_and_405_keeps_its_allow_header(gateway, workers):
+    async def scenario(client, cluster):
+        r = await client.post("/v1/chat/completions", content=b'{"model": "m", "messages": [', headers={**A, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
+        r = await client.get("/v1/chat/completions", headers=A)
+        assert r.status_code == 405 and "POST" in r.headers.get("allow", ""), (r.status_code, dict(r.headers))
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_a_session_ttl_under_a_millisecond_is_a_400(gateway, workers):
+    async def scenario(client, cluster):
+        r = await client.post("/v1/sessions", json={"id": "short", "ttl_s": 0.0001}, headers=A)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "session_ttl_s", r.text
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
