@@ -92,6 +92,7 @@ class ChatCompletionRequest(_GenerationRequest, kw_only=True):
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"} until constrained decoding lands
 
 
 class CompletionRequest(_GenerationRequest, kw_only=True):

@@ -36,6 +36,7 @@ from kvstore.hashing import block_hashes, hash_seed
 from kvstore.wire import GenerateRequest, PrefillResult, RouteStats, SamplingParams, TokenChunk
 
 log = logging.getLogger("agentkv.gateway")
+MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,11 @@ class TurnPipeline:
             raise Unsupported("logprobs are not supported", param="logprobs")
         if not req.messages:
             raise InvalidRequest("`messages` must not be empty", param="messages")
+        if req.response_format and req.response_format.get("type") != "text":
+            raise Unsupported("response_format other than text is not supported yet: the reply would not be "
+                              "guaranteed to match it", param="response_format")  # fmt: skip
+        if any(t.type != "function" for t in req.tools or []):
+            raise InvalidRequest("every tool must have type 'function'", param="tools")
         model = await self.cluster.model()
         renderer = await self.renderers.get(model)
         session = await self._session(tenant, session_id, req.session_ttl_s)
@@ -229,6 +235,8 @@ class TurnPipeline:
         if top_p is not None and not 0 < top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}", param="top_p")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
         return SamplingParams(max_tokens=budget, temperature=temperature, top_p=1.0 if top_p is None else top_p,
                               seed=seed, stop=[s for s in stops if s])  # fmt: skip
 

@@ -433,3 +433,18 @@ def test_a_session_ttl_under_a_millisecond_is_a_400(gateway, workers):
         assert r.status_code == 400 and r.json()["error"]["param"] == "session_ttl_s", r.text
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])  # fmt: skip
+def test_what_openai_refuses_is_a_400_not_silently_ignored(gateway, workers, extra, param):
+    async def scenario(client, cluster):
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **extra}
+        r = await client.post("/v1/chat/completions", json=body, headers=A)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert cluster.workers["d1"].requests == []
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
