@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -146,10 +147,13 @@ class KVTransport(ABC):
     """Block reads between pools. Used from one asyncio loop; backends guard their own threads."""
 
     backend: ClassVar[str]
+    ucx_defaults: ClassVar[dict[str, str]] = {}  # set unless the operator already did (docs/transfer.md)
 
     def __init__(self, name: str, kv: torch.Tensor, *, generation: int, timeout_s: float):
         if not name or "#" in name:
             raise ValueError(f"transport name must be non-empty and without '#': {name!r}")
+        for key, value in self.ucx_defaults.items():  # the operator's own settings win; UCX reads them once
+            os.environ.setdefault(key, value)
         self.name = name
         self.generation = generation
         self.layout = describe(kv, self.backend, name, generation)  # this pool, as peers will see it

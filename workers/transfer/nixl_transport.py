@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -46,11 +45,10 @@ def _block_descs(pool: PeerInfo) -> np.ndarray:
 
 class NixlTransport(KVTransport):
     backend = "nixl"
+    ucx_defaults = UCX_DEFAULTS
 
     def __init__(self, name: str, kv: torch.Tensor, *, generation: int, timeout_s: float):
         super().__init__(name, kv, generation=generation, timeout_s=timeout_s)
-        for key, value in UCX_DEFAULTS.items():  # the operator's own settings win; UCX reads them once
-            os.environ.setdefault(key, value)
         from nixl._api import nixl_agent, nixl_agent_config  # heavy; only when this backend is chosen
 
         # Named per incarnation: a restarted peer is a new agent.

@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import os
 import secrets
 import threading
 from dataclasses import dataclass
@@ -71,11 +70,10 @@ def _ucxx_loop() -> asyncio.AbstractEventLoop:
 
 class UcxxTransport(KVTransport):
     backend = "ucxx"
+    ucx_defaults = UCX_DEFAULTS
 
     def __init__(self, name: str, kv: torch.Tensor, *, generation: int, timeout_s: float):
         super().__init__(name, kv, generation=generation, timeout_s=timeout_s)
-        for key, value in UCX_DEFAULTS.items():  # the operator's own settings win; UCX reads them once
-            os.environ.setdefault(key, value)
         try:
             import ucxx  # sets its own UCX defaults on import: after ours
         except ImportError as e:
