@@ -301,6 +301,26 @@ def test_reuse_by_turn():
     assert metrics.reuse_by_turn(outcomes, ceilings) == {1: 0.5, 2: 1.0}
 
 
+def test_goodput_counts_requests_meeting_both_objectives_by_hand():
+    slo = metrics.Slo(ttft_s=1.0, itl_p99_s=0.25)
+    outcomes = [
+        Outcome(kind="warmup", id="w", ttft_s=9.0, e2e_s=9.0),  # not offered load
+        _turn("a", 1, 10, 3, 0, sent_s=0.0, ttft=0.5, itl_s=[0.1, 0.2], e2e_s=0.8),  # both met
+        _turn("a", 2, 10, 3, 0, sent_s=2.0, ttft=1.5, itl_s=[0.1, 0.1], e2e_s=1.7),  # TTFT missed
+        _turn("b", 1, 10, 3, 0, sent_s=0.0, ttft=0.2, itl_s=[0.1, 0.9], e2e_s=1.2),  # ITL p99 missed
+        _turn("b", 2, 10, 1, 0, sent_s=3.0, ttft=0.4, itl_s=[], e2e_s=0.4),  # one token: no gaps, both met
+        Outcome(kind="turn", id="c", turn=1, error="boom"),  # meets neither
+    ]
+    assert metrics.meets(outcomes[2], slo) == (False, True) and metrics.meets(outcomes[3], slo) == (True, False)
+    assert metrics.slo_attainment(outcomes[1:], slo) == {"ttft": 0.6, "itl": 0.6, "both": 0.4}
+    assert metrics.slo_attainment([], slo) == {"ttft": None, "itl": None, "both": None}
+    s = metrics.summarize(DriveResult(outcomes, duration_s=4.0), {}, 16, 1000, slo)
+    assert s.goodput_rps == 2 / 4.0 and s.slo_attainment["both"] == 0.4
+    # Agent steps: a from 0.0 to 2.0 + 1.7, b from 0.0 to 3.0 + 0.4; c failed and has no step.
+    assert sorted(metrics.agent_steps(outcomes)) == [pytest.approx(3.4), pytest.approx(3.7)]
+    assert s.agent_step_p50_s == pytest.approx(3.55)
+
+
 def test_percentile_of_nothing_is_none():
     assert metrics.percentile([], 50) is None
 
@@ -326,6 +346,7 @@ def test_targets_and_table():
     assert t["prefix_aware_out_tok_s_vs_transformers_serve"]["met"] is True
     assert t["prefix_aware_reuse_ratio"]["met"] is True
     assert t["disaggregated_short_ttft_p99_vs_colocated"]["met"] is False
+    assert t["disaggregated_goodput_per_core_vs_colocated"]["met"] is None  # no goodput in these modes
     assert t["bytes_moved_ratio"]["met"] is False and t["failed"]["met"] is False
     table = report.markdown({"modes": {**modes, "sticky": {"error": "gateway exited\nlog"}}, "targets": t})
     assert "| prefix_aware | agent | 1.000 | 2.000 |" in table
@@ -342,6 +363,14 @@ def test_vllm_pd_targets_against_vllm_alone():
     assert t["vllm_pd_out_tok_s_vs_vllm"] == {"value": pytest.approx(1.2), "target": ">= 1.2", "met": True}
     assert t["vllm_pd_reuse_ratio"]["met"] is False
     assert "| vllm_pd_itl_p99_vs_vllm | 0.750 | <= 0.5 | NO |" in report.markdown({"modes": modes, "targets": t})
+
+
+def test_goodput_target_is_disaggregated_against_colocated_per_core():
+    modes = {"colocated": _mode(workload="hol_mix", goodput_rps_per_core=0.2, agent_step_p99_s=3.0),
+             "disaggregated": _mode(workload="hol_mix", goodput_rps_per_core=0.4, agent_step_p99_s=2.0)}  # fmt: skip
+    t = report.targets(modes)
+    assert t["disaggregated_goodput_per_core_vs_colocated"] == {"value": 2.0, "target": ">= 1.5", "met": True}
+    assert "| 0.400 | 2.00 |" in report.markdown({"modes": modes, "targets": t})
 
 
 def test_targets_of_modes_that_did_not_run_are_unknown():
@@ -370,7 +399,8 @@ def test_a_tiny_run_against_a_real_disaggregated_stack(tmp_path):
 
     hol = AgentWorkload(sessions=2, turns=2, system_words=120, tools=2, task_words=8, tool_output_words=8, user_words=4,
                         max_tokens=4, long_docs=1, long_doc_words=300, long_doc_max_tokens=2, long_doc_start_s=0.5)  # fmt: skip
-    result = run(quick=True, out_dir=tmp_path, modes=["disaggregated"], hol=hol, log=lambda _: None)
+    slo = metrics.Slo(ttft_s=30.0, itl_p99_s=30.0)  # generous: this test checks the wiring, not the machine's speed
+    result = run(quick=True, out_dir=tmp_path, modes=["disaggregated"], hol=hol, slo=slo, sweep_rates=(4.0,), log=lambda _: None)
     mode = result["modes"]["disaggregated"]
     assert "error" not in mode, mode.get("error")
     assert mode["workload"] == "hol_mix" and mode["routing"] == "prefix" and mode["topology"] == "disaggregated"
@@ -378,6 +408,11 @@ def test_a_tiny_run_against_a_real_disaggregated_stack(tmp_path):
     assert mode["ttft_p50_s"] > 0 and mode["out_tok_s"] > 0
     assert mode["reuse_ratio"] >= 0.9  # every turn after the warm-up finds the system prompt on the decode node
     assert mode["transfer_requests"] >= 1 and mode["bytes_moved_ratio"] == pytest.approx(1.0)  # the document's blocks
+    assert mode["slo_attainment"] == {"ttft": 1.0, "itl": 1.0, "both": 1.0} and result["slo"]["ttft_s"] == 30.0
+    assert mode["goodput_rps"] == pytest.approx(5 / mode["duration_s"]) and mode["goodput_rps_per_core"] > 0
+    assert 0 < mode["agent_step_p50_s"] <= mode["agent_step_p99_s"]
+    point = mode["sweep"]["points"][0]
+    assert point["rate_per_s"] == 4.0 and point["failed"] == 0 and mode["sweep"]["max_rate_per_s"] == 4.0
     assert set(result["targets"]) >= {"failed", "bytes_moved_ratio"}
     assert json.loads((tmp_path / "agent.json").read_text())["modes"]["disaggregated"]["failed"] == 0
     assert (tmp_path / "agent.md").read_text().startswith("| mode |")

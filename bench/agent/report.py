@@ -12,6 +12,8 @@ COLUMNS = (
     ("itl_p50_s", "ITL p50 s", "{:.3f}"),
     ("itl_p99_s", "ITL p99 s", "{:.3f}"),
     ("out_tok_s", "out tok/s", "{:.1f}"),
+    ("goodput_rps_per_core", "goodput req/s/core", "{:.3f}"),
+    ("agent_step_p99_s", "agent step p99 s", "{:.2f}"),
     ("failed", "failed", "{}"),
     ("reuse_ratio", "reuse", "{:.3f}"),
     ("decode_local_hit_rate", "decode-local", "{:.3f}"),
@@ -24,7 +26,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Issues 7's and 12's targets against this run's numbers; a target whose modes did not run is `met: null`."""
+    """Issues 7's, 12's and 17's targets against this run's numbers; a target whose modes did not run is `met: null`."""
     prefix, peer = modes.get("prefix_aware", {}), modes.get("transformers_serve", {})
     colo, disagg = modes.get("colocated", {}), modes.get("disaggregated", {})
     vllm, vllm_pd = modes.get("vllm", {}), modes.get("vllm_pd", {})
@@ -36,6 +38,8 @@ def targets(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         "prefix_aware_reuse_ratio": (prefix.get("reuse_ratio"), ">= 0.98", lambda v: v >= 0.98),
         "disaggregated_short_ttft_p99_vs_colocated": (
             _ratio(disagg.get("ttft_p99_s"), colo.get("ttft_p99_s")), "<= 0.333", lambda v: v <= 1 / 3),
+        "disaggregated_goodput_per_core_vs_colocated": (
+            _ratio(disagg.get("goodput_rps_per_core"), colo.get("goodput_rps_per_core")), ">= 1.5", lambda v: v >= 1.5),
         "vllm_pd_ttft_p99_vs_vllm": (_ratio(vllm_pd.get("ttft_p99_s"), vllm.get("ttft_p99_s")), "<= 0.5", lambda v: v <= 0.5),
         "vllm_pd_itl_p99_vs_vllm": (_ratio(vllm_pd.get("itl_p99_s"), vllm.get("itl_p99_s")), "<= 0.5", lambda v: v <= 0.5),
         "vllm_pd_out_tok_s_vs_vllm": (_ratio(vllm_pd.get("out_tok_s"), vllm.get("out_tok_s")), ">= 1.2", lambda v: v >= 1.2),

@@ -46,6 +46,8 @@ FULL_HOL = AgentWorkload(sessions=8, turns=6, system_words=400, tools=6, task_wo
                          long_doc_gap_s=6.0)  # fmt: skip
 
 KV_CACHE_GB = 1.0  # per agentkv worker, and the peer's bound
+CORES = len(first_cores(2))  # every mode runs on the same cores: goodput per core divides by these
+SWEEP_ATTAINMENT = 0.9  # DistServe's bar: the highest load at which 90% of requests meet both objectives
 
 Log = Callable[[str], None]
 
@@ -67,10 +69,14 @@ def run(
     agent: AgentWorkload | None = None,
     hol: AgentWorkload | None = None,
     trace: TraceReplay | None = None,
+    slo: metrics.Slo = metrics.Slo(),
+    sweep_rates: tuple[float, ...] = (),
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Run the selected modes (default: all) and return the result; files go to `out_dir`.
-    The vLLM modes run vLLM with $AGENTKV_VLLM_PYTHON, else .venv-vllm."""
+    The vLLM modes run vLLM with $AGENTKV_VLLM_PYTHON, else .venv-vllm. `sweep_rates`: also run
+    each mode's workload with Poisson session arrivals at these rates (sessions/s) and report the
+    highest rate at which SWEEP_ATTAINMENT of the requests met both objectives."""
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     say = log or _stderr(started)
@@ -85,7 +91,8 @@ def run(
     from workers.loader import resolve_model_path
 
     model_dir = Path(resolve_model_path(model)[0])
-    bench = _Bench(workloads, trace, block_size, lambda bs: kv_bytes_per_block(model, bs), _chat_encoder(model_dir), out, say)
+    bench = _Bench(workloads, trace, block_size, lambda bs: kv_bytes_per_block(model, bs), _chat_encoder(model_dir), out, say,
+                   slo, sweep_rates)  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
     python = vllm_python()
     topo = topologies(python)
@@ -126,6 +133,7 @@ def run(
         # Other work on a shared machine slows every mode: the 1-minute load average around the run.
         "load_avg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "workloads": {name: msgspec.to_builtins(w) for name, w in workloads.items()},
+        "slo": {**msgspec.to_builtins(slo), "sweep_attainment": SWEEP_ATTAINMENT},
         "modes": results,
     }
     if trace is not None:
@@ -144,7 +152,8 @@ class _Bench:
     """What every mode shares: workloads, the ceiling's tokenizer, where outcomes and plot data go."""
 
     def __init__(self, workloads: dict[str, AgentWorkload], trace: TraceReplay | None, block_size: int,
-                 bytes_per_block: Callable[[int], int], encode: Callable[[list[dict]], list[int]], out: Path, say: Log) -> None:  # fmt: skip
+                 bytes_per_block: Callable[[int], int], encode: Callable[[list[dict]], list[int]], out: Path, say: Log,
+                 slo: metrics.Slo = metrics.Slo(), sweep_rates: tuple[float, ...] = ()) -> None:  # fmt: skip
         self.workloads = workloads
         self.trace = trace
         self.block_size = block_size  # the run's; a mode may have its own (vLLM's)
@@ -152,6 +161,8 @@ class _Bench:
         self.encode = encode
         self.out = out
         self.say = say
+        self.slo = slo
+        self.sweep_rates = sweep_rates
         self.ttfts: dict[str, list[float]] = {}
         self.reuse: dict[str, dict[int, float]] = {}
 
@@ -196,19 +207,38 @@ class _Bench:
             plan = build_plan(self.workloads[name], nonce)
             drive = asyncio.run(_drive(url, lambda d: d.run_agent(plan)))
             ceilings = metrics.agent_ceilings(drive.outcomes, shared_prefix_tokens(plan, self.encode), bs)
-        summary = metrics.summarize(drive, ceilings, bs, self.bytes_per_block(bs))
+        summary = metrics.summarize(drive, ceilings, bs, self.bytes_per_block(bs), self.slo)
         (self.out / "outcomes" / f"{mode.name}.json").write_bytes(msgspec.json.encode(drive))
         timed = [o for o in drive.outcomes if o.kind in metrics.REUSE_KINDS and o.ok and o.ttft_s is not None]
         self.ttfts[mode.name] = [o.ttft_s for o in timed]
         self.reuse[mode.name] = metrics.reuse_by_turn(drive.outcomes, ceilings)
-        result = {**self.describe(mode), **msgspec.to_builtins(summary), "reuse_by_turn": self.reuse[mode.name]}
+        result = {**self.describe(mode), **msgspec.to_builtins(summary), "reuse_by_turn": self.reuse[mode.name],
+                  "goodput_rps_per_core": summary.goodput_rps / CORES}  # fmt: skip
         if mode.system != "agentkv":
             result.pop("bytes_moved_ratio")
         if name == "hol_mix":
             result["long_docs"] = metrics.latency(drive.outcomes, "doc")
+        if self.sweep_rates and name != "mooncake":
+            result["sweep"] = self.sweep(mode, url, self.workloads[name])
         self.say(f"{mode.name}: ttft p50 {_fmt(summary.ttft_p50_s)} s p99 {_fmt(summary.ttft_p99_s)} s, "
                  f"{summary.out_tok_s:.1f} out tok/s, reuse {_fmt(summary.reuse_ratio)}, failed {summary.failed}")  # fmt: skip
         return result
+
+
+    def sweep(self, mode: Mode, url: str, workload: AgentWorkload) -> dict[str, Any]:
+        """The workload again at each offered load (Poisson session arrivals); the answer is the
+        highest rate whose requests met both objectives SWEEP_ATTAINMENT of the time."""
+        points = []
+        for rate in sorted(self.sweep_rates):
+            plan = build_plan(msgspec.structs.replace(workload, arrival="poisson", session_rate_per_s=rate),
+                              f"{mode.name}-{rate}-{secrets.token_hex(4)}")  # fmt: skip
+            drive = asyncio.run(_drive(url, lambda d: d.run_agent(plan)))
+            s = metrics.summarize(drive, {}, self.block_size_of(mode), self.bytes_per_block(self.block_size_of(mode)), self.slo)
+            points.append({"rate_per_s": rate, "goodput_rps": s.goodput_rps, "slo_attainment": s.slo_attainment["both"],
+                           "ttft_p99_s": s.ttft_p99_s, "failed": s.failed})  # fmt: skip
+            self.say(f"{mode.name} at {rate}/s: goodput {s.goodput_rps:.2f} req/s, both SLOs met {_fmt(s.slo_attainment['both'])}")
+        passing = [p["rate_per_s"] for p in points if (p["slo_attainment"] or 0) >= SWEEP_ATTAINMENT]
+        return {"points": points, "max_rate_per_s": max(passing, default=None)}
 
 
 async def _drive(url: str, work: Callable[[Driver], Any]) -> DriveResult:
