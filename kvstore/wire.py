@@ -46,6 +46,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    # The reply must match this grammar (llguidance's Lark text; JSON Schemas embedded with %json).
+    # Engine-agnostic: the built-in engine runs it with llguidance, vLLM with its structured outputs.
+    grammar: str | None = None
 
 
 class PrefillRequest(msgspec.Struct, kw_only=True):

@@ -13,6 +13,7 @@ from kvstore.hashing import block_hashes, hash_seed
 from kvstore.wire import SamplingParams, TokenChunk
 from workers.backend import InvalidRequest
 from workers.detokenizer import Detokenizer
+from workers.grammar import GrammarCompiler, apply_masks
 from workers.kv_cache import KVCacheManager, blocks_for
 from workers.loader import LoadedModel
 from workers.model import PagedCausalLM
@@ -68,6 +69,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.paged_model, self.pool.kv, config.block_size)
         self.eos_token_ids = self._eos_ids()
+        self.grammars = GrammarCompiler(self.tokenizer, self.paged_model.lm_head.out_features)
         self._seqs: dict[str, Sequence] = {}
         self.held: dict[str, list[int]] = {}  # finished hold_blocks requests' blocks: full ones, then the partial one
         self._pending: list[TokenChunk] = []  # chunks produced outside a step (adopted first tokens)
@@ -99,6 +101,7 @@ class Engine:
             self.validate(prompt_token_ids, sampling)
             if request_id in self._seqs:
                 raise InvalidRequest(f"request id {request_id!r} is already running", code="duplicate_request_id")
+            matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar else None
         except InvalidRequest:
             if adopted is not None:  # the adopted blocks were handed to us: do not leak them
                 self.pool.release(adopted.block_ids)
@@ -113,6 +116,7 @@ class Engine:
             pin_ttl_s=pin_ttl_s,
             hold_blocks=hold_blocks,
             detokenizer=Detokenizer(self.tokenizer, list(sampling.stop)),
+            matcher=matcher,
         )
         self._seqs[request_id] = seq
         if adopted is not None:
@@ -152,6 +156,8 @@ class Engine:
         vocab = self.paged_model.lm_head.out_features
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise InvalidRequest(f"token ids must lie in [0, {vocab})", param="prompt")
+        if sampling.grammar:
+            self.grammars.matcher(sampling.grammar)  # compiled once, cached by its text
 
     def abort(self, request_id: str) -> TokenChunk | None:
         """Stop a request now and free its blocks (client gone, timeout, shutdown)."""
@@ -178,29 +184,35 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return pending
+        # Rows that sample this step (their prompt completes) and follow a grammar: their masks
+        # depend only on tokens already sampled, so they are computed while the forward runs.
+        sampled_rows = [r for r, (seq, qlen) in enumerate(zip(batch.seqs, batch.query_lens)) if seq.num_computed + qlen == len(seq)]
+        constrained = [r for r in sampled_rows if batch.seqs[r].matcher is not None]
+        masks = self.grammars.masks_async([batch.seqs[r].matcher for r in constrained]) if constrained else None
         logits = self.runner.run(batch)
-        return pending + self._postprocess(batch, logits)
+        return pending + self._postprocess(batch, logits, sampled_rows, constrained, masks)
 
-    def _postprocess(self, batch, logits: torch.Tensor) -> list[TokenChunk]:
+    def _postprocess(self, batch, logits: torch.Tensor, sampled_rows: list[int], constrained: list[int], masks) -> list[TokenChunk]:
         # Sequences in the middle of a long prompt advance without sampling.
-        sampled_rows = []
-        for row, (seq, qlen) in enumerate(zip(batch.seqs, batch.query_lens)):
+        for seq, qlen in zip(batch.seqs, batch.query_lens):
             seq.num_computed += qlen
             self.kv_cache.commit(seq)
-            if seq.num_computed == len(seq):
-                sampled_rows.append(row)
         if not sampled_rows:
             return []
         seqs = [batch.seqs[r] for r in sampled_rows]
-        tokens, logprobs = sample(logits[sampled_rows], seqs)
+        logits = logits[sampled_rows]
+        if masks is not None:
+            apply_masks(logits, [sampled_rows.index(r) for r in constrained], masks.result())
+        tokens, logprobs = sample(logits, seqs)
         return [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> TokenChunk:
         seq.token_ids.append(token)
         params = seq.sampling
         text, hit_stop = seq.detokenizer.push(token)
+        grammar_done = seq.matcher is not None and self._grammar_done(seq, token)
         reason = None
-        if hit_stop or token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        if hit_stop or grammar_done or token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
@@ -211,6 +223,14 @@ class Engine:
         final = self._finish(seq, reason)
         final.token_ids, final.text, final.logprobs = [token], text, [logprob]
         return final
+
+    @staticmethod
+    def _grammar_done(seq: Sequence, token: int) -> bool:
+        """Advance the matcher; True once the grammar allows nothing more (or, defensively, rejected the token)."""
+        matcher = seq.matcher
+        if not matcher.consume_token(token):
+            return True
+        return matcher.is_stopped()
 
     def _finish(self, seq: Sequence, reason: str) -> TokenChunk:
         if reason != "abort" and seq.session_id and seq.pin_ttl_s:

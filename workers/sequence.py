@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ class Sequence:
     num_transferred_blocks: int = 0
     detokenizer: Detokenizer | None = None
     generator: torch.Generator | None = None  # a seeded request's own random stream (on the logits' device)
+    matcher: Any = None  # the grammar's llguidance matcher (workers.grammar), None when unconstrained
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
