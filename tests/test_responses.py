@@ -1,0 +1,227 @@
+"""`/v1/responses`: the item and event mapping in-process over fake workers (fast), then the openai
+client and the OpenAI Agents SDK against the real stack (heavy).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from gateway_fakes import FakeWorker, fake_gateway, tokenizer  # noqa: F401  (fixture)
+
+from gateway.config import GatewayConfig
+from gateway.openai_schema import Delta, ToolCallFunction, ToolCallOut
+from gateway.responses import OutputItems, ResponsesRequest, chat_request, input_messages
+from kvstore.nodes import Role
+from kvstore.wire import ROUTE_HEADER, RouteStats
+
+KEYS = GatewayConfig(api_keys={"key-a": "alice", "key-b": "bob"})
+TOOL_REPLY = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}  # fmt: skip
+INSTRUCTIONS = "You are a weather agent. " + " ".join(f"Rule {i}: check every tool result." for i in range(20))
+
+
+@pytest.fixture
+def gateway(aio, redis_client, tokenizer):
+    """gateway(scenario, reply=...): runs `await scenario(openai_client_for, worker)` against a fresh
+    app with one fake decode worker; `openai_client_for(key)` is an AsyncOpenAI on that app."""
+
+    def run(scenario, reply: str = "Hello from the fake.", config: GatewayConfig = KEYS):
+        worker = FakeWorker("d1", Role.BOTH, tokenizer, model_path="unused", reply=reply)
+
+        async def main():
+            async with fake_gateway(redis_client, tokenizer, [worker], config) as (http, _):
+                def client_for(key: str = "key-a") -> openai.AsyncOpenAI:
+                    return openai.AsyncOpenAI(base_url="http://gateway/v1", api_key=key, http_client=http, max_retries=0)
+
+                client_for.http = http  # raw HTTP, for bodies the openai client would not send
+                return await scenario(client_for, worker)
+
+        return aio.run(main())
+
+    return run
+
+
+def route_of(raw) -> RouteStats:
+    return RouteStats.from_header(raw.headers[ROUTE_HEADER])
+
+
+# -- the mapping (pure) ------------------------------------------------------------------------------
+
+
+def test_items_become_chat_messages_with_calls_merged_into_the_assistant_reply():
+    known: dict[str, str] = {}
+    messages = input_messages([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ], known)  # fmt: skip
+    assert [m.role for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1].content == "Let me check." and messages[1].tool_calls[0].function.name == "get_weather"
+    assert messages[2].tool_call_id == "c1" and messages[2].name == "get_weather" and messages[2].content == "sunny"
+
+
+def test_flat_function_tools_named_choice_and_json_schema_map_onto_the_chat_request():
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    req = ResponsesRequest(input="hi", instructions="Be brief.", tools=[msgspec_tool(WEATHER)],
+                           tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=7,
+                           text=text_format({"type": "json_schema", "name": "X", "schema": schema, "strict": True}))  # fmt: skip
+    chat = chat_request(req, input_messages(req.input, {}))
+    assert [m.role for m in chat.messages] == ["system", "user"] and chat.messages[0].content == "Be brief."
+    assert chat.tools[0].function.name == "get_weather" and chat.tools[0].function.parameters == WEATHER["parameters"]
+    assert chat.tool_choice.function.name == "get_weather" and chat.max_completion_tokens == 7
+    assert chat.response_format == {"type": "json_schema", "json_schema": {"name": "X", "schema": schema, "strict": True}}
+
+
+def test_whitespace_before_a_call_is_not_a_message_and_events_close_every_item():
+    items = OutputItems()
+    events = items.push(Delta(content="\n"))
+    events += items.push(Delta(tool_calls=[ToolCallOut(index=0, id="call_1", type="function", function=ToolCallFunction(name="f", arguments=""))]))
+    events += items.push(Delta(tool_calls=[ToolCallOut(index=0, function=ToolCallFunction(arguments='{"a": 1}'))]))
+    events += items.finish(incomplete=False)
+    assert [e for e, _ in events] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                      "response.function_call_arguments.done", "response.output_item.done"]  # fmt: skip
+    assert len(items.items) == 1 and items.items[0].arguments == '{"a": 1}' and items.items[0].status == "completed"
+
+
+def msgspec_tool(spec: dict):
+    import msgspec
+
+    from gateway.responses import ResponsesTool
+
+    return msgspec.convert(spec, ResponsesTool)
+
+
+def text_format(fmt: dict):
+    from gateway.responses import TextConfig
+
+    return TextConfig(format=fmt)
+
+
+# -- through the gateway (fake workers) ---------------------------------------------------------------
+
+
+def test_create_get_delete_a_text_response(gateway):
+    async def scenario(client_for, worker):
+        client = client_for()
+        r = await client.responses.create(model="m", input="Hi", instructions="Be brief.")
+        assert r.status == "completed" and r.output_text == "Hello from the fake." and r.object == "response"
+        assert r.output[0].type == "message" and r.output[0].role == "assistant"
+        assert r.usage.input_tokens == len(worker.requests[0].prompt_token_ids) and r.usage.output_tokens > 0
+        got = await client.responses.retrieve(r.id)
+        assert got.id == r.id and got.output_text == r.output_text
+        await client.responses.delete(r.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(r.id)
+
+    gateway(scenario)
+
+
+def test_a_tool_call_reply_is_a_function_call_item(gateway):
+    async def scenario(client_for, worker):
+        r = await client_for().responses.create(model="m", input="Weather in Paris?", tools=[WEATHER])
+        call = r.output[0]
+        assert [o.type for o in r.output] == ["function_call"]
+        assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_")
+
+    gateway(scenario, reply=TOOL_REPLY)
+
+
+def test_streamed_events_build_the_same_response_with_numbered_events(gateway):
+    async def scenario(client_for, worker):
+        client = client_for()
+        async with client.responses.stream(model="m", input="Weather in Paris?", tools=[WEATHER]) as stream:
+            events = [e async for e in stream]
+            final = await stream.get_final_response()
+        kinds = [e.type for e in events]
+        assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+        assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert final.output[0].name == "get_weather" and json.loads(final.output[0].arguments) == {"city": "Paris"}
+        stored = await client.responses.retrieve(final.id)
+        assert stored.output[0].call_id == final.output[0].call_id
+
+    gateway(scenario, reply=TOOL_REPLY)
+
+
+def test_streamed_text_arrives_as_output_text_deltas(gateway):
+    async def scenario(client_for, worker):
+        stream = await client_for().responses.create(model="m", input="Hi", stream=True)
+        events = [e async for e in stream]
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert len(deltas) > 1 and "".join(deltas) == "Hello from the fake."
+        done = next(e for e in events if e.type == "response.output_text.done")
+        assert done.text == "Hello from the fake." and events[-1].response.usage.output_tokens > 0
+
+    gateway(scenario)
+
+
+def test_previous_response_id_continues_with_the_exact_token_ids(gateway):
+    async def scenario(client_for, worker):
+        client = client_for()
+        first = await client.responses.with_raw_response.create(model="m", input="Weather in Paris?", tools=[WEATHER],
+                                                                 instructions=INSTRUCTIONS)  # fmt: skip
+        r1 = first.parse()
+        second = await client.responses.with_raw_response.create(
+            model="m", previous_response_id=r1.id, tools=[WEATHER], instructions=INSTRUCTIONS,
+            input=[{"type": "function_call_output", "call_id": r1.output[0].call_id, "output": "sunny, 21 C"}])  # fmt: skip
+        r2 = second.parse()
+        p1, p2 = worker.requests[0].prompt_token_ids, worker.requests[1].prompt_token_ids
+        out1 = worker.reply_ids()
+        assert p2[: len(p1) + len(out1) - 1] == p1 + out1[:-1]  # the previous turn's ids, untouched
+        assert route_of(second).ledger == "extended" and route_of(second).session_id == route_of(first).session_id
+        assert r2.usage.input_tokens_details.cached_tokens >= 0.9 * (r1.usage.input_tokens + r1.usage.output_tokens) - 16
+        assert r2.previous_response_id == r1.id
+
+    gateway(scenario, reply=TOOL_REPLY)
+
+
+def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
+    async def scenario(client_for, worker):
+        mine = await client_for("key-a").responses.create(model="m", input="Hi")
+        other = client_for("key-b")
+        with pytest.raises(openai.BadRequestError) as err:
+            await other.responses.create(model="m", input="Hi", previous_response_id=mine.id)
+        assert err.value.body["param"] == "previous_response_id" and err.value.body["code"] == "previous_response_not_found"
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.retrieve(mine.id)
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.delete(mine.id)
+        unstored = await client_for("key-a").responses.create(model="m", input="Hi", store=False)
+        with pytest.raises(openai.NotFoundError):
+            await client_for("key-a").responses.retrieve(unstored.id)
+
+    gateway(scenario)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, "input"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
+        ({"input": [{"role": "wizard", "content": "hi"}]}, "input"),
+        ({"input": []}, "input"),
+        ({"input": 5}, None),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice"),
+        ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "hi", "conversation": "conv_1"}, "conversation"),
+    ],
+)
+def test_bad_requests_are_400s_in_the_openai_envelope(gateway, body, param):
+    async def scenario(client_for, worker):
+        raw = await client_for.http.post("/v1/responses", json={"model": "m", **body}, headers={"authorization": "Bearer key-a"})
+        error = raw.json()["error"]
+        assert raw.status_code == 400 and error["type"] == "invalid_request_error" and error["message"]
+        if param is not None:
+            assert error["param"] == param
+        assert not worker.requests
+
+    gateway(scenario)
