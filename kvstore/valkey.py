@@ -76,7 +76,12 @@ def _redis_scheme(url: str) -> str:
 
 
 class EmbeddedValkey:
-    """A private Valkey server on a free loopback port, without persistence, in a temporary directory.
+    """A private Valkey server on a free loopback port.
+
+    Without `data_dir` it has no persistence and lives in a temporary directory (tests, benchmarks).
+    With one (`agentkv up`) it is durable: an append-only file in `data_dir`, fsynced every second,
+    so sessions and the ledger survive a crash of the server (`restart()` brings it back on the same
+    port with its data; at most the last second of writes is lost). The directory is kept on stop.
 
     Use as `with EmbeddedValkey() as v:` or `start()`/`stop()`. The server never
     outlives us: `stop()` runs on exit from the context (exception or not) and at interpreter exit,
@@ -84,11 +89,35 @@ class EmbeddedValkey:
     call `start()` from a long-lived thread (the main thread or the event loop's), not a short worker.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | str | None = None) -> None:
         self._requested_port = port
+        self._data_dir = Path(data_dir) if data_dir is not None else None
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._port: int | None = None
+
+    @property
+    def durable(self) -> bool:
+        return self._data_dir is not None
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    def exit_code(self) -> int | None:
+        """None while the server runs (or was never started); its exit code once it died."""
+        return None if self._process is None else self._process.poll()
+
+    def restart(self) -> EmbeddedValkey:
+        """Start the server again on the same port after it died (a durable one reloads its data)."""
+        port, process = self._port, self._process
+        if process is not None and process.poll() is None:
+            return self
+        if port is None or self._dir is None:
+            raise EmbeddedValkeyError("the embedded Valkey was never started; call start()")
+        if not self._launch(_valkey_binary(), port):
+            raise EmbeddedValkeyError(f"127.0.0.1:{port} was taken while Valkey was down; restart the stack")
+        return self
 
     @property
     def url(self) -> str:
@@ -106,7 +135,11 @@ class EmbeddedValkey:
         if self._process is not None:
             return self
         binary = _valkey_binary()
-        self._dir = Path(tempfile.mkdtemp(prefix="agentkv-valkey-"))
+        if self._data_dir is not None:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+            self._dir = self._data_dir
+        else:
+            self._dir = Path(tempfile.mkdtemp(prefix="agentkv-valkey-"))
         atexit.register(self.stop)
         try:
             # A free port found by binding port 0 can be taken by someone else before the server binds
@@ -123,13 +156,14 @@ class EmbeddedValkey:
             raise
 
     def stop(self) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after 5 s) and remove its directory. Idempotent."""
+        """Terminate the server (SIGTERM, then SIGKILL after 5 s) and remove its temporary directory (a
+        `data_dir` is kept: SIGTERM makes Valkey flush the append-only file first). Idempotent."""
         process, self._process, self._port = self._process, None, None
         if process is not None:
             _terminate(process)
-        if self._dir is not None:
+        if self._dir is not None and self._data_dir is None:
             shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._dir = None
         atexit.unregister(self.stop)
 
     def _launch(self, binary: Path, port: int) -> bool:
@@ -142,7 +176,7 @@ class EmbeddedValkey:
             "--protected-mode", "yes",
             "--daemonize", "no",
             "--save", "",
-            "--appendonly", "no",
+            *(("--appendonly", "yes", "--appendfsync", "everysec") if self.durable else ("--appendonly", "no")),
             "--dir", str(self._dir),
             "--logfile", "valkey.log",
         ]  # fmt: skip
@@ -152,7 +186,7 @@ class EmbeddedValkey:
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                 start_new_session=True,  # a terminal Ctrl-C reaches the stack first, which stops Valkey last
             )
-        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S * (6 if self.durable else 1)  # a large AOF loads
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 in_use = "Address already in use" in self._log_tail()

@@ -3,8 +3,12 @@ Litestar or Redis) runs `--help` and says which extra a server command needs, in
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +42,81 @@ def test_a_server_command_without_the_server_extra_says_what_to_install(command)
 def test_a_value_outside_the_choices_is_refused_before_anything_starts(command):
     proc = agentkv(*command)
     assert proc.returncode == 2 and f"Invalid value for '{command[-2]}'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_the_supervisor_restarts_a_killed_child_with_backoff_and_valkey_with_its_data(tmp_path):
+    """`agentkv up`'s supervisor on real processes: a child and the embedded (durable) Valkey, each
+    killed with SIGKILL, come back by themselves; each event is one line."""
+    from agentkv.stack import Stack
+
+    lines: list[str] = []
+    stack = Stack(workers=(), routings=(), log_dir=tmp_path).launch()  # just the embedded Valkey
+    try:
+        sleeper = stack.spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
+        import redis
+
+        client = redis.Redis.from_url(stack.redis_url)
+        client.set("akv:kept", b"yes")
+        client.close()
+        time.sleep(1.2)  # appendfsync everysec
+        supervisor = stack.supervise(lines.append, backoff_s=0.2)
+        first = sleeper.process.pid
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: supervisor.outages and supervisor.outages[0].ready_at, 10, "the sleeper back")
+        assert sleeper.process.pid != first and sleeper.process.poll() is None
+        os.kill(sleeper.process.pid, signal.SIGKILL)  # a second quick death: twice the backoff
+        wait_for(lambda: len(supervisor.outages) == 2 and supervisor.outages[1].ready_at, 10, "the sleeper back again")
+        assert [o.restart_in_s for o in supervisor.outages] == [0.2, 0.4]
+
+        os.kill(stack.valkey.pid, signal.SIGKILL)
+        wait_for(lambda: len(supervisor.outages) == 3 and supervisor.outages[2].ready_at, 15, "Valkey back")
+        valkey_s = supervisor.outages[2].recovery_s
+        client = redis.Redis.from_url(stack.redis_url)
+        assert client.get("akv:kept") == b"yes"  # the append-only file brought it back
+        client.close()
+        print(f"valkey recovered in {valkey_s:.2f} s")
+        assert valkey_s < 5
+    finally:
+        stack.stop()
+    assert "agentkv up: sleeper exited (killed by SIGKILL); restarting in 0.2 s" in lines
+    assert "agentkv up: sleeper exited (killed by SIGKILL); restarting in 0.4 s" in lines
+    assert any(line.startswith("agentkv up: valkey exited (killed by SIGKILL); restarting in 0.25 s (with its data)") for line in lines)
+    assert any(line.startswith("agentkv up: valkey is back") for line in lines), lines
+    assert sleeper.process.poll() is not None  # stop() ended what the supervisor restarted
+
+
+def test_up_passes_no_secret_on_a_command_line(tmp_path):
+    """The gateway child gets its API keys and the cluster token in its environment, which only this
+    user can read, never in argv, which `ps` shows to everyone."""
+    from agentkv.stack import Stack
+
+    stack = Stack(workers=(), port=0, api_keys="sk-very-secret:alice", log_dir=tmp_path).launch()
+    try:
+        gateway = stack.children[-1]
+        cmdline = Path(f"/proc/{gateway.process.pid}/cmdline").read_bytes().decode()
+        environ = Path(f"/proc/{gateway.process.pid}/environ").read_bytes().decode()
+        assert "sk-very-secret" not in cmdline and stack.cluster_token not in cmdline
+        assert "AGENTKV_API_KEYS=sk-very-secret:alice" in environ and f"AGENTKV_CLUSTER_TOKEN={stack.cluster_token}" in environ
+    finally:
+        stack.stop(grace_s=5)
+
+
+@pytest.mark.parametrize("command", [["worker", "--redis-url", "redis://x"], ["gateway", "--redis-url", "redis://x"], ["up"]])
+def test_a_bad_namespace_is_refused_in_one_line(command):
+    proc = subprocess.run([sys.executable, "-m", "agentkv.cli", *command, "--namespace", "a:b"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "--namespace" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_agent_help_lists_the_slo_options():
+    proc = agentkv("bench", "agent", "--help")
+    assert proc.returncode == 0 and "--slo-ttft" in proc.stdout and "--sweep" in proc.stdout

@@ -121,3 +121,37 @@ def test_embedded_valkey_dies_with_a_process_killed_without_cleanup():
 
 
 _PR_SET_CHILD_SUBREAPER = 36
+
+
+def test_a_durable_embedded_valkey_keeps_its_data_across_a_kill_and_restart(tmp_path):
+    valkey = EmbeddedValkey(data_dir=tmp_path / "data").start()
+    try:
+        client = redis.Redis.from_url(valkey.url)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        client.set("akv:session:alice:s1", b"turn 3")
+        client.close()
+        time.sleep(1.5)  # appendfsync everysec: what is older than a second is on disk
+        port, old_pid = valkey.port, valkey.pid
+        os.kill(old_pid, 9)
+        deadline = time.monotonic() + 5
+        while valkey.exit_code() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert valkey.exit_code() == -9
+        started = time.monotonic()
+        valkey.restart()
+        restart_s = time.monotonic() - started
+        assert valkey.port == port and valkey.pid != old_pid and restart_s < 5
+        client = redis.Redis.from_url(valkey.url)
+        assert client.get("akv:session:alice:s1") == b"turn 3"
+        client.close()
+    finally:
+        valkey.stop()
+    assert (tmp_path / "data").is_dir()  # a data directory is the caller's: kept
+
+
+def test_an_ephemeral_embedded_valkey_has_no_persistence():
+    with EmbeddedValkey() as valkey:
+        client = redis.Redis.from_url(valkey.url)
+        assert client.config_get("appendonly") == {"appendonly": "no"}
+        client.close()

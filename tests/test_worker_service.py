@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -40,11 +41,11 @@ def index_lookup(redis_url: str, tokens: list[int], fingerprint: str, salt: str 
     return asyncio.run(go())
 
 
-def live_node_ids(redis_url: str) -> set[str]:
+def live_node_ids(redis_url: str, namespace: str = "akv") -> set[str]:
     async def go():
         redis = await connect(redis_url)
         try:
-            return {record.node_id for record, _ in await NodeRegistry(redis).live_nodes()}
+            return {record.node_id for record, _ in await NodeRegistry(redis, namespace).live_nodes()}
         finally:
             await redis.aclose()
 
@@ -132,6 +133,7 @@ def test_prefill_holds_blocks_until_its_timeout_and_abort_does_not_end_a_hold(wo
 def test_sigkilled_worker_disappears_from_lookups_within_the_ttl(valkey_url):
     w = WorkerProcess(valkey_url, "decode")
     w.wait_ready()
+    assert "INSECURE: no cluster token" in w.child.tail(100)  # WorkerProcess runs it --insecure: said loudly
     generate(w.url, "k1", PROMPT, max_tokens=2)
     fp = fingerprint(w)
     wait_until(lambda: index_lookup(valkey_url, PROMPT, fp).get(w.node_id, 0) == 5, 5, "blocks indexed")
@@ -141,12 +143,13 @@ def test_sigkilled_worker_disappears_from_lookups_within_the_ttl(valkey_url):
     assert time.monotonic() - killed_at <= 3.0 + 1.0  # heartbeat TTL 3 s, plus polling slack
 
 
-def test_sigterm_drains_and_deregisters_at_once(valkey_url):
-    w = WorkerProcess(valkey_url, "prefill")
+def test_sigterm_drains_and_deregisters_at_once_in_its_namespace(valkey_url):
+    w = WorkerProcess(valkey_url, "prefill", None, None, "--namespace", "team-b")
     w.wait_ready()
-    assert w.node_id in live_node_ids(valkey_url)
+    assert w.node_id in live_node_ids(valkey_url, "team-b")  # where a gateway with --namespace team-b looks
+    assert w.node_id not in live_node_ids(valkey_url)  # and not in the default namespace
     w.kill(signal.SIGTERM)
-    assert w.node_id not in live_node_ids(valkey_url)
+    assert w.node_id not in live_node_ids(valkey_url, "team-b")
 
 
 def test_redis_restart_is_followed_by_a_full_resync():
@@ -170,7 +173,7 @@ def test_redis_restart_is_followed_by_a_full_resync():
 def test_mismatched_block_size_is_refused_loudly(worker, valkey_url):
     proc = subprocess.run(
         [sys.executable, "-m", "agentkv.cli", "worker", "--redis-url", valkey_url, "--port", str(free_port()),
-         "--block-size", "32", "--kv-cache-gb", "0.1"],
+         "--block-size", "32", "--kv-cache-gb", "0.1", "--insecure"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 2
@@ -179,8 +182,37 @@ def test_mismatched_block_size_is_refused_loudly(worker, valkey_url):
 
 def test_unreachable_redis_is_one_clear_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "agentkv.cli", "worker", "--redis-url", f"redis://127.0.0.1:{free_port()}"],
+        [sys.executable, "-m", "agentkv.cli", "worker", "--redis-url", f"redis://127.0.0.1:{free_port()}", "--cluster-token", "t"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "cannot reach Redis" in proc.stderr
+
+
+def test_a_worker_without_a_cluster_token_refuses_to_start_unless_insecure():
+    env = {k: v for k, v in os.environ.items() if k != "AGENTKV_CLUSTER_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "agentkv.cli", "worker", "--redis-url", f"redis://127.0.0.1:{free_port()}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "no cluster token" in proc.stderr and "--insecure" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_token_guard_compares_in_constant_time(monkeypatch):
+    import hmac
+
+    from litestar.testing import create_test_client  # noqa: F401 - only to prove the guard needs no worker
+
+    from workers import service
+
+    compared = []
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or a == b)
+
+    class Conn:
+        headers = {"x-agentkv-token": "wrong"}
+        app = type("App", (), {"state": type("S", (), {"worker": type("W", (), {"token": TOKEN})()})()})()
+
+    with pytest.raises(service.NotAuthorizedException):
+        service.token_guard(Conn(), None)
+    Conn.headers = {"x-agentkv-token": TOKEN}
+    service.token_guard(Conn(), None)
+    assert compared == [(b"wrong", TOKEN.encode()), (TOKEN.encode(), TOKEN.encode())]

@@ -22,6 +22,9 @@ class WorkerConfig:
     threads: int | None = None
     cpus: list[int] = field(default_factory=list)
     cluster_token: str | None = None
+    insecure: bool = False  # serve the internal API without a token (refused otherwise)
+    namespace: str = "akv"  # Redis key prefix, the gateway's too
+    transfer_devices: str = ""  # UCX_NET_DEVICES for the KV transport ("": the device of the advertised host)
     transfer: str = "nixl"
     transfer_timeout_s: float = 10.0
     heartbeat_ttl_s: float = 3.0

@@ -30,9 +30,29 @@ from workers.vllm_server import VllmError
 log = logging.getLogger("agentkv.worker")
 
 
+class InsecureRefused(RuntimeError):
+    """No cluster token and no explicit --insecure."""
+
+
+def check_token(config: WorkerConfig) -> None:
+    """A worker without a cluster token serves its internal API (generate, prefill, unpin) to anyone who
+    reaches its port: only when asked for explicitly, and then loudly."""
+    if config.cluster_token:
+        return
+    if not config.insecure:
+        raise InsecureRefused("no cluster token: set AGENTKV_CLUSTER_TOKEN (or --cluster-token) to the gateway's, "
+                              "or pass --insecure to serve the internal API to anyone who can reach the port")
+    log.warning("INSECURE: no cluster token; anyone who reaches %s can use this worker's internal API", config.address)
+
+
 def run_worker(config: WorkerConfig) -> None:
     """Serve until SIGTERM/SIGINT (then deregister and drain); a refused start is one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        check_token(config)
+    except InsecureRefused as exc:
+        print(f"agentkv worker: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)
     try:
@@ -45,7 +65,7 @@ def run_worker(config: WorkerConfig) -> None:
 async def _serve(config: WorkerConfig) -> None:
     redis = await connect(config.redis_url)  # fails fast when Redis is unreachable
     try:
-        registry = NodeRegistry(redis)
+        registry = NodeRegistry(redis, config.namespace)
         generation = await registry.next_generation(config.node_id)
         metrics = WorkerMetrics()
         engine, close = await _engine(config, generation, registry, metrics)
@@ -77,12 +97,14 @@ async def _engine(config: WorkerConfig, generation: int, registry: NodeRegistry,
     from workers.builtin import BuiltinEngine
     from workers.engine import Engine, EngineConfig
     from workers.loader import load_model
-    from workers.transfer import make_transport
+    from workers.transfer import bind_transport_to, make_transport, net_devices_for
 
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     kv_bytes = int(config.kv_cache_gb * (1 << 30))
     engine = Engine(load_model(config.model), EngineConfig(config.block_size, kv_cache_bytes=kv_bytes,
                                                            max_num_seqs=config.max_num_seqs))  # fmt: skip
+    bind_transport_to(config.transfer_devices or net_devices_for(config.advertise_host or config.host),
+                      explicit=bool(config.transfer_devices))
     transport = make_transport(config.transfer, config.node_id, engine.pool.kv, generation=generation,
                                timeout_s=config.transfer_timeout_s)  # fmt: skip
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
@@ -47,8 +48,9 @@ class Worker:
 
 
 def token_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Constant-time comparison: how long a refusal takes says nothing about the token."""
     expected = connection.app.state.worker.token
-    if expected and connection.headers.get(TOKEN_HEADER) != expected:
+    if expected and not hmac.compare_digest(connection.headers.get(TOKEN_HEADER, "").encode(), expected.encode()):
         raise NotAuthorizedException("missing or wrong cluster token")
 
 

@@ -15,6 +15,7 @@ import torch
 
 from workers.transfer.base import (IncompatiblePeer, InvalidBlocks, KVTransport, TransferCounters, TransferError,
                                    TransferFailed, TransferTimeout, UnknownPeer)
+from workers.transfer.network import bind_transport_to, net_devices_for
 
 BACKENDS = ("nixl", "ucxx")
 
@@ -31,5 +32,5 @@ def make_transport(kind: str, name: str, kv: torch.Tensor, *, generation: int, t
     return cls(name, kv, generation=generation, timeout_s=timeout_s)
 
 
-__all__ = ["BACKENDS", "IncompatiblePeer", "InvalidBlocks", "KVTransport", "TransferCounters", "TransferError",
+__all__ = ["BACKENDS", "bind_transport_to", "net_devices_for", "IncompatiblePeer", "InvalidBlocks", "KVTransport", "TransferCounters", "TransferError",
            "TransferFailed", "TransferTimeout", "UnknownPeer", "make_transport"]
