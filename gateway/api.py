@@ -1,20 +1,32 @@
-"""HTTP endpoints: short handlers that resolve the tenant and session and call into the services."""
+"""HTTP endpoints: short handlers that resolve the tenant and session and call into the services.
+
+Each handler declares what it can answer (`_errors`): every error status in OpenAI's envelope, the
+streamed 200 as `text/event-stream`, so /schema/openapi.json describes the API the clients get.
+"""
 
 from __future__ import annotations
 
+import hmac
+from dataclasses import dataclass
+
+import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from gateway.cluster import ClusterView, Renderers
-from gateway.errors import InvalidRequest, NoWorkers
+from gateway.cluster import ClusterView, ModelInfo, Renderers
+from gateway.config import GatewayConfig
+from gateway.errors import APIError, ContextLengthExceeded, InvalidRequest, NoWorkers
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    ErrorResponse,
     Model,
     ModelList,
     SessionCreate,
@@ -22,12 +34,53 @@ from gateway.openai_schema import (
     SessionList,
     SessionOut,
 )
-from gateway.reply import respond
+from gateway.reply import InFlight, respond
 from gateway.sessions import SESSION_HEADERS, SessionStore, validate_session_id
 from gateway.tenants import Tenant, TenantDirectory
 from gateway.turn import TurnPipeline
+from kvstore.wire import TOKEN_HEADER
 
 SESSION_TTL_HEADER = "x-session-ttl"
+_encode = msgspec.json.encode
+
+_ERROR_MEANING = {
+    400: "Invalid request (a limit of the schema, the context length, an unsupported parameter)",
+    401: "Missing or wrong API key",
+    404: "No such session for this API key",
+    413: "Request body larger than the gateway accepts",
+    500: "Internal gateway error",
+    502: "A worker failed mid-request",
+    503: "No worker can serve, session state unavailable, or the gateway is shutting down",
+}
+
+
+def _errors(*statuses: int) -> dict[int, ResponseSpec]:
+    return {s: ResponseSpec(ErrorResponse, description=_ERROR_MEANING[s], generate_examples=False) for s in statuses}
+
+
+_GENERATION_ERRORS = _errors(400, 401, 413, 500, 502, 503)
+
+
+@dataclass
+class _StreamingOperation(Operation):
+    """A generation endpoint: with `"stream": true` the 200 is server-sent events, not JSON."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if ok is not None and not isinstance(ok, type(None)) and getattr(ok, "content", None) is not None:
+            ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(
+                type=OpenAPIType.STRING,
+                description='With "stream": true: `data: <chunk JSON>` events, then `data: [DONE]`; an error after '
+                            "the first event arrives as a last `data:` event holding the error envelope."))  # fmt: skip
+
+
+@dataclass
+class _OptionalBodyOperation(Operation):
+    """POST /v1/sessions: the body may be left out (a fresh id, the default TTL)."""
+
+    def __post_init__(self) -> None:
+        if self.request_body is not None and not isinstance(self.request_body, type(None)):
+            self.request_body.required = False
 
 
 async def provide_tenant(request: Request, tenants: NamedDependency[TenantDirectory]) -> Tenant:
@@ -54,28 +107,66 @@ def session_ttl_of(request: Request, body_ttl: float | None) -> float | None:
         raise InvalidRequest(f"{SESSION_TTL_HEADER} must be a number of seconds, got {raw!r}", param=SESSION_TTL_HEADER) from None
 
 
+def chat_prompt_chars(req: ChatCompletionRequest) -> int:
+    """Characters of the request's text that the template copies into the prompt (a lower bound of its length)."""
+    n = len(_encode(req.tools)) if req.tools else 0  # rendered as JSON into the system prompt
+    for m in req.messages:
+        c = m.content
+        n += len(c) if isinstance(c, str) else sum(len(p.text or "") for p in c or [])
+        for call in m.tool_calls or []:
+            args = call.function.arguments
+            n += len(call.function.name) + (len(args) if isinstance(args, str) else len(_encode(args)))
+    return n
+
+
+def completion_prompt_chars(req: CompletionRequest) -> int:
+    p = req.prompt
+    return len(p) if isinstance(p, str) else sum(len(x) if isinstance(x, (str, list)) else 1 for x in p)
+
+
+async def check_prompt_size(chars: int, cluster: ClusterView, renderers: Renderers) -> ModelInfo:
+    """Refuse, before any rendering or tokenizing, a prompt too long for the context whatever its
+    tokens: no token spans more than the vocabulary's longest, so `chars` needs at least
+    chars / longest tokens. A 2 MB message is a 400 in milliseconds and never holds up others."""
+    model = await cluster.model()
+    most = model.max_model_len * await renderers.longest_token_chars(model) if model.max_model_len else 0
+    if most and chars > most:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {model.max_model_len} tokens. However, your messages have "
+            f"{chars} characters, more than any {model.max_model_len} tokens can hold. Please reduce the length of the messages.",
+            param="messages",
+        )
+    return model
+
+
 class OpenAIController(Controller):
     path = "/v1"
     dependencies = {"tenant": Provide(provide_tenant)}
     tags = ["openai"]
 
-    @post("/chat/completions", status_code=HTTP_200_OK, summary="Chat completion (OpenAI-compatible)")
+    @post("/chat/completions", status_code=HTTP_200_OK, summary="Chat completion (OpenAI-compatible)",
+          responses=_GENERATION_ERRORS, operation_class=_StreamingOperation)  # fmt: skip
     async def chat(
-        self, request: Request, data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline]
-    ) -> Response[ChatCompletion]:
+        self, request: Request, data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline],
+        cluster: NamedDependency[ClusterView], renderers: NamedDependency[Renderers], inflight: NamedDependency[InFlight],
+    ) -> Response[ChatCompletion]:  # fmt: skip
+        await check_prompt_size(chat_prompt_chars(data), cluster, renderers)
         data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
         turn = await turns.prepare_chat(data, tenant, session_id_of(request, data.session_id, data.prompt_cache_key, data.user))
-        return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage))
+        return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage), inflight)
 
-    @post("/completions", status_code=HTTP_200_OK, summary="Text completion (OpenAI-compatible, legacy)")
+    @post("/completions", status_code=HTTP_200_OK, summary="Text completion (OpenAI-compatible, legacy)",
+          responses=_GENERATION_ERRORS, operation_class=_StreamingOperation)  # fmt: skip
     async def completions(
-        self, request: Request, data: JSONBody[CompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline]
-    ) -> Response[Completion]:
+        self, request: Request, data: JSONBody[CompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline],
+        cluster: NamedDependency[ClusterView], renderers: NamedDependency[Renderers], inflight: NamedDependency[InFlight],
+    ) -> Response[Completion]:  # fmt: skip
+        await check_prompt_size(completion_prompt_chars(data), cluster, renderers)
         data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
         turn = await turns.prepare_completion(data, tenant, session_id_of(request, data.session_id, data.prompt_cache_key, data.user))
-        return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage))
+        return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage), inflight)
 
-    @get("/models", summary="The served model")
+    @get("/models", summary="The served model", responses=_errors(401, 500))
     async def models(self, tenant: NamedDependency[Tenant], cluster: NamedDependency[ClusterView]) -> ModelList:
         try:
             model = await cluster.model()
@@ -90,7 +181,9 @@ class SessionController(Controller):
     dependencies = {"tenant": Provide(provide_tenant)}
     tags = ["sessions"]
 
-    @post("/", summary="Create a session (or return the existing one with that id)")
+    @post("/", summary="Create a session (or return the existing one with that id)", operation_class=_OptionalBodyOperation,
+          responses={200: ResponseSpec(SessionOut, description="The session with that id already existed", generate_examples=False),
+                     **_errors(400, 401, 413, 500, 503)})  # fmt: skip
     async def create(
         self, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore], data: JSONBody[SessionCreate | None] = None
     ) -> Response[SessionOut]:
@@ -98,29 +191,47 @@ class SessionController(Controller):
         session, created = await sessions.create(tenant.id, body.id, body.ttl_s)
         return Response(session, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
-    @get("/", summary="This API key's live sessions")
+    @get("/", summary="This API key's live sessions", responses=_errors(401, 500, 503))
     async def list_sessions(self, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> SessionList:
         return SessionList(data=await sessions.list(tenant.id))
 
-    @get("/{session_id:str}", summary="One session")
+    @get("/{session_id:str}", summary="One session", responses=_errors(400, 401, 404, 500, 503))
     async def get_session(
         self, session_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionOut:
         return await sessions.get(tenant.id, validate_session_id(session_id))
 
-    @delete("/{session_id:str}", status_code=HTTP_200_OK, summary="End a session and release its pinned blocks")
+    @delete("/{session_id:str}", status_code=HTTP_200_OK, summary="End a session and release its pinned blocks",
+            responses=_errors(400, 401, 404, 500, 503))  # fmt: skip
     async def delete_session(
         self, session_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionDeleted:
         return await sessions.end(tenant.id, validate_session_id(session_id))
 
 
-@get("/health", summary="Liveness and what the gateway sees", tags=["ops"])
-async def health(cluster: NamedDependency[ClusterView], renderers: NamedDependency[Renderers]) -> dict:
+def may_see_internals(request: Request, tenants: TenantDirectory, config: GatewayConfig) -> bool:
+    """Worker addresses and loads are for operators: anyone on an open gateway, else an API key or the cluster token."""
+    if tenants.open:
+        return True
+    token = request.headers.get(TOKEN_HEADER)
+    if token and config.cluster_token and hmac.compare_digest(token.encode(), config.cluster_token.encode()):
+        return True
+    try:
+        tenants.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        return True
+    except APIError:
+        return False
+
+
+@get("/health", summary="Liveness; with API keys configured, the nodes only for a key or the cluster token", tags=["ops"])
+async def health(request: Request, cluster: NamedDependency[ClusterView], renderers: NamedDependency[Renderers],
+                 tenants: NamedDependency[TenantDirectory], gateway_config: NamedDependency[GatewayConfig]) -> dict:  # fmt: skip
     nodes = cluster.nodes()
+    status = {"status": "ok" if nodes else "no_workers", "ready": bool(nodes) and renderers.ready}  # ready: tokenizer loaded
+    if not may_see_internals(request, tenants, gateway_config):
+        return status
     return {
-        "status": "ok" if nodes else "no_workers",
-        "ready": bool(nodes) and renderers.ready,  # a model is known and its tokenizer loaded
+        **status,
         "redis": cluster.reachable,
         "nodes": [
             {"node_id": rec.node_id, "role": rec.role.value, "address": rec.address, "generation": rec.generation,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+import logging
 from typing import Any
 
 import httpx
@@ -26,14 +27,17 @@ from gateway.cluster import ClusterView, Renderers, purge_dead_index_entries
 from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS, APIError
 from gateway.metrics import GatewayMetrics
+from gateway.reply import InFlight
 from gateway.router import Router
 from gateway.sessions import SessionStore
 from gateway.tenants import TenantDirectory
 from gateway.turn import TurnPipeline
-from gateway.worker_client import WorkerClient
+from gateway.worker_client import ABORT_TIMEOUT_S, WorkerClient
 from kvstore.index import BlockIndex
 from kvstore.registry import NodeRegistry
 from kvstore.valkey import connect
+
+log = logging.getLogger("agentkv.gateway")
 
 
 @dataclass
@@ -55,9 +59,11 @@ def create_app(
     lifespan creates them from `config` and closes them at shutdown."""
     gateway_metrics = GatewayMetrics()
     tenants = TenantDirectory(config.api_keys)
+    inflight = InFlight()  # gateway.server stops it on SIGINT/SIGTERM, before uvicorn waits for open requests
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        inflight.bind(asyncio.get_running_loop())
         async with contextlib.AsyncExitStack() as stack:
             r = redis
             if r is None:
@@ -81,6 +87,7 @@ def create_app(
 
             sessions = SessionStore(r, config.namespace, config.session_ttl_s, config.max_session_ttl_s, unpin)
             rend = renderers or Renderers(tokenizer_path=config.tokenizer)
+            stack.callback(rend.close)
             turns = TurnPipeline(config, cluster, rend, router, workers, sessions, gateway_metrics)
             app.state.services = Services(cluster, rend, sessions, turns)
             await cluster.refresh()
@@ -89,6 +96,9 @@ def create_app(
                          asyncio.create_task(_warm_tokenizer(cluster, rend), name="agentkv-tokenizer")):  # fmt: skip
                 stack.callback(task.cancel)
             yield
+            inflight.stop()  # turns still running end cleanly and abort on their workers
+            if not await inflight.drained(ABORT_TIMEOUT_S + 1):  # ... before the worker client closes
+                log.warning("%d turn(s) still running at shutdown", inflight.count)
 
     def service(name: str) -> Provide:
         def provider(state: State) -> Any:
@@ -105,11 +115,15 @@ def create_app(
             "renderers": service("renderers"),
             "sessions": service("sessions"),
             "turns": service("turns"),
+            "inflight": Provide(lambda: inflight, sync_to_thread=False),
+            "gateway_config": Provide(lambda: config, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[lifespan],
         middleware=[_count_requests(gateway_metrics)],
         openapi_config=OpenAPIConfig(title="agentkv gateway", version="0.1.0", path="/schema"),
+        request_max_body_size=config.max_body_bytes,  # 413 before the body is read (prompts are bounded again by the context)
+        state=State({"inflight": inflight}),
     )
 
 

@@ -39,6 +39,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True):
     worker_connect_timeout_s: float = 5.0
     worker_read_timeout_s: float = 300.0  # longest silence on a worker stream (queueing, long prefill)
     prefill_hold_timeout_s: float = 30.0
+    max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get a 413 (a prompt must also fit the context)
     node_refresh_s: float = 1.0
     index_purge_s: float = 5.0  # how often dead or restarted nodes' index entries are dropped
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)

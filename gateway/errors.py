@@ -86,6 +86,14 @@ class UpstreamError(APIError):
     code = "upstream_error"
 
 
+class ServerShuttingDown(APIError):
+    """The gateway is stopping: a turn still running ends with this (its workers are told to abort)."""
+
+    status_code = 503
+    type = "service_unavailable_error"
+    code = "server_shutting_down"
+
+
 class StateUnavailable(APIError):
     """Redis (session state) is unreachable."""
 

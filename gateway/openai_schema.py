@@ -2,15 +2,44 @@
 
 Unknown request fields are ignored (msgspec's default), so clients that send newer or vendor
 fields keep working. Response structs omit None fields the way OpenAI's own responses do.
+The request limits are `Meta` constraints on the fields: msgspec enforces them while decoding
+(a 400) and the OpenAPI document shows the same declarations, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from kvstore.wire import RouteStats
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_SESSION_ID_CHARS = 256
+
+# -------------------------------------------------------------------------------------- limits
+
+
+
+def _limits(description: str | None = None, **bounds: float) -> msgspec.Meta:
+    """Bounds msgspec enforces and the OpenAPI document shows. Litestar skips a bound of 0 (falsy)
+    when it copies them into the document, so those also travel as explicit schema extras."""
+    names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    zeros = {names[k]: v for k, v in bounds.items() if k in names and v == 0}
+    return msgspec.Meta(description=description, extra_json_schema={"extra": zeros} if zeros else None, **bounds)
+
+
+Temperature = Annotated[float, _limits("Sampling temperature; 0 is greedy.", ge=0, le=2)]
+TopP = Annotated[float, _limits(gt=0, le=1)]
+TokenCount = Annotated[int, _limits("At most this many tokens are generated (capped by the context).", ge=1)]
+OneChoice = Annotated[int, _limits("agentkv returns one choice per request: send n requests instead.", ge=1, le=1)]
+# A string or up to 4. Litestar drops a union member's constraints from the document: shown on the field.
+Stop = Annotated[str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None,
+                 msgspec.Meta(extra_json_schema={"extra": {"max_items": MAX_STOP_STRINGS}})]  # fmt: skip
+Seed = Annotated[int, _limits(ge=-(2**63), le=2**63 - 1)]
+SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SESSION_ID_CHARS,
+                                        description="Any printable text without spaces.")]  # fmt: skip
+SessionTTL = Annotated[float, _limits("Seconds (Redis expiries are whole milliseconds).", ge=0.001)]
 
 # ---------------------------------------------------------------------------------------- requests
 
@@ -72,22 +101,22 @@ class _GenerationRequest(msgspec.Struct, kw_only=True):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: OneChoice | None = None
+    stop: Stop = None
+    seed: Seed | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
     # agentkv extensions (send with the openai client's `extra_body`)
-    session_id: str | None = None
-    session_ttl_s: float | None = None
+    session_id: SessionId | None = None
+    session_ttl_s: SessionTTL | None = None
 
 
 class ChatCompletionRequest(_GenerationRequest, kw_only=True):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: TokenCount | None = None
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -97,9 +126,9 @@ class ChatCompletionRequest(_GenerationRequest, kw_only=True):
 
 class CompletionRequest(_GenerationRequest, kw_only=True):
     prompt: str | list[Any]  # a string, token ids, or a one-element list of either
-    max_tokens: int | None = 16  # OpenAI's default for legacy completions
+    max_tokens: TokenCount | None = 16  # OpenAI's default for legacy completions
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: Annotated[int, _limits(ge=0, le=5)] | None = None
 
 
 # --------------------------------------------------------------------------------------- responses
@@ -201,12 +230,28 @@ class ModelList(msgspec.Struct, kw_only=True):
     object: str = "list"
 
 
+# ------------------------------------------------------------------------------------------ errors
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """Every error, whatever its status: OpenAI's envelope (gateway.errors builds it)."""
+
+    error: ErrorDetail
+
+
 # ---------------------------------------------------------------------------------------- sessions
 
 
 class SessionCreate(msgspec.Struct, kw_only=True):
-    id: str | None = None  # default: a fresh random id
-    ttl_s: float | None = None
+    id: SessionId | None = None  # default: a fresh random id
+    ttl_s: SessionTTL | None = None
 
 
 class SessionOut(msgspec.Struct, kw_only=True):

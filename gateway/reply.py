@@ -5,10 +5,15 @@ Streamed, the first delta is pulled before answering, so anything that fails bef
 token is a plain HTTP error; after that, an error travels as the stream's last event. The SSE
 generators own the pipeline's iterator and close it in their `finally` (Litestar sends the body
 after the handler and its dependencies returned).
+
+`InFlight` counts the turns being answered. When the gateway stops (SIGINT/SIGTERM), each ends
+at once with a clean 503 `server_shutting_down` (an error event if it is streaming), its workers
+get their abort, and only then are the clients to Redis and the workers closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +23,7 @@ import msgspec
 from litestar import Response
 from litestar.response import ServerSentEvent
 
-from gateway.errors import APIError, UpstreamError
+from gateway.errors import APIError, ServerShuttingDown, UpstreamError
 from gateway.openai_schema import (
     AssistantMessage,
     ChatCompletion,
@@ -41,9 +46,69 @@ _encode = msgspec.json.encode
 Deltas = AsyncIterator[list[Delta]]
 
 
-async def respond(pipeline: TurnPipeline, turn: Turn, stream: bool, include_usage: bool) -> Response:
+class InFlight:
+    """The turns this gateway is answering; `stop()` ends them all with ServerShuttingDown."""
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def stop_threadsafe(self) -> None:
+        """From a signal handler (which may interrupt the event loop anywhere)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.stop)
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until every turn has ended (and aborted its work on the workers), at most `timeout_s`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self.count == 0
+
+    async def track(self, deltas: Deltas) -> Deltas:
+        """`deltas`, counted while open, ended by ServerShuttingDown once `stop()` was called.
+        Owns `deltas`: closes it (so the pipeline aborts unfinished work) before returning."""
+        self.count += 1
+        self._idle.clear()
+        stop = asyncio.ensure_future(self.stopping.wait())
+        step: asyncio.Future | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(deltas))
+                await asyncio.wait((step, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    raise ServerShuttingDown("the gateway is shutting down; retry the request")
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                yield item
+        finally:
+            stop.cancel()
+            with anyio.CancelScope(shield=True):
+                if step is not None and not step.done():
+                    step.cancel()  # the pipeline's own finally sends the aborts, in that task
+                    await asyncio.wait((step,))
+                await deltas.aclose()
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+
+async def respond(pipeline: TurnPipeline, turn: Turn, stream: bool, include_usage: bool, inflight: InFlight | None = None) -> Response:
     outcome = Outcome()
     deltas = pipeline.run(turn, outcome)
+    if inflight is not None:
+        deltas = inflight.track(deltas)
     chat = turn.chat_prompt is not None
     if not stream:
         async with contextlib.aclosing(deltas):

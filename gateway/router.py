@@ -12,7 +12,9 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
 
 running/waiting are the node's report corrected by this gateway's own turns (`LoadTracker`), so
 turns that arrive together do not all herd onto one stale snapshot. Mode EXACT: the index answered;
-DEGRADED: it failed or was slow, every cached_tokens is 0 and load and affinity decide.
+DEGRADED: it failed, was slow or knew no live node (a restarted Redis, before the workers
+re-register): the cluster's last snapshot is routed on, every cached_tokens is 0 and load and
+affinity decide.
 """
 
 from __future__ import annotations
@@ -242,6 +244,8 @@ class Router:
             mode = RouteMode.EXACT
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("block index unavailable (%s): routing DEGRADED on load and affinity", exc or type(exc).__name__)
+            candidates, mode = [], RouteMode.DEGRADED
+        if not candidates:  # index down, or emptied by a Redis restart until the workers re-register
             candidates = [Candidate(rec, load, 0) for rec, load in self.snapshot()]
             mode = RouteMode.DEGRADED
         candidates = [Candidate(c.record, self.loads.corrected(c.node_id, c.load), c.cached_blocks)
