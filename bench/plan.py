@@ -18,7 +18,7 @@ from bench.agent.driver import DriveResult
 from bench.agent.metrics import Slo, summarize
 from bench.agent.mooncake import TraceRecord
 from bench.agent.workload import AgentWorkload
-from bench.workersim import Calibration, Call, Cluster, SimSession
+from bench.workersim import Calibration, Call, Cluster, SimSession, Split
 
 ATTAINMENT = 0.9
 TEMPLATE_TOKENS = 12  # the chat template's tokens around each new message (SmolLM2's)
@@ -74,7 +74,7 @@ def trace_sessions(records: list[TraceRecord], load: float, block_tokens: int = 
 
 def evaluate(prefill: int, decode: int, sessions: list[SimSession], cal: Calibration, slo: Slo):
     """The summary of one split serving `sessions` (bench/agent/metrics.Summary)."""
-    outcomes = Cluster(prefill, decode, cal).run(sessions)
+    outcomes = Cluster(prefill + decode, cal, Split(prefill, cal)).run(sessions)
     duration = max(o.sent_s + (o.e2e_s or 0.0) for o in outcomes) - min(o.sent_s for o in outcomes)
     return summarize(DriveResult(outcomes, duration), {}, cal.block_size, 0, slo)
 

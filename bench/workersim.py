@@ -1,20 +1,18 @@
-"""An event-driven model of a cluster of workers, to plan how many prefill and decode workers a
-workload needs without the hardware.
+"""An event-driven model of a cluster of workers: serving without the hardware, for the planner
+(bench/plan.py) and the scale-out simulation (bench/simulate.py).
 
-Each worker is a queue and a clock whose constants come from this machine's benches (`Calibration`):
+Every worker is the same machine, with constants from this machine's benches (`Calibration`):
+continuous batching, where each decode step emits one token per running sequence and takes
+base + per_seq x batch seconds, and prefills run one at a time between two steps (every sequence
+in the batch waits for them: the stall that disaggregation removes). A prefill emits the
+request's first token. When a request is prefilled on one worker and decoded on another, its
+missing blocks move first (overhead + blocks x seconds per block) and it joins the decode
+worker's batch at the next step.
 
-    prefill worker   runs one prompt at a time: overhead + uncached tokens x seconds per token; the
-                     first token comes out of the prefill, then the KV moves to a decode worker
-                     (overhead + blocks x seconds per block)
-    engine worker    decodes with continuous batching: each step emits one token per running
-                     sequence and takes base + per_seq x batch seconds. It also prefills whatever is
-                     sent to it (every prompt when colocated; under disaggregation only the short
-                     ones, as the router does): a prefill runs between two steps and every sequence
-                     in its batch waits for it, the stall that disaggregation removes
-
-Routing is least-loaded, and each request's uncached tokens are what prefix-aware routing leaves
-to compute (the workload says). What comes out is one `Outcome` per request, the same record the
-real benchmark's driver writes, so goodput and SLO attainment are computed by the same code.
+Who does what is a `RoutePolicy`'s answer per call: the planner's splits prefill and decode by
+role, the scale-out simulation asks the real router. What comes out is one `Outcome` per call,
+the same record the real benchmark's driver writes, so goodput, SLO attainment and percentiles
+are computed by the same code.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -60,15 +59,18 @@ class Calibration(msgspec.Struct, frozen=True, kw_only=True):
     def step_s(self, batch: int) -> float:
         return self.step_base_s + self.step_per_seq_s * batch
 
-    def transfer_s(self, tokens: int) -> float:
-        return self.transfer_overhead_s + -(-tokens // self.block_size) * self.transfer_s_per_block
+    def transfer_s(self, blocks: int) -> float:
+        return self.transfer_overhead_s + blocks * self.transfer_s_per_block if blocks else 0.0
 
 
 class Call(msgspec.Struct, frozen=True):
-    """One model call of a session: how much it must prefill (the rest is cached) and decode."""
+    """One model call of a session. `new_tokens`: what it must prefill when its policy does not work
+    that out itself; `block_hashes`/`prompt_tokens`: the whole prompt, for policies that do."""
 
     new_tokens: int
     output_tokens: int  # >= 1: the prefill emits the first
+    prompt_tokens: int = 0
+    block_hashes: list[int] = msgspec.field(default_factory=list)
 
 
 class SimSession(msgspec.Struct, frozen=True):
@@ -76,6 +78,64 @@ class SimSession(msgspec.Struct, frozen=True):
     start_s: float
     calls: list[Call]
     think_s: list[float]  # think_s[k]: the tool's run time after call k
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one call runs: `prefill` computes `new_tokens`, then (if it differs) `decode` pulls
+    `transfer_blocks` from it and decodes."""
+
+    prefill: int
+    decode: int
+    new_tokens: int
+    transfer_blocks: int = 0
+
+
+class Worker:
+    """One simulated worker: its queue of prefills, its running batch, its busy time."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.prefills: list[tuple[Placement, _Seq]] = []
+        self.running: list[_Seq] = []
+        self.joining: list[_Seq] = []  # prefilled elsewhere, waiting for the next step
+        self.prefilling = False
+        self.active = False
+        self.busy_s = 0.0
+        self.free_at = 0.0  # when the prefill or step under way ends
+
+    @property
+    def load(self) -> int:
+        return len(self.prefills) + self.prefilling + len(self.running) + len(self.joining)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.prefills) + self.prefilling
+
+    def backlog_s(self, cal: Calibration, now: float) -> float:
+        """Seconds until the prefills queued here are done (decode steps ignored)."""
+        return max(0.0, self.free_at - now) + sum(cal.prefill_s(p.new_tokens) for p, _ in self.prefills)
+
+
+class RoutePolicy(Protocol):
+    def place(self, session: SimSession, call: Call, workers: list[Worker], now: float) -> Placement: ...
+
+
+@dataclass
+class Split:
+    """The planner's policy: the first `prefill` workers only prefill; a call whose prefill is
+    longer than the threshold goes to the least-backlogged of them, then to the least-loaded
+    decoder; shorter ones prefill where they decode. `prefill=0`: colocated serving."""
+
+    prefill: int
+    cal: Calibration
+
+    def place(self, session: SimSession, call: Call, workers: list[Worker], now: float) -> Placement:
+        decode = min(workers[self.prefill :], key=lambda w: w.load).index
+        if self.prefill and call.new_tokens > self.cal.prefill_threshold_tokens:
+            prefill = min(workers[: self.prefill], key=lambda w: w.backlog_s(self.cal, now)).index
+            return Placement(prefill, decode, call.new_tokens, -(-call.new_tokens // self.cal.block_size))
+        return Placement(decode, decode, call.new_tokens)
 
 
 @dataclass
@@ -87,58 +147,38 @@ class _Seq:
 
 
 @dataclass
-class _Engine:
-    """A worker that decodes (and prefills what is routed to it)."""
-
-    prefills: list[tuple[int, _Seq]] = field(default_factory=list)  # (tokens, sequence)
-    running: list[_Seq] = field(default_factory=list)
-    joining: list[_Seq] = field(default_factory=list)  # prefilled elsewhere, waiting for the next step
-    busy: bool = False
-    prefilling: bool = False
-
-    @property
-    def load(self) -> int:
-        return len(self.prefills) + self.prefilling + len(self.running) + len(self.joining)
-
-
-@dataclass
-class _Prefill:
-    queue: list[tuple[int, _Seq]] = field(default_factory=list)  # the head is running
-
-    def backlog_s(self, cal: Calibration) -> float:
-        return sum(cal.prefill_s(n) for n, _ in self.queue)
-
-
 class Cluster:
-    """`prefill` prefill workers and `engines` engine workers; `prefill=0` is colocated serving."""
+    """`workers` simulated workers; each call goes where `policy` places it."""
 
-    def __init__(self, prefill: int, engines: int, cal: Calibration) -> None:
-        if engines < 1:
-            raise ValueError("a cluster needs at least one worker that decodes")
-        self.cal = cal
-        self.prefill = [_Prefill() for _ in range(prefill)]
-        self.engines = [_Engine() for _ in range(engines)]
-        self.events: list[tuple[float, int, Callable[[float], None]]] = []
-        self.order = itertools.count()
+    workers: int
+    cal: Calibration
+    policy: RoutePolicy
+    nodes: list[Worker] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("a cluster needs at least one worker")
+        self.nodes = [Worker(i) for i in range(self.workers)]
+        self._events: list[tuple[float, int, Callable[[float], None]]] = []
+        self._order = itertools.count()
 
     def at(self, t: float, action: Callable[[float], None]) -> None:
-        heapq.heappush(self.events, (t, next(self.order), action))
+        heapq.heappush(self._events, (t, next(self._order), action))
 
     def run(self, sessions: list[SimSession]) -> list[Outcome]:
         """Play every session (calls in order, tool time between) and return one outcome per call."""
         outcomes: list[Outcome] = []
         for s in sessions:
             self.at(s.start_s, self._call_starter(s, 0, outcomes))
-        while self.events:
-            t, _, action = heapq.heappop(self.events)
+        while self._events:
+            t, _, action = heapq.heappop(self._events)
             action(t)
         return outcomes
 
-    # -- sessions ---------------------------------------------------------------------------
     def _call_starter(self, s: SimSession, k: int, outcomes: list[Outcome]) -> Callable[[float], None]:
         def start(now: float) -> None:
             call = s.calls[k]
-            out = Outcome(kind="turn", id=s.id, turn=k + 1, sent_s=now)
+            out = Outcome(kind="turn", id=s.id, turn=k + 1, sent_s=now, prompt_tokens=call.prompt_tokens or call.new_tokens)
             outcomes.append(out)
 
             def done(t: float) -> None:
@@ -146,81 +186,70 @@ class Cluster:
                 if k + 1 < len(s.calls):
                     self.at(t + s.think_s[k], self._call_starter(s, k + 1, outcomes))
 
-            self._submit(_Seq(out, call.output_tokens, now, done), call.new_tokens, now)
+            placement = self.policy.place(s, call, self.nodes, now)
+            out.cached_tokens = max(0, out.prompt_tokens - placement.new_tokens)
+            out.cache_reported = True
+            worker = self.nodes[placement.prefill]
+            worker.prefills.append((placement, _Seq(out, call.output_tokens, now, done)))
+            self._kick(worker, now)
 
         return start
 
-    def _submit(self, seq: _Seq, tokens: int, now: float) -> None:
-        if self.prefill and tokens > self.cal.prefill_threshold_tokens:
-            worker = min(self.prefill, key=lambda p: p.backlog_s(self.cal))
-            worker.queue.append((tokens, seq))
-            if len(worker.queue) == 1:
-                self._next_prefill(worker, now)
-            return
-        engine = min(self.engines, key=lambda e: e.load)
-        engine.prefills.append((tokens, seq))
-        self._kick(engine, now)
+    def _kick(self, worker: Worker, now: float) -> None:
+        if not worker.active:
+            worker.active = True
+            self._step(worker, now)
 
-    # -- prefill workers --------------------------------------------------------------------
-    def _next_prefill(self, worker: _Prefill, now: float) -> None:
-        tokens, seq = worker.queue[0]
-
-        def finish(t: float) -> None:
-            worker.queue.pop(0)
-            self._first_token(seq, t)
-            target = min(self.engines, key=lambda e: e.load)
-            if seq.left > 0:
-                self.at(t + self.cal.transfer_s(tokens), lambda t2: self._join(target, seq, t2))
-            if worker.queue:
-                self._next_prefill(worker, t)
-
-        self.at(now + self.cal.prefill_s(tokens), finish)
-
-    def _join(self, engine: _Engine, seq: _Seq, now: float) -> None:
-        engine.joining.append(seq)
-        self._kick(engine, now)
-
-    # -- engine workers ---------------------------------------------------------------------
-    def _kick(self, engine: _Engine, now: float) -> None:
-        if not engine.busy:
-            engine.busy = True
-            self._step(engine, now)
-
-    def _step(self, engine: _Engine, now: float) -> None:
-        """One unit of an engine's work: a waiting prefill first (as a mixed step would), else a decode step."""
-        if engine.prefills:
-            tokens, seq = engine.prefills.pop(0)
-            engine.prefilling = True
+    def _step(self, worker: Worker, now: float) -> None:
+        """A worker's next unit of work: a waiting prefill first, else a decode step, else idle."""
+        if worker.prefills:
+            placement, seq = worker.prefills.pop(0)
+            worker.prefilling = True
+            took = self.cal.prefill_s(placement.new_tokens)
+            worker.busy_s += took
+            worker.free_at = now + took
 
             def prefilled(t: float) -> None:
-                engine.prefilling = False
+                worker.prefilling = False
                 self._first_token(seq, t)
                 if seq.left > 0:
-                    engine.running.append(seq)
-                self._step(engine, t)
+                    decoder = self.nodes[placement.decode]
+                    if decoder is worker:
+                        worker.running.append(seq)
+                    else:
+                        self.at(t + self.cal.transfer_s(placement.transfer_blocks), lambda t2: self._join(decoder, seq, t2))
+                self._step(worker, t)
 
-            self.at(now + self.cal.prefill_s(tokens), prefilled)
+            self.at(now + took, prefilled)
             return
-        engine.running += engine.joining
-        engine.joining.clear()
-        if not engine.running:
-            engine.busy = False
+        worker.running += worker.joining
+        worker.joining.clear()
+        if not worker.running:
+            worker.active = False
             return
+        took = self.cal.step_s(len(worker.running))
+        worker.busy_s += took
+        worker.free_at = now + took
 
         def stepped(t: float) -> None:
-            for seq in engine.running:
+            for seq in worker.running:
                 seq.outcome.itl_s.append(t - seq.last_s)
                 seq.last_s = t
                 seq.left -= 1
                 seq.outcome.output_tokens += 1
                 if seq.left == 0:
                     seq.done(t)
-            engine.running = [s for s in engine.running if s.left > 0]
-            self._step(engine, t)
+            worker.running = [s for s in worker.running if s.left > 0]
+            self._step(worker, t)
 
-        self.at(now + self.cal.step_s(len(engine.running)), stepped)
+        self.at(now + took, stepped)
 
-    def _first_token(self, seq: _Seq, t: float) -> None:
+    def _join(self, worker: Worker, seq: _Seq, now: float) -> None:
+        worker.joining.append(seq)
+        self._kick(worker, now)
+
+    @staticmethod
+    def _first_token(seq: _Seq, t: float) -> None:
         seq.outcome.ttft_s = t - seq.outcome.sent_s
         seq.outcome.output_tokens = 1
         seq.last_s = t
