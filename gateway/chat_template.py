@@ -7,9 +7,10 @@ into the conversation: the tool list in the system message, assistant calls as S
 gateway/tool_calls.py.
 
 `tool_choice` never changes the rendered conversation (that would break the cached prefix
-between an agent's turns); it changes only the start of the assistant's reply: "required" and a
-named function pre-write `<tool_call>...` (`forced_prefix`) so even a small model answers with a
-call, and "none" keeps the tools in the prompt (vLLM's default too) but parses no calls.
+between an agent's turns); it changes only what the reply may be, through the grammar the gateway
+compiles from it (gateway/grammar.py): "required" and a named function force a call of the listed
+function(s), "auto" allows text or well-formed calls, and "none" keeps the tools in the prompt
+(vLLM's default too) but parses no calls.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import msgspec
 
 from gateway.errors import InvalidRequest, Unsupported
-from gateway.openai_schema import ChatMessage, NamedFunction, NamedToolChoice, Tool
+from gateway.openai_schema import ChatMessage, NamedToolChoice, Tool
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -31,7 +32,8 @@ class ToolPolicy:
     """What the request allows: parse calls at all, and whether the reply is forced into one."""
 
     parse: bool  # tools given and tool_choice != "none"
-    forced_prefix: str = ""
+    required: bool = False  # the reply must be calls (tool_choice "required" or a named function)
+    forced_prefix: str = ""  # reply text written before generation (none: the grammar forces the markup)
     parallel: bool = True
     names: frozenset[str] = frozenset()  # a call to any other name is not a call (falls back to text)
     stop: tuple[str, ...] = ()  # extra stop strings (the list form's closing tag: all calls are in)
@@ -65,6 +67,17 @@ def call_arguments(arguments: str | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidRequest("a tool call's `arguments` must be a JSON object", param="messages")
     return value
+
+
+def check_tool_results(messages: list[ChatMessage]) -> None:
+    """A `tool` message answers a call an earlier assistant message made (OpenAI's 400 otherwise)."""
+    call_ids: set[str] = set()
+    for n, msg in enumerate(messages):
+        if msg.role == "assistant":
+            call_ids.update(c.id for c in msg.tool_calls or [] if c.id)
+        elif msg.role == "tool" and msg.tool_call_id is not None and msg.tool_call_id not in call_ids:
+            raise InvalidRequest(f"messages[{n}].tool_call_id {msg.tool_call_id!r} answers no tool call of an "
+                                 "earlier assistant message", param="messages")  # fmt: skip
 
 
 class ChatRenderer:
@@ -139,21 +152,14 @@ class ChatRenderer:
             return policy
         if tool_choice == "none":
             return ToolPolicy(parse=False)
-        if tool_choice == "required" and len(tools) == 1:
-            tool_choice = NamedToolChoice(function=NamedFunction(name=tools[0].function.name))
-        open_tag = "<tool_call>\n{" if self.native_tools else "<tool_call>[{"
         if tool_choice == "required":
-            return replace(policy, forced_prefix=open_tag + '"name": "')
+            return replace(policy, required=True)
         if isinstance(tool_choice, NamedToolChoice):
-            tool = by_name.get(tool_choice.function.name)
-            if tool is None:
+            if tool_choice.function.name not in by_name:
                 raise InvalidRequest(f"tool_choice names {tool_choice.function.name!r}, which is not in `tools` "
                                      f"({sorted(by_name)})", param="tool_choice")  # fmt: skip
-            # Pre-writing the start of the arguments object keeps small models on the format.
-            has_args = bool((tool.function.parameters or {}).get("properties"))
-            args_start = '{"' if has_args else "{"
-            prefix = f'{open_tag}"name": {json.dumps(tool.function.name)}, "arguments": {args_start}'
-            return replace(policy, forced_prefix=prefix, parallel=False, stop=("</tool_call>",))
+            return replace(policy, required=True, names=frozenset([tool_choice.function.name]), parallel=False,
+                           stop=("</tool_call>",))  # fmt: skip
         raise InvalidRequest(f"tool_choice {tool_choice!r} is not none, auto, required or a named function", param="tool_choice")
 
     # -- internals --------------------------------------------------------------------------
@@ -181,8 +187,8 @@ class ChatRenderer:
 def tools_prompt(tools: list[Tool]) -> str:
     """The tool list written into the system message for templates without tool support.
 
-    SmolLM2's list form, with a worked example: small models follow an example far more
-    reliably than a description of the format.
+    SmolLM2's list form, described rather than shown by example: a worked example with a made-up
+    function got copied by small models; the grammar (gateway/grammar.py) enforces the format.
     """
     specs = [
         {"name": t.function.name, "description": t.function.description or "", "parameters": t.function.parameters or {}}
@@ -192,7 +198,7 @@ def tools_prompt(tools: list[Tool]) -> str:
         "# Tools\n\n"
         "You may call the functions below.\n"
         f"<tools>{json.dumps(specs, ensure_ascii=False)}</tools>\n\n"
-        "To call functions, answer with a list of calls and nothing else. Example: to look up a stock price you would answer\n"
-        '<tool_call>[{"name": "get_stock_price", "arguments": {"symbol": "AAPL"}}]</tool_call>\n'
+        "To call functions, answer with a list of calls and nothing else:\n"
+        '<tool_call>[{"name": <function name>, "arguments": <arguments as a JSON object>}]</tool_call>\n'
         "When no function is needed, answer in plain text."
     )

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from gateway.chat_template import ChatRenderer, ToolPolicy
+from gateway.chat_template import ChatRenderer, ToolPolicy, check_tool_results
 from gateway.cluster import ClusterView, ModelInfo, Renderers
 from gateway.config import GatewayConfig
 from gateway.errors import ContextLengthExceeded, InvalidRequest, StateUnavailable, Unsupported, UpstreamError
+from gateway.grammar import reply_grammar
 from gateway.ledger import ChatPrompt, build_chat_prompt, next_ledger
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import ChatCompletionRequest, CompletionRequest, Delta, PromptTokensDetails, ToolCallFunction, ToolCallOut, Usage
@@ -36,7 +37,6 @@ from kvstore.hashing import block_hashes, hash_seed
 from kvstore.wire import GenerateRequest, PrefillResult, RouteStats, SamplingParams, TokenChunk
 
 log = logging.getLogger("agentkv.gateway")
-MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -123,38 +123,32 @@ class TurnPipeline:
 
     # -- 1. prepare -----------------------------------------------------------------------------
     async def prepare_chat(self, req: ChatCompletionRequest, tenant: Tenant, session_id: str | None) -> Turn:
-        if req.n not in (None, 1):
-            raise Unsupported("n must be 1: agentkv returns one choice per request (send n requests instead)", param="n")
         if req.logprobs:
             raise Unsupported("logprobs are not supported", param="logprobs")
-        if not req.messages:
-            raise InvalidRequest("`messages` must not be empty", param="messages")
-        if req.response_format and req.response_format.get("type") != "text":
-            raise Unsupported("response_format other than text is not supported yet: the reply would not be "
-                              "guaranteed to match it", param="response_format")  # fmt: skip
         if any(t.type != "function" for t in req.tools or []):
             raise InvalidRequest("every tool must have type 'function'", param="tools")
+        check_tool_results(req.messages)
         model = await self.cluster.model()
         renderer = await self.renderers.get(model)
         session = await self._session(tenant, session_id, req.session_ttl_s)
         policy = renderer.tool_policy(req.tools, req.tool_choice, req.parallel_tool_calls)
-        prompt = build_chat_prompt(renderer, req.messages, req.tools, policy, model.fingerprint,
-                                   session.ledger if session else None)  # fmt: skip
+        grammar = await self.renderers.offload(reply_grammar, req.tools, policy, req.response_format, renderer.native_tools)
+        prompt = await self.renderers.offload(build_chat_prompt, renderer, req.messages, req.tools, policy,
+                                              model.fingerprint, session.ledger if session else None)  # fmt: skip
         if session is not None:
             self.metrics.ledger.labels(prompt.ledger).inc()
         sampling = self._sampling(prompt.ids, model, req.max_completion_tokens or req.max_tokens, req.temperature,
                                   req.top_p, req.seed, req.stop)  # fmt: skip
         sampling.stop += [s for s in policy.stop if s not in sampling.stop]
+        sampling.grammar = grammar  # constrains the reply only: the prompt (and its cache) is the same without it
         return self._turn("chatcmpl-", tenant, model, renderer, prompt.ids, sampling, session, prompt, policy)
 
     async def prepare_completion(self, req: CompletionRequest, tenant: Tenant, session_id: str | None) -> Turn:
-        if req.n not in (None, 1):
-            raise Unsupported("n must be 1", param="n")
         if req.echo or req.logprobs:
             raise Unsupported("echo and logprobs are not supported", param="echo" if req.echo else "logprobs")
         model = await self.cluster.model()
         renderer = await self.renderers.get(model)
-        ids = _completion_prompt(renderer, req.prompt)
+        ids = await self.renderers.offload(_completion_prompt, renderer, req.prompt)
         session = await self._session(tenant, session_id, req.session_ttl_s)
         sampling = self._sampling(ids, model, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop)
         return self._turn("cmpl-", tenant, model, renderer, ids, sampling, session)
@@ -224,19 +218,11 @@ class TurnPipeline:
                 f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
                 param="messages",
             )
-        if max_tokens is not None and max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         budget = max_tokens or self.config.default_max_tokens
         if model.max_model_len:
             budget = min(budget, model.max_model_len - len(ids))
         temperature = self.config.default_temperature if temperature is None else temperature
-        if temperature < 0 or temperature > 2:
-            raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}", param="temperature")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}", param="top_p")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])  # at most MAX_STOP_STRINGS: the schema enforces it
         return SamplingParams(max_tokens=budget, temperature=temperature, top_p=1.0 if top_p is None else top_p,
                               seed=seed, stop=[s for s in stops if s])  # fmt: skip
 
@@ -269,7 +255,8 @@ class TurnPipeline:
         ledger = None
         if turn.chat_prompt is not None and outcome.finish_reason in ("stop", "length", "tool_calls"):
             calls = [(c.name, c.arguments) for c in outcome.calls]
-            ledger = next_ledger(turn.renderer, turn.chat_prompt, outcome.output_ids, outcome.content, calls, turn.model.fingerprint)
+            ledger = await self.renderers.offload(next_ledger, turn.renderer, turn.chat_prompt, outcome.output_ids,
+                                                  outcome.content, calls, turn.model.fingerprint)  # fmt: skip
         try:
             await self.sessions.record_turn(turn.session, stats, usage.completion_tokens, ledger)
         except StateUnavailable as exc:

@@ -8,7 +8,7 @@ import jinja2
 import pytest
 from gateway_fakes import tokenizer  # noqa: F401  (fixture)
 
-from gateway.chat_template import ChatRenderer
+from gateway.chat_template import ChatRenderer, check_tool_results
 from gateway.errors import InvalidRequest, Unsupported
 from gateway.openai_schema import (
     ChatMessage,
@@ -73,20 +73,36 @@ def test_assistant_calls_and_tool_results_are_written_in_smollm2_form(smol):
     assert out[1] == {"role": "tool", "content": '<tool_response>\n{"temp": 21}\n</tool_response>'}
 
 
-def test_tool_choice_shapes_only_the_start_of_the_reply(smol):
+def test_tool_choice_decides_what_the_reply_may_be_never_the_prompt(smol):
     auto = smol.tool_policy([WEATHER, CLOCK], "auto", None)
-    assert auto.parse and auto.forced_prefix == "" and auto.stop == ("</tool_call>",)
+    assert auto.parse and not auto.required and auto.stop == ("</tool_call>",)
     assert not smol.tool_policy([WEATHER], "none", None).parse
     required = smol.tool_policy([WEATHER, CLOCK], "required", None)
-    assert required.forced_prefix == '<tool_call>[{"name": "'
-    single = smol.tool_policy([WEATHER], "required", None)  # one tool: required means that tool
-    assert single.forced_prefix == '<tool_call>[{"name": "get_weather", "arguments": {"'
+    assert required.required and required.names == {"get_weather", "get_time"} and required.parallel
     named = smol.tool_policy([WEATHER, CLOCK], NamedToolChoice(function=NamedFunction(name="get_time")), True)
-    assert named.forced_prefix == '<tool_call>[{"name": "get_time", "arguments": {' and not named.parallel
+    assert named.required and named.names == {"get_time"} and not named.parallel
+    assert all(p.forced_prefix == "" for p in (auto, required, named))  # the grammar forces the markup
     with pytest.raises(InvalidRequest, match="not in `tools`"):
         smol.tool_policy([WEATHER], NamedToolChoice(function=NamedFunction(name="nope")), None)
     with pytest.raises(InvalidRequest, match="needs `tools`"):
         smol.tool_policy(None, "required", None)
+
+
+def test_the_tool_prompt_shows_no_made_up_function(smol):
+    prompt = smol.template_messages(msgs(("user", "Weather?")), [WEATHER])[0]["content"]
+    assert "get_stock_price" not in prompt and "AAPL" not in prompt
+    assert '<tool_call>[{"name": <function name>, "arguments":' in prompt
+
+
+def test_a_tool_result_must_answer_an_earlier_call():
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments="{}"))
+    ok = [ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", tool_calls=[call]),
+          ChatMessage(role="tool", tool_call_id="call_1", content="21")]  # fmt: skip
+    check_tool_results(ok)
+    with pytest.raises(InvalidRequest, match="answers no tool call"):
+        check_tool_results([ChatMessage(role="user", content="hi"), ChatMessage(role="tool", tool_call_id="call_9", content="21")])
+    with pytest.raises(InvalidRequest, match="call_2"):
+        check_tool_results([*ok, ChatMessage(role="tool", tool_call_id="call_2", content="x")])
 
 
 HERMES_TEMPLATE = (
@@ -121,4 +137,4 @@ def test_a_template_with_tool_support_gets_tools_and_calls_as_data():
     assert '<tools>{"type": "function", "function": {"name": "get_weather"' in text
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
     policy = hermes.tool_policy([WEATHER, CLOCK], "required", None)
-    assert policy.forced_prefix == '<tool_call>\n{"name": "' and policy.stop == ()  # one block per call
+    assert policy.required and policy.stop == ()  # one block per call
