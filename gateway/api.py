@@ -229,7 +229,7 @@ async def health(request: Request, cluster: NamedDependency[ClusterView], render
     nodes = cluster.nodes()
     status = {"status": "ok" if nodes else "no_workers", "ready": bool(nodes) and renderers.ready}  # ready: tokenizer loaded
     if not may_see_internals(request, tenants, gateway_config):
-        return status
+        return {**status, "node_count": len(nodes)}
     return {
         **status,
         "redis": cluster.reachable,

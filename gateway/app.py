@@ -28,6 +28,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import EXCEPTION_HANDLERS, APIError
 from gateway.metrics import GatewayMetrics
 from gateway.reply import InFlight
+from gateway.responses import ResponsesController
 from gateway.router import Router
 from gateway.sessions import SessionStore
 from gateway.tenants import TenantDirectory
@@ -107,7 +108,7 @@ def create_app(
         return Provide(provider, sync_to_thread=False)
 
     return Litestar(
-        route_handlers=[OpenAIController, SessionController, health, metrics],
+        route_handlers=[OpenAIController, SessionController, ResponsesController, health, metrics],
         dependencies={
             "tenants": Provide(lambda: tenants, sync_to_thread=False),
             "metrics": Provide(lambda: gateway_metrics, sync_to_thread=False),

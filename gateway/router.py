@@ -130,9 +130,7 @@ def choose_route(
     def prefill_cost(c: Candidate) -> float:
         return prompt_tokens - cached(c) + busy(c, prompt_tokens)
 
-    decoders = [c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)]
-    if not decoders:
-        raise NoWorkers("no decode-capable worker is live (only prefill nodes): start one with --role decode or both")
+    decoders = _decoders(candidates)
     d = min(decoders, key=lambda c: (decode_cost(c), c.node_id))
     d_miss = prompt_tokens - cached(d)
     route = Route(mode, d.record, None, prompt_tokens, bs, cached(d))
@@ -149,13 +147,22 @@ def choose_route(
     return route
 
 
+def _decoders(candidates: list[Candidate]) -> list[Candidate]:
+    """Decode-capable nodes; while none is live (a decode worker restarting), the prefill nodes decode
+    too, prefilling locally: every worker serves both calls, roles only steer the router."""
+    decoders = [c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)]
+    if not decoders:
+        log.warning("no decode node is live: prefill nodes decode too until one is back")
+    return decoders or list(candidates)
+
+
 def choose_baseline(candidates: list[Candidate], prompt_tokens: int, policy: str, turn: int, *,
                     mode: RouteMode = RouteMode.EXACT, affinity: str | None = None) -> Route:  # fmt: skip
     """The policies prefix-aware routing is measured against: `sticky` (the session's last node,
     else in turn) and `round_robin` (decode nodes in turn). The chosen node always prefills locally."""
-    decoders = sorted((c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)), key=lambda c: c.node_id)
-    if not decoders:
-        return choose_route(candidates, prompt_tokens, 0, RouterConfig())  # raises the right NoWorkers
+    if not candidates:
+        raise NoWorkers("no worker is registered: start one with `agentkv worker` (or use `agentkv up`)")
+    decoders = sorted(_decoders(candidates), key=lambda c: c.node_id)
     check_compatible([c.record for c in candidates])
     by_id = {c.node_id: c for c in decoders}
     d = by_id[affinity] if policy == "sticky" and affinity in by_id else decoders[turn % len(decoders)]

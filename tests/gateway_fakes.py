@@ -195,6 +195,65 @@ class FakeWorker:
         return Litestar([health, generate, prefill, abort, unpin], openapi_config=None)
 
 
+class LiveASGITransport(httpx.AsyncBaseTransport):
+    """Like httpx.ASGITransport, but the body reaches the client as the app sends it (httpx's own
+    buffers the whole response), and closing the response cancels the app: a worker's token stream
+    really streams, and a gateway that stops reading it is seen as gone."""
+
+    def __init__(self, app: Litestar) -> None:
+        self.app = app
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
+                 "scheme": request.url.scheme, "path": request.url.path, "raw_path": request.url.raw_path.split(b"?")[0],
+                 "query_string": request.url.query, "root_path": "", "server": (request.url.host, 80), "client": ("127.0.0.1", 1),
+                 "headers": [(k.lower(), v) for k, v in request.headers.raw]}  # fmt: skip
+        started: asyncio.Future = asyncio.get_running_loop().create_future()
+        parts: asyncio.Queue[bytes | None] = asyncio.Queue()
+        received = False
+
+        async def receive() -> dict:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # never disconnects by itself: closing cancels the app
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                started.set_result(message)
+            elif message["type"] == "http.response.body":
+                await parts.put(message.get("body", b""))
+                if not message.get("more_body"):
+                    await parts.put(None)
+
+        async def run() -> None:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                await parts.put(None)
+
+        task = asyncio.ensure_future(run())
+        start = await started
+        return httpx.Response(start["status"], headers=start.get("headers", []), stream=_QueueStream(parts, task), request=request)
+
+
+class _QueueStream(httpx.AsyncByteStream):
+    def __init__(self, parts: asyncio.Queue, task: asyncio.Future) -> None:
+        self.parts, self.task = parts, task
+
+    async def __aiter__(self):
+        while (part := await self.parts.get()) is not None:
+            yield part
+
+    async def aclose(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            await asyncio.wait((self.task,))
+
+
 class FakeCluster(httpx.AsyncBaseTransport):
     """Routes `http://{node_id}/...` to that fake's ASGI app; unknown hosts refuse to connect."""
 
@@ -202,7 +261,7 @@ class FakeCluster(httpx.AsyncBaseTransport):
         self.workers = {w.node_id: w for w in workers}
         for w in workers:
             w.peers = self.workers
-        self._transports = {w.node_id: httpx.ASGITransport(app=w.app()) for w in workers}
+        self._transports = {w.node_id: LiveASGITransport(w.app()) for w in workers}
         self.down: set[str] = set()  # node ids that refuse connections
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -436,7 +436,7 @@ def test_a_session_ttl_under_a_millisecond_is_a_400(gateway, workers):
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
 ])  # fmt: skip
@@ -448,3 +448,98 @@ def test_what_openai_refuses_is_a_400_not_silently_ignored(gateway, workers, ext
         assert cluster.workers["d1"].requests == []
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+# -- hardening (issue 13) --------------------------------------------------------------------------
+
+
+def test_public_health_is_minimal_when_api_keys_are_configured(gateway, workers):
+    async def scenario(client, cluster):
+        public = (await client.get("/health")).json()
+        assert public.keys() == {"status", "ready", "node_count"} and public["node_count"] == 1  # no worker address
+        assert (await client.get("/health", headers={"authorization": "Bearer wrong"})).json() == public
+        full = (await client.get("/health", headers=A)).json()
+        assert full["nodes"][0]["address"] == "http://d1" and full["redis"] is True
+        assert (await client.get("/health", headers={"x-agentkv-token": "cluster-secret"})).json()["nodes"]
+
+    gateway(workers(("d1", Role.DECODE)), scenario, GatewayConfig(api_keys=KEYS.api_keys, cluster_token="cluster-secret"))
+
+
+def test_the_openapi_document_describes_errors_streams_limits_and_the_optional_session_body(gateway, workers):
+    async def scenario(client, cluster):
+        doc = (await client.get("/schema/openapi.json")).json()
+        chat_op = doc["paths"]["/v1/chat/completions"]["post"]
+        assert {"400", "401", "413", "500", "502", "503"} <= set(chat_op["responses"])
+        for status in ("400", "503"):
+            assert chat_op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        error = doc["components"]["schemas"]["ErrorDetail"]
+        assert set(error["properties"]) == {"message", "type", "param", "code"}
+        assert {"application/json", "text/event-stream"} == set(chat_op["responses"]["200"]["content"])
+        props = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+        assert props["messages"]["minItems"] == 1
+        assert (props["temperature"]["minimum"], props["temperature"]["maximum"]) == (0, 2)
+        assert (props["top_p"]["exclusiveMinimum"], props["top_p"]["maximum"]) == (0, 1)
+        assert props["max_tokens"]["minimum"] == 1 and props["n"]["maximum"] == 1 and props["stop"]["maxItems"] == 4
+        create = doc["paths"]["/v1/sessions"]["post"]
+        assert create["requestBody"]["required"] is False and {"200", "201"} <= set(create["responses"])
+        assert "404" in doc["paths"]["/v1/sessions/{session_id}"]["get"]["responses"]
+        # the same declarations are what the server enforces
+        for extra, param in (({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 2}, "n"),
+                             ({"max_tokens": 0}, "max_tokens"), ({"messages": []}, "messages")):  # fmt: skip
+            r = await client.post("/v1/chat/completions", json={**chat(), **extra}, headers=A)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert (await client.post("/v1/sessions", headers=A)).status_code == 201  # no body at all
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_a_2mb_message_is_refused_at_once_and_never_stalls_the_gateway(gateway, workers):
+    """Issue 13 #5: rendering and tokenizing 2 MB took 10-18 s on the event loop (a /health waited 9.7 s)."""
+    import time
+
+    async def scenario(client, cluster):
+        async def timed(coro):
+            t = time.perf_counter()
+            r = await coro
+            return r, time.perf_counter() - t
+
+        async def health_probes():
+            await asyncio.sleep(0.005)
+            return [(await timed(client.get("/health")))[1] for _ in range(5)]
+
+        huge = chat("word " * 400_000)  # 2 MB
+        (r, took), health = await asyncio.gather(timed(client.post("/v1/chat/completions", json=huge, headers=A)), health_probes())
+        print(f"2 MB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {max(health) * 1000:.0f} ms")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert took < 1.0 and max(health) < 0.5
+        assert cluster.workers["d1"].requests == []
+        r = await client.post("/v1/chat/completions", content=b"x" * (9 * 1024 * 1024), headers={**A, "content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
+def test_shutdown_ends_a_running_stream_with_a_clean_error_and_aborts_it_on_the_worker(gateway, workers):
+    """Issue 13 #6: the stream's end must be a coded error (not "internal gateway error") and the abort
+    must reach the worker while the worker client is still open."""
+
+    async def scenario(client, cluster):
+        d1 = cluster.workers["d1"]
+
+        async def stop_mid_stream():
+            while not d1.requests:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.35)  # a few tokens streamed
+            cluster.gateway_app.state.inflight.stop()
+
+        body = chat(stream=True, max_tokens=64)
+        r, _ = await asyncio.gather(client.post("/v1/chat/completions", json=body, headers=A), stop_mid_stream())
+        events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+        error = json.loads(events[-1])["error"]
+        assert error["code"] == "server_shutting_down" and error["type"] == "service_unavailable_error", events
+        assert set(d1.aborted) == {d1.requests[0].request_id} and not d1.in_use
+        r = await client.post("/v1/chat/completions", json=chat(), headers=A)  # a late request: a clean 503
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+
+    gateway(workers(("d1", Role.DECODE), token_delay_s=0.1), scenario, KEYS)

@@ -79,8 +79,8 @@ def test_prefill_node_that_is_not_worth_it_is_skipped():
 
 
 def test_roles_are_respected():
-    with pytest.raises(NoWorkers):
-        choose_route([node("p1", Role.PREFILL)], 100, 16, CFG)
+    only_prefill = choose_route([node("p1", Role.PREFILL), node("p2", Role.PREFILL, cached_blocks=2)], 500, 16, CFG)
+    assert only_prefill.decode.node_id == "p2"  # no decode node live: a prefill node decodes (its cached prefix wins)
     with pytest.raises(NoWorkers):
         choose_route([], 100, 16, CFG)
     both = choose_route([node("b1", Role.BOTH), node("b2", Role.BOTH, cached_blocks=1)], 500, 16, CFG)
