@@ -225,3 +225,110 @@ def test_bad_requests_are_400s_in_the_openai_envelope(gateway, body, param):
         assert not worker.requests
 
     gateway(scenario)
+
+
+# -- the real stack (heavy): the openai client and the OpenAI Agents SDK ------------------------------
+
+from test_sdk_stack import stack_url  # noqa: E402, F401  (the shared real stack)
+
+CITIES = {"Paris": "sunny, 21 C", "London": "rain, 14 C", "Rome": "clear, 27 C"}
+
+
+def previous_context(r) -> int:
+    """Tokens the next turn of a chain can find cached: the previous prompt and its reply."""
+    return r.usage.input_tokens + r.usage.output_tokens
+
+
+@pytest.fixture
+def real_client(stack_url):
+    with openai.OpenAI(base_url=f"{stack_url}/v1", api_key="none", max_retries=0) as client:
+        yield client
+
+
+@pytest.mark.heavy
+def test_real_create_stream_get_delete(real_client):
+    r = real_client.responses.create(model="smollm2", input="Say hello in one short sentence.", temperature=0, max_output_tokens=24)
+    assert r.status in ("completed", "incomplete") and r.output_text.strip() and r.usage.output_tokens > 0
+    with real_client.responses.stream(model="smollm2", input="Say hello in one short sentence.", temperature=0, max_output_tokens=24) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == r.output_text  # greedy: the same text, streamed or not
+    assert real_client.responses.retrieve(final.id).output_text == final.output_text
+    real_client.responses.delete(final.id)
+    with pytest.raises(openai.NotFoundError):
+        real_client.responses.retrieve(final.id)
+
+
+@pytest.mark.heavy
+def test_real_previous_response_chain_hits_the_cache(real_client):
+    settings = dict(model="smollm2", instructions=INSTRUCTIONS, tools=[WEATHER], temperature=0, max_output_tokens=48)
+    r = real_client.responses.create(input="What is the weather in Paris?", tool_choice={"type": "function", "name": "get_weather"}, **settings)
+    for city in ("London", "Rome"):
+        call = next((o for o in r.output if o.type == "function_call"), None)
+        assert call is not None, r.output
+        assert call.name == "get_weather" and "city" in json.loads(call.arguments)
+        previous = r
+        r = real_client.responses.create(previous_response_id=previous.id, tool_choice={"type": "function", "name": "get_weather"},
+                                         input=[{"type": "function_call_output", "call_id": call.call_id, "output": CITIES["Paris"]},
+                                                {"role": "user", "content": f"And in {city}?"}], **settings)  # fmt: skip
+        cached = r.usage.input_tokens_details.cached_tokens
+        print(f"chain step: cached {cached} of previous context {previous_context(previous)} (input {r.usage.input_tokens})")
+        assert cached >= 0.9 * previous_context(previous)
+
+
+def _agent_run(stack_url: str, chained: bool, streamed: bool):
+    """A 3-step tool-using agent on the Agents SDK's default Responses model, pointed at agentkv.
+
+    The 135M model gets the help any small model gets: each step is forced to call the tool
+    (a named tool_choice, kept for every step), greedy decoding; the run ends after the third
+    tool result (the SDK's tool_use_behavior)."""
+    import asyncio
+
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, ToolsToFinalOutputResult, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    seen: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        seen.append(city)
+        return CITIES.get(city, "cloudy, 18 C")
+
+    def after_three_results(context, results) -> ToolsToFinalOutputResult:
+        done = len(seen) >= 3
+        return ToolsToFinalOutputResult(is_final_output=done, final_output="; ".join(seen) if done else None)
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{stack_url}/v1", api_key="none", max_retries=0)
+        agent = Agent(name="weather", instructions=INSTRUCTIONS + " Look up Paris, London and Rome, one call at a time.",
+                      model=OpenAIResponsesModel(model="smollm2", openai_client=client), tools=[get_weather],
+                      model_settings=ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=48),
+                      reset_tool_choice=False, tool_use_behavior=after_three_results)  # fmt: skip
+        question = "What is the weather in Paris, London and Rome?"
+        try:
+            if streamed:
+                result = Runner.run_streamed(agent, question, auto_previous_response_id=chained, max_turns=5)
+                async for _ in result.stream_events():
+                    pass
+            else:
+                result = await Runner.run(agent, question, auto_previous_response_id=chained, max_turns=5)
+        finally:
+            await client.close()
+        return result, seen
+
+    return asyncio.run(main())
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
+def test_agents_sdk_runs_a_three_step_tool_agent_with_cached_steps(stack_url, streamed):
+    """Acceptance (issue 14): every step after the first reports cached input tokens >= 90% of the
+    previous context. The chain runs server-side: previous_response_id -> the session's exact ids."""
+    result, seen = _agent_run(stack_url, chained=True, streamed=streamed)
+    steps = [r.usage for r in result.raw_responses]
+    assert len(steps) == 3 and len(seen) == 3 and result.final_output == "; ".join(seen)
+    for n, (before, after) in enumerate(zip(steps, steps[1:]), start=2):
+        context = before.input_tokens + before.output_tokens
+        print(f"step {n}: input {after.input_tokens}, cached {after.input_tokens_details.cached_tokens}, previous context {context}")
+        assert after.input_tokens_details.cached_tokens >= 0.9 * context
