@@ -1,0 +1,84 @@
+"""`agentkv bench simulate`: the pool model and the reuse ceiling by hand, and the real router on a
+real Valkey index driving simulated workers (the index must mirror the simulated pools exactly)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.agent.workload import AgentWorkload
+from bench.simulate import POLICIES, Policy, Pool, Scale, _register, agent_sessions, reuse_ceiling, run
+from bench.workersim import Calibration, Call, Cluster, SimSession
+from kvstore.valkey import connect
+
+SMALL = AgentWorkload(sessions=0, turns=3, system_words=60, tools=1, task_words=8, tool_output_words=40, user_words=4,
+                      max_tokens=4, think_time_s=0.2)  # fmt: skip
+
+
+def test_pool_evicts_least_recently_used_and_a_prefix_outlives_its_extensions():
+    pool = Pool(capacity=4)
+    assert pool.store([1, 2, 3]) == (0, [])
+    assert pool.store([1, 2, 3, 4, 5]) == (3, [5])  # 5 was touched first (tail first), so it goes first
+    assert pool.held([1, 2, 3, 4]) == 4 and pool.held([1, 2, 9]) == 2
+    assert pool.store([7]) == (0, [4])
+    assert pool.held([1, 2, 3]) == 3
+
+
+def test_reuse_ceiling_is_the_longest_prefix_any_earlier_call_sent():
+    bs = 16
+    a = SimSession("a", 0.0, [Call(48, 1, 48, [1, 2, 3]), Call(80, 1, 80, [1, 2, 3, 4, 5])], [0.0])
+    b = SimSession("b", 1.0, [Call(40, 1, 40, [1, 9])], [])
+    assert reuse_ceiling([b, a], bs) == {("a", 1): 0, ("a", 2): 48, ("b", 1): 16}
+    assert reuse_ceiling([SimSession("c", 0.0, [Call(32, 1, 32, [1, 2]), Call(32, 1, 32, [1, 2])], [0.0])], bs)[("c", 2)] == 31
+
+
+def test_agent_sessions_extend_their_own_prompt_and_share_the_system_prompt():
+    sessions = agent_sessions(SMALL, 3, rate_per_s=2.0, block_size=16)
+    for s in sessions:
+        for earlier, later in zip(s.calls, s.calls[1:]):
+            assert later.block_hashes[: len(earlier.block_hashes)] == earlier.block_hashes
+            assert later.prompt_tokens > earlier.prompt_tokens
+    system_blocks = (60 + 40) // 16  # 100 system tokens: 6 whole blocks, then each session's task
+    firsts = [s.calls[0].block_hashes for s in sessions]
+    assert firsts[0][:system_blocks] == firsts[1][:system_blocks] == firsts[2][:system_blocks]
+    assert len({f[system_blocks] for f in firsts}) == 3
+
+
+@pytest.mark.heavy
+def test_the_index_mirrors_the_simulated_pools_exactly(valkey_url, aio):
+    """The real router (choose_route) over the real index: after the run, a lookup of every call's
+    prompt gives, per node, exactly the prefix that node's simulated pool holds."""
+    redis = aio.run(connect(valkey_url))
+    cal = Calibration()
+    try:
+        index, records = aio.run(_register(redis, "simtest", 3, cal, Scale(capacity_blocks=24)))
+        sessions = agent_sessions(SMALL, 6, rate_per_s=4.0, block_size=cal.block_size)
+        policy = Policy("prefix_aware", records, cal, Scale(capacity_blocks=24), index, aio)
+        outcomes = Cluster(3, cal, policy).run(sessions)
+        assert len(outcomes) == 18 and all(o.ttft_s is not None and o.output_tokens == 4 for o in outcomes)
+        assert any(len(p.blocks) == 24 for p in policy.pools)  # a pool filled up: evictions reached the index too
+        for call in (c for s in sessions for c in s.calls):
+            found = aio.run(index.lookup(call.block_hashes))
+            assert {r.node_id: policy.pools[i].held(call.block_hashes) for i, r in enumerate(records)} == {
+                r.node_id: found.get(r.node_id, 0) for r in records
+            }
+        assert len(policy.decision_s) == 18
+    finally:
+        aio.run(redis.aclose())
+
+
+@pytest.mark.heavy
+def test_a_small_run_of_every_policy(tmp_path):
+    result = run((2, 4), workload=SMALL, scale=Scale(sessions_per_node=2, session_rate_per_node_s=1.0, capacity_blocks=64),
+                 fill_blocks=20_000, out_dir=tmp_path)  # fmt: skip
+    policies = result["policies"]
+    assert set(policies) == set(POLICIES) and all(set(by_n) == {"2", "4"} for by_n in policies.values())
+    top = {name: by_n["4"] for name, by_n in policies.items()}
+    assert all(m["requests"] == 4 * 2 * 3 for m in top.values())
+    assert top["prefix_aware"]["filled_blocks"] == 20_000 and top["prefix_aware"]["indexed_blocks"] >= 20_000
+    assert 20 < top["prefix_aware"]["redis_bytes_per_block"] < 400
+    assert top["prefix_aware"]["reuse_of_ceiling"] >= top["random"]["reuse_of_ceiling"]
+    assert top["prefix_aware_full"]["bytes_moved"] >= top["prefix_aware"]["bytes_moved"]
+    assert top["sticky"]["bytes_moved"] == top["round_robin"]["bytes_moved"] == top["random"]["bytes_moved"] == 0
+    assert set(result["targets"]) == {"prefix_aware_reuse_of_ceiling", "random_ttft_p90_over_prefix_aware", "prefix_aware_decision_p99_ms"}
+    with open(result["plot"], "rb") as f:
+        assert f.read(4) == b"\x89PNG"
