@@ -247,5 +247,38 @@ def bench_agent(
     sys.stdout.write(json.dumps(result) + "\n" if as_json else Path(result["files"]["markdown"]).read_text())
 
 
+
+@app.command()
+def plan(
+    workers: int = typer.Option(16, min=1, help="workers to split between prefill and decode"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    quick: bool = typer.Option(False, "--quick", help="the quick agent workload of `bench agent --quick`"),
+    trace: str = typer.Option("", help="plan for this Mooncake-format trace (JSONL) instead of the agent workload"),
+    calibration: str = typer.Option("", help="`agentkv bench engine --json` output to calibrate from (default: this machine's, in bench/workersim.py)"),
+    slo_ttft: float = typer.Option(1.0, min=0.001, help="goodput: time-to-first-token objective in seconds"),
+    slo_itl: float = typer.Option(0.25, min=0.001, help="goodput: a request's own inter-token-latency p99 objective in seconds"),
+    out: str = typer.Option("", help="directory for plan.png"),
+) -> None:
+    """Recommend the prefill:decode split that maximises goodput under the SLOs (predicted, bench/workersim.py)."""
+    from bench.agent.metrics import Slo
+    from bench.agent.mooncake import TraceError, load_trace
+    from bench.agent.run import FULL_AGENT, QUICK_AGENT
+    from bench.plan import run
+    from bench.workersim import Calibration
+
+    try:
+        cal = Calibration.from_engine_bench(json.loads(Path(calibration).read_text())) if calibration else Calibration()
+        result = run(workers, workload=QUICK_AGENT if quick else FULL_AGENT, trace=load_trace(trace) if trace else None,
+                     cal=cal, slo=Slo(ttft_s=slo_ttft, itl_p99_s=slo_itl), out_dir=out or None)  # fmt: skip
+    except (OSError, ValueError, KeyError, TraceError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit(result, as_json)
+        return
+    rows = [f"{'split':<12} {'max rate/s':>10} {'goodput/s':>10} {'TTFT p99 s':>11} {'ITL p99 s':>10}"]
+    rows += [f"{c['split']:<12} {c['max_rate_per_s']:>10.3g} {c['goodput_rps']:>10.3g} {c['ttft_p99_s']:>11.3g} {c['itl_p99_s']:>10.3g}"
+             for c in result["candidates"]]  # fmt: skip
+    sys.stdout.write("\n".join([*rows, f"best: {result['best']}"]) + "\n")
+
 if __name__ == "__main__":
     app()

@@ -120,3 +120,8 @@ def test_a_bad_namespace_is_refused_in_one_line(command):
 def test_bench_agent_help_lists_the_slo_options():
     proc = agentkv("bench", "agent", "--help")
     assert proc.returncode == 0 and "--slo-ttft" in proc.stdout and "--sweep" in proc.stdout
+
+
+def test_plan_help_lists_its_options():
+    proc = agentkv("plan", "--help")
+    assert proc.returncode == 0 and "--workers" in proc.stdout and "--slo-itl" in proc.stdout
