@@ -503,15 +503,21 @@ def test_a_2mb_message_is_refused_at_once_and_never_stalls_the_gateway(gateway, 
             r = await coro
             return r, time.perf_counter() - t
 
-        async def health_probes():
-            await asyncio.sleep(0.005)
-            return [(await timed(client.get("/health")))[1] for _ in range(5)]
+        async def with_health_probes(body):
+            post = asyncio.ensure_future(timed(client.post("/v1/chat/completions", json=body, headers=A)))
+            health = []
+            while not post.done():  # /health, one after the other, for as long as the big request runs
+                health.append((await timed(client.get("/health")))[1])
+            return *(await post), max(health, default=0.0)
 
-        huge = chat("word " * 400_000)  # 2 MB
-        (r, took), health = await asyncio.gather(timed(client.post("/v1/chat/completions", json=huge, headers=A)), health_probes())
-        print(f"2 MB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {max(health) * 1000:.0f} ms")
+        r, took, health = await with_health_probes(chat("word " * 400_000))  # 2 MB: refused before rendering
+        print(f"2 MB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {health * 1000:.0f} ms")
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-        assert took < 1.0 and max(health) < 0.5
+        assert took < 1.0 and health < 0.5
+        r, took, health = await with_health_probes(chat("word " * 30_000))  # within the cheap bound: tokenized, off the loop
+        print(f"150 kB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {health * 1000:.0f} ms")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert health < 0.5
         assert cluster.workers["d1"].requests == []
         r = await client.post("/v1/chat/completions", content=b"x" * (9 * 1024 * 1024), headers={**A, "content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
@@ -543,3 +549,51 @@ def test_shutdown_ends_a_running_stream_with_a_clean_error_and_aborts_it_on_the_
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
 
     gateway(workers(("d1", Role.DECODE), token_delay_s=0.1), scenario, KEYS)
+
+
+def test_a_redis_restart_does_not_open_a_no_workers_window(aio, tokenizer, workers):
+    """Issue 13 #8: a restarted (empty) Redis knows no node until the workers' next heartbeat
+    re-registers them (~0.5 s): requests kept getting 503 no_workers meanwhile. The gateway now
+    routes on its last node snapshot (DEGRADED) until they are back."""
+    import os
+    import signal
+    import time
+
+    from gateway_fakes import fake_gateway
+
+    from kvstore.index import BlockIndex
+    from kvstore.registry import NodeRegistry
+    from kvstore.valkey import EmbeddedValkey, connect
+
+    fakes = workers(("d1", Role.DECODE))
+    reregister_after_s = 0.5  # a worker's heartbeat period
+
+    async def main(valkey):
+        redis = await connect(valkey.url)
+        config = GatewayConfig(api_keys=KEYS.api_keys, node_refresh_s=0.1)
+        async with fake_gateway(redis, tokenizer, fakes, config) as (client, cluster):
+            assert (await client.post("/v1/chat/completions", json=chat(), headers=A)).status_code == 200
+            os.kill(valkey.pid, signal.SIGKILL)
+            await asyncio.to_thread(lambda: (valkey._process.wait(), valkey.restart()))
+            restarted, statuses, modes = time.perf_counter(), [], []
+            reregistered = False
+            while (elapsed := time.perf_counter() - restarted) < 1.5:
+                if elapsed > reregister_after_s and not reregistered:
+                    registry = NodeRegistry(redis)
+                    await fakes[0].join(registry, BlockIndex(redis, registry=registry))
+                    reregistered = True
+                r = await client.post("/v1/chat/completions", json=chat(), headers=A)
+                statuses.append((elapsed, r.status_code))
+                if r.status_code == 200:
+                    modes.append(route_of(r).mode)
+                await asyncio.sleep(0.02)
+            failed = [t for t, status in statuses if status != 200]
+            window = (max(failed) - min(failed)) if failed else 0.0
+            print(f"after a Redis restart: {len(failed)}/{len(statuses)} requests failed, a {window * 1000:.0f} ms window "
+                  f"(workers re-registered after {reregister_after_s * 1000:.0f} ms)")  # fmt: skip
+            assert failed == [], statuses
+            assert modes[0] == "degraded" and modes[-1] == "exact"  # the snapshot, then the index again
+        await redis.aclose()
+
+    with EmbeddedValkey() as valkey:
+        aio.run(main(valkey))
