@@ -1,5 +1,8 @@
 """`agentkv plan`: how many of N workers should prefill and how many decode, for a workload and SLOs.
 
+Each call prefills only what an ideal shared cache lacks (bench/simworkload.with_ideal_reuse): the
+planner sizes the cluster for prefix-aware routing, not for the router's own losses.
+
 Every split is played through the worker model (bench/workersim.py) at rising offered load; a
 split's capacity is the highest session rate at which 90% of requests still meet both objectives
 (DistServe's measure), and its goodput is what it serves there. Colocated serving (every worker
@@ -18,10 +21,10 @@ from bench.agent.driver import DriveResult
 from bench.agent.metrics import Slo, summarize
 from bench.agent.mooncake import TraceRecord
 from bench.agent.workload import AgentWorkload
-from bench.workersim import Calibration, Call, Cluster, SimSession, Split
+from bench.simworkload import agent_sessions, trace_sessions, with_ideal_reuse
+from bench.workersim import Calibration, Cluster, SimSession, Split
 
 ATTAINMENT = 0.9
-TEMPLATE_TOKENS = 12  # the chat template's tokens around each new message (SmolLM2's)
 SEARCH_STEPS = 12  # bisection steps on the rate: 2^-12 of the bracket
 MAX_RATE = 1e4
 
@@ -38,38 +41,6 @@ class Candidate(msgspec.Struct, kw_only=True):
     @property
     def name(self) -> str:
         return f"colocated x{self.decode}" if self.prefill == 0 else f"{self.prefill}P:{self.decode}D"
-
-
-def agent_sessions(w: AgentWorkload, count: int, rate_per_s: float, seed: int = 0) -> list[SimSession]:
-    """`count` sessions of the agent workload arriving as a Poisson process. A call prefills only
-    what prefix-aware routing leaves: the task on the first call (the warm-up cached the system
-    prompt), then the previous reply and the new tool output and user text."""
-    rng = np.random.default_rng(seed)
-    starts = np.concatenate(([0.0], np.cumsum(rng.exponential(1 / rate_per_s, count - 1))))
-    first = Call(w.task_words + TEMPLATE_TOKENS, w.max_tokens)
-    later = Call(w.max_tokens + w.tool_output_words + w.user_words + TEMPLATE_TOKENS, w.max_tokens)
-    return [
-        SimSession(f"s{i}", float(starts[i]), [first] + [later] * (w.turns - 1),
-                   rng.exponential(w.think_time_s, w.turns - 1).tolist() if w.think_time_s else [0.0] * (w.turns - 1))
-        for i in range(count)
-    ]  # fmt: skip
-
-
-def trace_sessions(records: list[TraceRecord], load: float, block_tokens: int = 512) -> list[SimSession]:
-    """A Mooncake trace, one call per request, its timestamps divided by `load`. A request
-    prefills what follows its longest prefix of blocks (hash ids) that an earlier request sent."""
-    seen: set[tuple[int, ...]] = set()
-    sessions = []
-    for i, r in enumerate(records):
-        cached = 0
-        for n in range(1, len(r.hash_ids) + 1):
-            if tuple(r.hash_ids[:n]) not in seen:
-                break
-            cached = n
-        seen.update(tuple(r.hash_ids[:n]) for n in range(1, len(r.hash_ids) + 1))
-        new = max(1, r.input_length - min(cached * block_tokens, r.input_length - 1))
-        sessions.append(SimSession(f"r{i}", r.timestamp / 1000 / load, [Call(new, max(1, r.output_length))], []))
-    return sessions
 
 
 def evaluate(prefill: int, decode: int, sessions: list[SimSession], cal: Calibration, slo: Slo):
@@ -115,11 +86,12 @@ def run(workers: int, *, workload: AgentWorkload | None = None, trace: list[Trac
         cal: Calibration = Calibration(), slo: Slo = Slo(), sessions_per_worker: int = 8,
         out_dir: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """The plan as one JSON-able object (and a bar plot of goodput per split when `out_dir` is given)."""
-    if trace is not None:
-        make = lambda load: trace_sessions(trace, load)  # noqa: E731 - the rate is a load multiplier here
-    else:
-        w = workload or AgentWorkload()
-        make = lambda rate: agent_sessions(w, sessions_per_worker * workers, rate)  # noqa: E731
+    bs = cal.block_size
+    if trace is not None:  # the rate is a load multiplier here: the trace's arrivals sped up by it
+        base = with_ideal_reuse(trace_sessions(trace, bs), bs)
+    else:  # Poisson arrivals at rate r are those at rate 1 with every time divided by r
+        base = with_ideal_reuse(agent_sessions(workload or AgentWorkload(), sessions_per_worker * workers, 1.0, bs), bs)
+    make = lambda rate: [msgspec.structs.replace(s, start_s=s.start_s / rate) for s in base]  # noqa: E731
     candidates = plan(workers, make, cal, slo)
     result = {
         "workers": workers,

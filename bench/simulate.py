@@ -33,19 +33,18 @@ import numpy as np
 
 from bench.agent.metrics import percentile
 from bench.agent.workload import AgentWorkload
+from bench.agent.mooncake import TraceRecord
+from bench.simworkload import agent_sessions, reuse_ceiling, trace_sessions
 from bench.workersim import Calibration, Call, Cluster, Placement, SimSession, Worker
 from gateway.config import RouterConfig
 from gateway.router import Candidate, choose_route
 from kvstore.events import BlockRemoved, BlockStored, KVEventBatch
-from kvstore.hashing import block_hashes, hash_seed
 from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord, Role
 from kvstore.registry import NodeRegistry
 from kvstore.valkey import EmbeddedValkey, connect
 
 POLICIES = ("prefix_aware", "prefix_aware_full", "sticky", "round_robin", "random")
-VOCAB = 49152  # SmolLM2's: the token ids drawn for the workload
-TEMPLATE_TOKENS = 12
 FILL_CHAIN = 512  # blocks per stored chain when filling the index to a size
 FILL_EVENTS_PER_BATCH = 32
 
@@ -55,41 +54,10 @@ class Scale(msgspec.Struct, frozen=True, kw_only=True):
 
     sessions_per_node: int = 4
     session_rate_per_node_s: float = 0.25  # Poisson session arrivals per second, per node
+    trace_requests_per_node: int = 16  # a trace is cut to this many requests per node ...
+    trace_rate_per_node_s: float = 0.5  # ... and replayed at this many requests per second per node
     capacity_blocks: int = 2048  # each node's pool
     bytes_per_block: int = 737_280  # SmolLM2-135M, fp32, blocks of 16
-
-
-def agent_sessions(w: AgentWorkload, count: int, rate_per_s: float, block_size: int, seed: int = 0) -> list[SimSession]:
-    """`count` agent sessions with real token ids and block hashes: one shared system prompt, a
-    task each, and every later call the whole conversation plus the reply and a tool output."""
-    rng = np.random.default_rng(seed)
-    ids = lambda n: rng.integers(0, VOCAB, n).tolist()  # noqa: E731
-    chain_seed = hash_seed("simulate")
-    system = ids(w.system_words + 40 * w.tools)
-    starts = np.concatenate(([0.0], np.cumsum(rng.exponential(1 / rate_per_s, count - 1))))
-    sessions = []
-    for i in range(count):
-        prompt = system + ids(w.task_words + TEMPLATE_TOKENS)
-        calls = []
-        for _ in range(w.turns):
-            calls.append(Call(len(prompt), w.max_tokens, len(prompt), block_hashes(prompt, block_size, chain_seed)))
-            prompt = prompt + ids(w.max_tokens + w.tool_output_words + w.user_words + TEMPLATE_TOKENS)
-        think = rng.exponential(w.think_time_s, w.turns - 1).tolist() if w.think_time_s else [0.0] * (w.turns - 1)
-        sessions.append(SimSession(f"s{i}", float(starts[i]), calls, think))
-    return sessions
-
-
-def reuse_ceiling(sessions: list[SimSession], block_size: int) -> dict[tuple[str, int], int]:
-    """Per call, the tokens an ideal shared cache would hold: its longest prefix of blocks sent by
-    any earlier call: of its own session, or of a session that started before it."""
-    seen: set[int] = set()
-    ceiling: dict[tuple[str, int], int] = {}
-    calls = sorted(((s.start_s, j, k, s.id, c) for j, s in enumerate(sessions) for k, c in enumerate(s.calls)), key=lambda x: x[:3])
-    for _, _, k, sid, call in calls:
-        held = next((i for i, h in enumerate(call.block_hashes) if h not in seen), len(call.block_hashes))
-        ceiling[(sid, k + 1)] = min(held * block_size, call.prompt_tokens - 1)
-        seen.update(call.block_hashes)
-    return ceiling
 
 
 class Pool:
@@ -125,6 +93,7 @@ class Policy:
     scale: Scale
     index: BlockIndex | None = None
     runner: asyncio.Runner | None = None
+    config: RouterConfig = field(default_factory=RouterConfig)
     seed: int = 0
     pools: list[Pool] = field(init=False)
     decision_s: list[float] = field(default_factory=list)
@@ -135,7 +104,6 @@ class Policy:
         self.pools = [Pool(self.scale.capacity_blocks) for _ in self.nodes]
         self.rng = np.random.default_rng(self.seed)
         self.turns = itertools.count()
-        self.config = RouterConfig()
         self.position = {r.node_id: i for i, r in enumerate(self.nodes)}
 
     def place(self, session: SimSession, call: Call, workers: list[Worker], now: float) -> Placement:
@@ -188,11 +156,11 @@ class Policy:
 
 
 def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] = POLICIES, workload: AgentWorkload | None = None,
-        scale: Scale = Scale(), cal: Calibration = Calibration(), fill_blocks: int = 0, out_dir: str | Path | None = None,
-        log=lambda _: None) -> dict[str, Any]:  # fmt: skip
-    """Every policy at every cluster size on one private Valkey; `fill_blocks`: first fill the
-    prefix_aware index to this many entries at the largest size (the router's decision latency
-    with a production-sized index)."""
+        trace: list[TraceRecord] | None = None, scale: Scale = Scale(), cal: Calibration = Calibration(), router: RouterConfig = RouterConfig(), fill_blocks: int = 0,
+        out_dir: str | Path | None = None, log=lambda _: None) -> dict[str, Any]:  # fmt: skip
+    """Every policy at every cluster size on one private Valkey, on the agent workload or a Mooncake
+    trace; `fill_blocks`: first fill the prefix_aware index to this many entries at the largest size
+    (the router's decision latency with a production-sized index)."""
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise ValueError(f"unknown policies {sorted(unknown)}; choose from {list(POLICIES)}")
@@ -203,7 +171,7 @@ def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] 
         redis = runner.run(connect(valkey.url, timeout_s=120.0))
         try:
             for n in nodes:
-                sessions = agent_sessions(w, scale.sessions_per_node * n, scale.session_rate_per_node_s * n, cal.block_size)
+                sessions = _sessions(w, trace, n, scale, cal.block_size)
                 ceiling = reuse_ceiling(sessions, cal.block_size)
                 for name in policies:
                     namespace = f"sim{n}{name}"
@@ -213,7 +181,7 @@ def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] 
                     if uses_index and fill_blocks and n == max(nodes) and name == "prefix_aware":
                         log(f"filling the index to {fill_blocks:,} blocks over {n} nodes")
                         filled = runner.run(_fill(index, records, fill_blocks))
-                    policy = Policy(name, records, cal, scale, index if uses_index else None, runner)
+                    policy = Policy(name, records, cal, scale, index if uses_index else None, runner, router)
                     cluster = Cluster(n, cal, policy)
                     outcomes = cluster.run(sessions)
                     indexed = sum(runner.run(index.sizes()).values()) if uses_index else 0
@@ -225,11 +193,22 @@ def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] 
         finally:
             runner.run(redis.aclose())
     result = {"bench": "simulate", "nodes": list(nodes), "scale": msgspec.to_builtins(scale),
-              "workload": msgspec.to_builtins(w), "calibration": msgspec.to_builtins(cal), "policies": results}  # fmt: skip
+              "workload": "mooncake trace" if trace is not None else msgspec.to_builtins(w),
+              "calibration": msgspec.to_builtins(cal), "router": msgspec.to_builtins(router), "policies": results}  # fmt: skip
     result["targets"] = targets(result)
     if out_dir is not None:
         result["plot"] = plot(result, Path(out_dir))
     return result
+
+
+def _sessions(w: AgentWorkload, trace: list[TraceRecord] | None, n: int, scale: Scale, block_size: int) -> list[SimSession]:
+    """The same offered load per node at every size: sessions (or trace requests) and their rate scale with `n`."""
+    if trace is None:
+        return agent_sessions(w, scale.sessions_per_node * n, scale.session_rate_per_node_s * n, block_size)
+    ordered = sorted(r.timestamp for r in trace)
+    span_s = (ordered[-1] - ordered[0]) / 1000 or 1.0
+    time_scale = (len(ordered) / span_s) / (scale.trace_rate_per_node_s * n)
+    return trace_sessions(trace, block_size, time_scale=time_scale, max_requests=scale.trace_requests_per_node * n)
 
 
 def _summary(outcomes, ceiling, cluster: Cluster, policy: Policy, scale: Scale, indexed: int, filled: int, used: int) -> dict[str, Any]:

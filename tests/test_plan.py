@@ -8,9 +8,8 @@ import json
 import pytest
 
 from bench.agent.metrics import Slo
-from bench.agent.mooncake import TraceRecord
 from bench.agent.workload import AgentWorkload
-from bench.plan import agent_sessions, plan, run, trace_sessions
+from bench.plan import plan, run
 from bench.workersim import Calibration, Call, Cluster, SimSession, Split
 
 # Round numbers: a prefill of n tokens takes n ms, a decode step 10 ms + 1 ms per sequence.
@@ -52,20 +51,6 @@ def test_calibration_fits_the_engine_bench():
     cal = Calibration.from_engine_bench({"decode_tok_s": {str(b): b / s for b, s in steps.items()}, "prefill_tok_s": 500.0})
     assert cal.step_base_s == pytest.approx(0.04) and cal.step_per_seq_s == pytest.approx(0.004)
     assert cal.prefill_s_per_token == pytest.approx(0.002)
-
-
-def test_agent_sessions_prefill_only_what_routing_leaves():
-    w = AgentWorkload(sessions=1, turns=3, task_words=20, tool_output_words=100, user_words=5, max_tokens=8)
-    [s] = agent_sessions(w, 1, rate_per_s=1.0)
-    assert [c.new_tokens for c in s.calls] == [20 + 12, 8 + 100 + 5 + 12, 8 + 100 + 5 + 12]
-    assert all(c.output_tokens == 8 for c in s.calls) and len(s.think_s) == 2
-
-
-def test_trace_requests_prefill_after_their_longest_seen_prefix():
-    records = [TraceRecord(0, 1200, 5, [1, 2, 3]), TraceRecord(1000, 1100, 5, [1, 2, 9]), TraceRecord(3000, 300, 5, [7])]
-    sessions = trace_sessions(records, load=2.0, block_tokens=512)
-    assert [s.calls[0].new_tokens for s in sessions] == [1200, 1100 - 1024, 300]
-    assert [s.start_s for s in sessions] == [0.0, 0.5, 1.5]
 
 
 # Decode is free and never stalls; a prompt takes 0.5 s of prefill and emits one token.

@@ -1,4 +1,4 @@
-"""`agentkv bench simulate`: the pool model and the reuse ceiling by hand, and the real router on a
+"""`agentkv bench simulate`: the pool model by hand, and the real router on a
 real Valkey index driving simulated workers (the index must mirror the simulated pools exactly)."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from bench.agent.workload import AgentWorkload
-from bench.simulate import POLICIES, Policy, Pool, Scale, _register, agent_sessions, reuse_ceiling, run
-from bench.workersim import Calibration, Call, Cluster, SimSession
+from bench.simulate import POLICIES, Policy, Pool, Scale, _register, run
+from bench.simworkload import agent_sessions
+from bench.workersim import Calibration, Cluster
 from kvstore.valkey import connect
 
 SMALL = AgentWorkload(sessions=0, turns=3, system_words=60, tools=1, task_words=8, tool_output_words=40, user_words=4,
@@ -21,26 +22,6 @@ def test_pool_evicts_least_recently_used_and_a_prefix_outlives_its_extensions():
     assert pool.held([1, 2, 3, 4]) == 4 and pool.held([1, 2, 9]) == 2
     assert pool.store([7]) == (0, [4])
     assert pool.held([1, 2, 3]) == 3
-
-
-def test_reuse_ceiling_is_the_longest_prefix_any_earlier_call_sent():
-    bs = 16
-    a = SimSession("a", 0.0, [Call(48, 1, 48, [1, 2, 3]), Call(80, 1, 80, [1, 2, 3, 4, 5])], [0.0])
-    b = SimSession("b", 1.0, [Call(40, 1, 40, [1, 9])], [])
-    assert reuse_ceiling([b, a], bs) == {("a", 1): 0, ("a", 2): 48, ("b", 1): 16}
-    assert reuse_ceiling([SimSession("c", 0.0, [Call(32, 1, 32, [1, 2]), Call(32, 1, 32, [1, 2])], [0.0])], bs)[("c", 2)] == 31
-
-
-def test_agent_sessions_extend_their_own_prompt_and_share_the_system_prompt():
-    sessions = agent_sessions(SMALL, 3, rate_per_s=2.0, block_size=16)
-    for s in sessions:
-        for earlier, later in zip(s.calls, s.calls[1:]):
-            assert later.block_hashes[: len(earlier.block_hashes)] == earlier.block_hashes
-            assert later.prompt_tokens > earlier.prompt_tokens
-    system_blocks = (60 + 40) // 16  # 100 system tokens: 6 whole blocks, then each session's task
-    firsts = [s.calls[0].block_hashes for s in sessions]
-    assert firsts[0][:system_blocks] == firsts[1][:system_blocks] == firsts[2][:system_blocks]
-    assert len({f[system_blocks] for f in firsts}) == 3
 
 
 @pytest.mark.heavy
