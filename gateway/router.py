@@ -2,13 +2,24 @@
 
 Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; docs/gateway.md):
 
-    miss(n)   = prompt_tokens - cached_tokens(n)             tokens node n would have to obtain
-    busy(n)   = load_tokens * (running(n) + waiting(n))      + full_penalty if n lacks free blocks
-    decode(n) = miss(n) + busy(n) - affinity_tokens * [n served the session's last turn]
-    D         = argmin decode(n) over decode-capable nodes   (ties: node id)
-    P         = argmin miss(p) + busy(p) over prefill-capable p != D with waiting(p) <= max_prefill_queue
-                and miss(p) <= miss(D) + block_size   (P never recomputes what D already holds)
-    use P  iff  miss(D) > prefill_threshold_tokens  and  miss(P) + busy(P) <= prefill_worth * miss(D)
+    miss(n)    = prompt_tokens - cached_tokens(n)            tokens node n lacks
+    busy(n)    = load_tokens * (running(n) + waiting(n))     + full_penalty if n lacks free blocks
+    prefill(p) = miss(p) + load_tokens * waiting(p)          + full_penalty: what p's prefill waits for
+                                                             and computes (its decodes barely delay it)
+    S          = the prefill-capable node holding the longest prefix (waiting(S) <= max_prefill_queue)
+    obtain(n)  = min(miss(n), prefill(S) + transfer_tokens_per_block * blocks n lacks)  if S holds more
+                 than n and miss(n) > prefill_threshold_tokens, else miss(n): n computes what it lacks,
+                 or S computes the rest and n pulls it (nothing cached anywhere is recomputed)
+    decode(n)  = obtain(n) + busy(n) - affinity_tokens * [n served the session's last turn]
+    D          = argmin decode(n) over decode-capable nodes  (ties: node id)
+    P          = argmin prefill(p) over prefill-capable p != D with waiting(p) <= max_prefill_queue
+                 and miss(p) <= miss(D) + block_size  (P never recomputes what D already holds)
+    use P  iff  miss(D) > prefill_threshold_tokens  and  prefill(P) <= prefill_worth * miss(D)
+
+Without `obtain`, a prefix cached on a few nodes (a shared system prompt, early on) pulls every new
+session onto them until their load outweighs the whole prefix, and sessions stay where they start:
+`agentkv bench simulate` measured 2-3x load imbalance and a TTFT p90 worse than random routing at
+64 nodes (docs/gateway.md#router).
 
 running/waiting are the node's report corrected by this gateway's own turns (`LoadTracker`), so
 turns that arrive together do not all herd onto one stale snapshot. Mode EXACT: the index answered;
@@ -123,12 +134,24 @@ def choose_route(
             cost += config.load_tokens * FULL_PENALTY_SEQS
         return cost
 
+    def prefill_cost(c: Candidate) -> float:
+        miss = prompt_tokens - cached(c)
+        full = c.load.total_blocks and c.load.free_blocks < -(-miss // bs)
+        return miss + config.load_tokens * (c.load.waiting + (FULL_PENALTY_SEQS if full else 0))
+
+    sources = [c for c in candidates if c.record.role in (Role.PREFILL, Role.BOTH) and c.load.waiting <= config.max_prefill_queue]
+    source = max(sources, key=lambda c: (cached(c), -prefill_cost(c)), default=None)
+
+    def obtain(c: Candidate) -> float:
+        miss = prompt_tokens - cached(c)
+        if source is None or cached(source) <= cached(c) or miss <= config.prefill_threshold_tokens:
+            return miss
+        lacking_blocks = -(-prompt_tokens // bs) - cached(c) // bs
+        return min(miss, prefill_cost(source) + config.transfer_tokens_per_block * lacking_blocks)
+
     def decode_cost(c: Candidate) -> float:
         miss = prompt_tokens - cached(c)
-        return miss + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
-
-    def prefill_cost(c: Candidate) -> float:
-        return prompt_tokens - cached(c) + busy(c, prompt_tokens)
+        return obtain(c) + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
 
     decoders = _decoders(candidates)
     d = min(decoders, key=lambda c: (decode_cost(c), c.node_id))
@@ -136,11 +159,7 @@ def choose_route(
     route = Route(mode, d.record, None, prompt_tokens, bs, cached(d))
     if d_miss <= config.prefill_threshold_tokens:
         return route
-    prefillers = [
-        c for c in candidates
-        if c.record.role in (Role.PREFILL, Role.BOTH) and c.node_id != d.node_id and c.load.waiting <= config.max_prefill_queue
-        and prompt_tokens - cached(c) <= d_miss + bs
-    ]  # fmt: skip
+    prefillers = [c for c in sources if c.node_id != d.node_id and prompt_tokens - cached(c) <= d_miss + bs]
     p = min(prefillers, key=lambda c: (prefill_cost(c), c.node_id), default=None)
     if p is not None and prefill_cost(p) <= config.prefill_worth * d_miss:
         route.prefill, route.prefill_cached_tokens = p.record, cached(p)

@@ -78,6 +78,20 @@ def test_prefill_node_that_is_not_worth_it_is_skipped():
     assert choose_route(queued, 500, 16, CFG).prefill is None
 
 
+def test_a_busy_holder_of_a_shared_prefix_supplies_it_instead_of_taking_the_session():
+    """A shared prefix cached only on a busy node: an idle node decodes and pulls it from there (the
+    holder computes the 60 tokens it lacks), rather than the session piling onto the holder or the
+    idle node recomputing 640 cached tokens."""
+    cands = [node("holder", Role.BOTH, cached_blocks=40, running=3), node("idle", Role.BOTH)]
+    route = choose_route(cands, 700, 16, CFG)
+    assert route.decode.node_id == "idle" and route.prefill.node_id == "holder"
+    assert route.prefill_cached_tokens == 640 and route.planned_transfer_blocks == 44
+    # A holder whose prefill queue is full supplies nothing: the idle node recomputes all 700.
+    queued = [node("holder", Role.BOTH, cached_blocks=40, waiting=9), node("idle", Role.BOTH)]
+    route = choose_route(queued, 700, 16, CFG)
+    assert route.decode.node_id == "idle" and route.prefill is None
+
+
 def test_roles_are_respected():
     only_prefill = choose_route([node("p1", Role.PREFILL), node("p2", Role.PREFILL, cached_blocks=2)], 500, 16, CFG)
     assert only_prefill.decode.node_id == "p2"  # no decode node live: a prefill node decodes (its cached prefix wins)
