@@ -125,3 +125,43 @@ def test_bench_agent_help_lists_the_slo_options():
 def test_plan_help_lists_its_options():
     proc = agentkv("plan", "--help")
     assert proc.returncode == 0 and "--workers" in proc.stdout and "--slo-itl" in proc.stdout
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_during_up_start_up_stops_everything_at_once(tmp_path):
+    """Issue 13 item 6: Ctrl-C while the workers still load the model used to wait until the stack was ready."""
+    up = subprocess.Popen([sys.executable, "-m", "agentkv.cli", "up", "--port", "0", "--log-dir", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: len(children_of(up.pid)) >= 4, 60, "Valkey, two workers and the gateway spawned")
+        time.sleep(2.0)  # the workers are loading the model now
+        children = children_of(up.pid)
+        sent = time.monotonic()
+        up.send_signal(signal.SIGINT)
+        output = up.communicate(timeout=30)[0]
+        took = time.monotonic() - sent
+    finally:
+        up.kill()
+    print(f"up exited {took:.2f} s after SIGINT during start-up")
+    assert up.returncode == 0 and "agentkv up: stopped" in output and "Traceback" not in output, output
+    assert took < 5.0
+    assert not [pid for pid in children if alive(pid)]

@@ -7,11 +7,14 @@ bytes" is checked by comparing per-block digests before and after.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,3 +293,35 @@ def test_peer_info_roundtrips_through_msgpack():
     info = PeerInfo(backend="nixl", name="n", generation=3, num_blocks=4, block_nbytes=8, base_ptr=1,
                     mem_type="DRAM", device_id=0, endpoint=b"x")
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(info), type=PeerInfo) == info
+
+
+def test_the_transport_is_restricted_to_the_device_of_the_advertised_host(monkeypatch):
+    from workers.transfer import bind_transport_to, net_devices_for
+
+    assert net_devices_for("127.0.0.1") == net_devices_for("localhost") != ""  # loopback: "lo" on Linux
+    assert net_devices_for("0.0.0.0") == "" and net_devices_for("no-such-host.invalid") == ""
+    monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
+    bind_transport_to("lo")
+    assert os.environ["UCX_NET_DEVICES"] == "lo"
+    bind_transport_to("eth9")  # a derived default never overrides what is set
+    assert os.environ["UCX_NET_DEVICES"] == "lo"
+    bind_transport_to("eth9", explicit=True)  # --transfer-devices does
+    assert os.environ["UCX_NET_DEVICES"] == "eth9"
+
+
+def test_a_nixl_transport_bound_to_loopback_listens_only_there():
+    """Measured before the setting: NIXL's UCX listened on every device (here 127.0.0.1 and the host's address)."""
+    import shutil
+
+    if shutil.which("ss") is None:
+        pytest.skip("no `ss` here")
+    script = ("import os, subprocess, torch\nfrom workers.transfer import bind_transport_to, make_transport, net_devices_for\n"
+              "bind_transport_to(net_devices_for('127.0.0.1'))\n"
+              "t = make_transport('nixl', 'probe', torch.zeros(4, 256), generation=1, timeout_s=2)\nt.metadata()\n"
+              "out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout\n"
+              "print([l.split()[3] for l in out.splitlines() if f'pid={os.getpid()},' in l])\nt.close()\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).parents[1])  # fmt: skip
+    listening = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert listening and all(addr.startswith("127.0.0.1:") for addr in listening), (listening, proc.stderr[-500:])
