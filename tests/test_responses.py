@@ -5,6 +5,7 @@ client and the OpenAI Agents SDK against the real stack (heavy).
 from __future__ import annotations
 
 import json
+import secrets
 
 import httpx
 import openai
@@ -180,6 +181,38 @@ def test_previous_response_id_continues_with_the_exact_token_ids(gateway):
     gateway(scenario, reply=TOOL_REPLY)
 
 
+def test_json_schema_format_and_required_tool_choice_reach_the_worker_as_a_grammar(gateway):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}
+
+    async def scenario(client_for, worker):
+        client = client_for()
+        await client.responses.create(model="m", input="A city as JSON.", text={"format": {"type": "json_schema", "name": "City", "schema": schema, "strict": True}})
+        await client.responses.create(model="m", input="Weather?", tools=[WEATHER], tool_choice="required")
+        await client.responses.create(model="m", input="Hi")
+        grammars = [r.sampling.grammar for r in worker.requests]
+        assert grammars[0] and grammars[1] and grammars[2] is None
+
+    gateway(scenario)
+
+
+def test_a_continued_chain_in_another_gateway_replica_finds_the_record_and_the_ledger(aio, redis_client, tokenizer):
+    """State lives in Redis: a response created through one gateway app is continued through another."""
+    worker = FakeWorker("d1", Role.BOTH, tokenizer, model_path="unused", reply=TOOL_REPLY)
+
+    async def main():
+        async with fake_gateway(redis_client, tokenizer, [worker], KEYS) as (first, _):
+            r1 = (await first.post("/v1/responses", json={"model": "m", "input": "Weather?", "tools": [WEATHER]},
+                                   headers={"authorization": "Bearer key-a"})).json()  # fmt: skip
+        async with fake_gateway(redis_client, tokenizer, [worker], KEYS) as (second, _):  # a new app, the same Redis
+            body = {"model": "m", "previous_response_id": r1["id"], "tools": [WEATHER],
+                    "input": [{"type": "function_call_output", "call_id": r1["output"][0]["call_id"], "output": "sunny"}]}  # fmt: skip
+            raw = await second.post("/v1/responses", json=body, headers={"authorization": "Bearer key-a"})
+            assert raw.status_code == 200, raw.text
+            assert route_of(raw).ledger == "extended" and raw.json()["usage"]["input_tokens_details"]["cached_tokens"] > 0
+
+    aio.run(main())
+
+
 def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
     async def scenario(client_for, worker):
         mine = await client_for("key-a").responses.create(model="m", input="Hi")
@@ -261,7 +294,8 @@ def test_real_create_stream_get_delete(real_client):
 
 @pytest.mark.heavy
 def test_real_previous_response_chain_hits_the_cache(real_client):
-    settings = dict(model="smollm2", instructions=INSTRUCTIONS, tools=[WEATHER], temperature=0, max_output_tokens=48)
+    fresh = f"Run {secrets.token_hex(4)}. "  # nothing cached from other tests: the hits are this chain's own
+    settings = dict(model="smollm2", instructions=fresh + INSTRUCTIONS, tools=[WEATHER], temperature=0, max_output_tokens=48)
     r = real_client.responses.create(input="What is the weather in Paris?", tool_choice={"type": "function", "name": "get_weather"}, **settings)
     for city in ("London", "Rome"):
         call = next((o for o in r.output if o.type == "function_call"), None)
@@ -276,7 +310,20 @@ def test_real_previous_response_chain_hits_the_cache(real_client):
         assert cached >= 0.9 * previous_context(previous)
 
 
-def _agent_run(stack_url: str, chained: bool, streamed: bool):
+@pytest.mark.heavy
+def test_real_json_schema_format_parses_into_the_model(real_client):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        city: str
+        country: str
+
+    r = real_client.responses.parse(model="smollm2", input="Name a famous city and its country.", text_format=City,
+                                    temperature=0, max_output_tokens=64)  # fmt: skip
+    assert isinstance(r.output_parsed, City) and r.output_parsed.city
+
+
+def _agent_run(stack_url: str, chained: bool, streamed: bool, session: str | None = None):
     """A 3-step tool-using agent on the Agents SDK's default Responses model, pointed at agentkv.
 
     The 135M model gets the help any small model gets: each step is forced to call the tool
@@ -301,9 +348,11 @@ def _agent_run(stack_url: str, chained: bool, streamed: bool):
 
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{stack_url}/v1", api_key="none", max_retries=0)
-        agent = Agent(name="weather", instructions=INSTRUCTIONS + " Look up Paris, London and Rome, one call at a time.",
+        fresh = f"Run {secrets.token_hex(4)}. "  # nothing cached from other tests: the hits are this run's own
+        agent = Agent(name="weather", instructions=fresh + INSTRUCTIONS + " Look up Paris, London and Rome, one call at a time.",
                       model=OpenAIResponsesModel(model="smollm2", openai_client=client), tools=[get_weather],
-                      model_settings=ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=48),
+                      model_settings=ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=48,
+                                                   extra_args={"prompt_cache_key": session} if session else None),
                       reset_tool_choice=False, tool_use_behavior=after_three_results)  # fmt: skip
         question = "What is the weather in Paris, London and Rome?"
         try:
@@ -321,14 +370,20 @@ def _agent_run(stack_url: str, chained: bool, streamed: bool):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
-def test_agents_sdk_runs_a_three_step_tool_agent_with_cached_steps(stack_url, streamed):
+@pytest.mark.parametrize(
+    "chained, streamed, session",
+    [(True, False, None), (True, True, None), (False, False, None), (False, False, "agent-7")],
+    ids=["previous_response_id", "previous_response_id-streamed", "full-history", "full-history-prompt_cache_key"],
+)
+def test_agents_sdk_runs_a_three_step_tool_agent_with_cached_steps(stack_url, chained, streamed, session):
     """Acceptance (issue 14): every step after the first reports cached input tokens >= 90% of the
-    previous context. The chain runs server-side: previous_response_id -> the session's exact ids."""
-    result, seen = _agent_run(stack_url, chained=True, streamed=streamed)
+    previous context. Chained, the conversation lives on the server (previous_response_id -> the
+    session's exact ids); unchained, the SDK resends the history and the block index finds it."""
+    result, seen = _agent_run(stack_url, chained=chained, streamed=streamed, session=session)
     steps = [r.usage for r in result.raw_responses]
     assert len(steps) == 3 and len(seen) == 3 and result.final_output == "; ".join(seen)
     for n, (before, after) in enumerate(zip(steps, steps[1:]), start=2):
         context = before.input_tokens + before.output_tokens
-        print(f"step {n}: input {after.input_tokens}, cached {after.input_tokens_details.cached_tokens}, previous context {context}")
+        print(f"{chained=} {streamed=} {session=} step {n}: input {after.input_tokens}, cached {after.input_tokens_details.cached_tokens}, previous context {context}")
         assert after.input_tokens_details.cached_tokens >= 0.9 * context
+    assert steps[0].input_tokens_details.cached_tokens < 0.5 * steps[0].input_tokens  # a fresh prompt: the hits above are earned
