@@ -96,7 +96,8 @@ class Policy:
     config: RouterConfig = field(default_factory=RouterConfig)
     seed: int = 0
     pools: list[Pool] = field(init=False)
-    decision_s: list[float] = field(default_factory=list)
+    decision_s: list[float] = field(default_factory=list)  # the whole decision: lookup, candidates, cost function
+    lookup_s: list[float] = field(default_factory=list)  # of which the index lookup (one Redis round trip)
     moved_blocks: int = 0
     last_node: dict[str, int] = field(default_factory=dict)
 
@@ -132,7 +133,9 @@ class Policy:
         elif self.name == "sticky":
             d = self.last_node[session.id] if session.id in self.last_node else next(self.turns) % n
         else:
+            t0 = time.perf_counter()
             matched = self.runner.run(self.index.lookup(call.block_hashes))
+            self.lookup_s.append(time.perf_counter() - t0)
             candidates = [
                 Candidate(r, NodeLoad(running=len(w.running) + len(w.joining), waiting=w.waiting,
                                       free_blocks=self.scale.capacity_blocks - len(self.pools[i].blocks),
@@ -216,6 +219,7 @@ def _summary(outcomes, ceiling, cluster: Cluster, policy: Policy, scale: Scale, 
     reused = sum(o.cached_tokens for o in outcomes)
     busy = [w.busy_s for w in cluster.nodes]
     decision_ms = [s * 1000 for s in policy.decision_s]
+    lookup_ms = [s * 1000 for s in policy.lookup_s]
     return {
         "requests": len(outcomes),
         "ttft_p50_s": percentile(ttft, 50),
@@ -226,6 +230,8 @@ def _summary(outcomes, ceiling, cluster: Cluster, policy: Policy, scale: Scale, 
         "bytes_moved": policy.moved_blocks * scale.bytes_per_block,
         "decision_p50_ms": percentile(decision_ms, 50),
         "decision_p99_ms": percentile(decision_ms, 99),
+        "lookup_p50_ms": percentile(lookup_ms, 50),
+        "lookup_p99_ms": percentile(lookup_ms, 99),
         "indexed_blocks": indexed,
         "filled_blocks": filled,
         "redis_bytes_per_block": used / indexed if indexed else None,
