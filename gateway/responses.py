@@ -337,7 +337,7 @@ class OutputItems:
         return events
 
     def finish(self, incomplete: bool) -> list[tuple[str, dict]]:
-        events = self._text(self._held, force=True) if self._held or not self.items else []
+        events = self._text(self._held, force=True) if not self.items else []  # an empty reply is an empty message
         return events + self._close("incomplete" if incomplete else "completed")
 
     def _text(self, text: str, force: bool = False) -> list[tuple[str, dict]]:
@@ -386,14 +386,11 @@ class OutputItems:
 class ResponseTurn:
     """One Responses request from mapping to storing: the chat turn it runs and what it answers."""
 
-    def __init__(self, req: ResponsesRequest, turn: Turn, history: list[ChatMessage], store: ResponseStore | None,
-                 ttl_s: float, session_id: str | None) -> None:  # fmt: skip
+    def __init__(self, req: ResponsesRequest, turn: Turn, history: list[ChatMessage], store: ResponseStore | None) -> None:
         self.req = req
         self.turn = turn
         self.history = history  # the conversation before the reply, instructions excluded
         self.store = store  # None: store=false
-        self.ttl_s = ttl_s
-        self.session_id = session_id
         self.id = "resp_" + secrets.token_hex(16)
         self.outcome = Outcome()
         self.items = OutputItems()
@@ -421,18 +418,20 @@ class ResponseTurn:
         incomplete = self.outcome.finish_reason == "length"
         events = self.items.finish(incomplete)
         final = self.snapshot("incomplete" if incomplete else "completed")
-        if self.store is not None and self.session_id is not None:
+        session = self.turn.session
+        if self.store is not None and session is not None:  # a stored response always runs in a session
             o = self.outcome
             calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in o.calls]
             reply = ChatMessage(role="assistant", content=o.content, tool_calls=calls or None)  # what the ledger saw
-            record = StoredResponse(response=msgspec.to_builtins(final), session_id=self.session_id, messages=[*self.history, reply])
-            await self.store.save(self.turn.tenant.id, record, self.ttl_s)
+            record = StoredResponse(response=msgspec.to_builtins(final), session_id=session.id, messages=[*self.history, reply])
+            await self.store.save(self.turn.tenant.id, record, session.ttl_s)
         return events, final
 
     def headers(self) -> dict[str, str]:
         headers = {ROUTE_HEADER: self.outcome.stats(self.turn).to_header()}
-        if self.session_id and self.session_id.isascii() and self.session_id.isprintable():
-            headers[SESSION_HEADER] = self.session_id
+        session = self.turn.session
+        if session is not None and session.id.isascii() and session.id.isprintable():
+            headers[SESSION_HEADER] = session.id
         return headers
 
     def _usage(self) -> ResponseUsage:
@@ -514,8 +513,7 @@ class ResponsesController(Controller):
         if session_id is None and stored:
             session_id = "resp_chain_" + secrets.token_hex(12)
         turn = await turns.prepare_chat(chat_request(data, history), tenant, session_id)
-        ttl_s = turn.session.ttl_s if turn.session else sessions.ttl(data.session_ttl_s)
-        rt = ResponseTurn(data, turn, history, store if stored else None, ttl_s, session_id)
+        rt = ResponseTurn(data, turn, history, store if stored else None)
         deltas = turns.run(turn, rt.outcome)
         if not data.stream:
             async with contextlib.aclosing(deltas):
