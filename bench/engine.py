@@ -1,6 +1,8 @@
 """`agentkv bench engine`: the engine against plain transformers, measured in one run.
 
 decode_tok_s: continuous-batching decode throughput at batch 1, 8, 32 (decode steps only).
+constrained_decode_tok_s: the same under a JSON-schema grammar (an object holding a list of at least
+100 numbers, so no sequence finishes early and the batch stays full); constrained_vs_free: the ratio.
 static_tok_s_32: transformers' own batched forward with its own KV cache, 32 sequences, same
 threads, same prompt and output lengths (the baseline the engine must stay close to).
 prefill_tok_s / ttft_cold_s: a 2048-token prompt from an empty cache; ttft_warm_s: the same prompt
@@ -11,6 +13,7 @@ dequantization into an empty cache dir) and cached load.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import statistics
 import tempfile
@@ -28,10 +31,18 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(100, vocab - 100, (n, length), generator=gen).tolist()
 
 
-def engine_decode_tok_s(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> float:
+# A JSON-schema grammar that stays open for the whole measurement (>= 100 items to write).
+BENCH_SCHEMA = {"type": "object", "properties": {"values": {"type": "array", "items": {"type": "number"}, "minItems": 100}},
+                "required": ["values"], "additionalProperties": False}  # fmt: skip
+BENCH_GRAMMAR = "start: %json " + json.dumps(
+    {**BENCH_SCHEMA, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+)
+
+
+def engine_decode_tok_s(engine: Engine, batch: int, prompt_len: int, new_tokens: int, grammar: str | None = None) -> float:
     """Decode tokens per second of `batch` sequences advancing together (prefill excluded)."""
     vocab = engine.paged_model.lm_head.out_features
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, grammar=grammar)
     for i, prompt in enumerate(_prompts(batch, prompt_len, vocab, seed=batch)):
         engine.add_request(f"dec{batch}-{i}-{time.monotonic_ns()}", prompt, params)
     decode_time, decode_tokens = 0.0, 0
@@ -107,6 +118,14 @@ def run(
     result["decode_tok_s"] = {
         str(b): round(statistics.median(engine_decode_tok_s(engine, b, prompt_len, new_tokens) for _ in range(repeats)), 2)
         for b in (1, 8, 32)
+    }
+    engine_decode_tok_s(engine, 4, 16, 4, BENCH_GRAMMAR)  # warm-up (llguidance's tokenizer, the grammar)
+    result["constrained_decode_tok_s"] = {
+        str(b): round(statistics.median(engine_decode_tok_s(engine, b, prompt_len, new_tokens, BENCH_GRAMMAR) for _ in range(repeats)), 2)
+        for b in (1, 8, 32)
+    }
+    result["constrained_vs_free"] = {
+        b: round(result["constrained_decode_tok_s"][b] / result["decode_tok_s"][b], 3) for b in result["decode_tok_s"]
     }
     result["static_tok_s_32"] = round(
         statistics.median(static_tok_s(loaded, 32, prompt_len, new_tokens) for _ in range(repeats)), 2

@@ -36,7 +36,7 @@ class ToolPolicy:
     forced_prefix: str = ""  # reply text written before generation (none: the grammar forces the markup)
     parallel: bool = True
     names: frozenset[str] = frozenset()  # a call to any other name is not a call (falls back to text)
-    stop: tuple[str, ...] = ()  # extra stop strings (the list form's closing tag: all calls are in)
+    stop: tuple[str, ...] = ()  # extra stop strings (none today: the grammar ends a call reply)
 
 
 def message_text(msg: ChatMessage) -> str:
@@ -144,10 +144,9 @@ class ChatRenderer:
                 raise InvalidRequest("tool_choice needs `tools`", param="tool_choice")
             return ToolPolicy(parse=False)
         by_name = {t.function.name: t for t in tools}
-        # The list form holds every call in one block, so its closing tag ends the reply; the
-        # Hermes form has one block per call, so it only ends there when one call is allowed.
-        done = ("</tool_call>",) if not self.native_tools or parallel is False else ()
-        policy = ToolPolicy(parse=True, parallel=parallel is not False, names=frozenset(by_name), stop=done)
+        # No stop string: the grammar ends the reply after the last call, and a stop string could
+        # cut a call short where a JSON string argument happens to contain it.
+        policy = ToolPolicy(parse=True, parallel=parallel is not False, names=frozenset(by_name))
         if tool_choice in (None, "auto"):
             return policy
         if tool_choice == "none":
@@ -158,8 +157,7 @@ class ChatRenderer:
             if tool_choice.function.name not in by_name:
                 raise InvalidRequest(f"tool_choice names {tool_choice.function.name!r}, which is not in `tools` "
                                      f"({sorted(by_name)})", param="tool_choice")  # fmt: skip
-            return replace(policy, required=True, names=frozenset([tool_choice.function.name]), parallel=False,
-                           stop=("</tool_call>",))  # fmt: skip
+            return replace(policy, required=True, names=frozenset([tool_choice.function.name]), parallel=False)
         raise InvalidRequest(f"tool_choice {tool_choice!r} is not none, auto, required or a named function", param="tool_choice")
 
     # -- internals --------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class Turn:
     policy: ToolPolicy = ToolPolicy(parse=False)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
+    pin: bool = True  # pin the session's blocks after the turn (a fresh Responses chain does not: gateway/responses.py)
 
     @property
     def affinity(self) -> str | None:
@@ -67,7 +68,7 @@ class Turn:
     def request(self, request_id: str) -> GenerateRequest:
         s = self.session
         return GenerateRequest(request_id=request_id, prompt_token_ids=self.prompt_ids, sampling=self.sampling,
-                               session_id=s.worker_key if s else None, pin_ttl_s=s.ttl_s if s else None,
+                               session_id=s.worker_key if s else None, pin_ttl_s=s.ttl_s if s and self.pin else None,
                                hash_salt=self.tenant.salt, block_hashes=self.block_hashes)  # fmt: skip
 
 

@@ -75,7 +75,7 @@ def test_assistant_calls_and_tool_results_are_written_in_smollm2_form(smol):
 
 def test_tool_choice_decides_what_the_reply_may_be_never_the_prompt(smol):
     auto = smol.tool_policy([WEATHER, CLOCK], "auto", None)
-    assert auto.parse and not auto.required and auto.stop == ("</tool_call>",)
+    assert auto.parse and not auto.required and auto.stop == ()  # the grammar ends a reply, not a stop string
     assert not smol.tool_policy([WEATHER], "none", None).parse
     required = smol.tool_policy([WEATHER, CLOCK], "required", None)
     assert required.required and required.names == {"get_weather", "get_time"} and required.parallel

@@ -5,6 +5,7 @@ its own with a payload recorded from vLLM 0.32 (no vLLM needed)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import msgspec
 import openai
 import pytest
@@ -142,6 +144,32 @@ def test_greedy_output_equals_vllm_own(cluster):
     # every full block of that prompt is in the index under the tenant's agentkv hashes
     hashes = block_hashes(ids, BS, hash_seed(_fingerprint(cluster), SALT))
     assert set(hashes) <= _index_blocks(cluster, _usage(ours)[3]["decode_node"])
+
+
+@pytest.mark.heavy
+def test_grammar_holds_on_vllm_too(cluster):
+    """The gateway's grammar reaches vLLM's structured outputs: required calls and json_schema validate."""
+    client = cluster.client()
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+               "required": ["city", "unit"], "additionalProperties": False}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+    for seed in range(3):
+        reply = client.chat.completions.create(model="smollm2", tools=tools, tool_choice="required", temperature=1.0, seed=seed,
+                                               max_tokens=120, messages=[{"role": "user", "content": "Weather in Oslo?"}])  # fmt: skip
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        for call in choice.message.tool_calls:
+            assert call.function.name in ("get_weather", "get_time")
+            if call.function.name == "get_weather":
+                jsonschema.validate(json.loads(call.function.arguments), weather)
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+    reply = client.chat.completions.create(model="smollm2", max_tokens=80, temperature=1.0, seed=1,
+                                           messages=[{"role": "user", "content": "Invent a person."}],
+                                           response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": person, "strict": True}})  # fmt: skip
+    jsonschema.validate(json.loads(reply.choices[0].message.content), person)
 
 
 @pytest.mark.heavy

@@ -184,6 +184,8 @@ class VllmEngine:
             body["logprobs"] = 0
         if salt:
             body["cache_salt"] = salt
+        if s.grammar:  # the same llguidance Lark text: vLLM's structured outputs run it (its guidance backend)
+            body["structured_outputs"] = {"grammar": s.grammar}
         return body
 
     async def _start(self, request_id: str, body: dict[str, Any]) -> tuple[_Call, dict | None]:
