@@ -35,7 +35,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from gateway.api import provide_tenant, session_id_of, session_ttl_of
+from gateway.api import StreamingOperation, error_responses, provide_tenant, session_id_of, session_ttl_of
 from gateway.errors import APIError, InvalidRequest, Unsupported, UpstreamError
 from gateway.openai_schema import (
     ChatCompletionRequest,
@@ -45,8 +45,14 @@ from gateway.openai_schema import (
     FunctionDefinition,
     NamedFunction,
     NamedToolChoice,
+    PromptTokensDetails,
+    SessionId,
+    SessionTTL,
+    Temperature,
+    TokenCount,
     Tool,
     ToolCall,
+    TopP,
 )
 from gateway.responses_store import ResponseNotFound, ResponseStore, StoredResponse
 from gateway.sessions import SessionStore
@@ -85,9 +91,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_output_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     store: bool | None = None  # default true, as OpenAI's
     stream: bool = False
     metadata: dict[str, str] | None = None
@@ -97,8 +103,8 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     conversation: Any = None
     background: bool | None = None
     # agentkv extensions (openai client: `extra_body`)
-    session_id: str | None = None
-    session_ttl_s: float | None = None
+    session_id: SessionId | None = None
+    session_ttl_s: SessionTTL | None = None
 
 
 # --------------------------------------------------------------------------------------- response
@@ -129,17 +135,13 @@ class FunctionCallItem(msgspec.Struct, kw_only=True, tag="function_call", tag_fi
 OutputItem = MessageItem | FunctionCallItem
 
 
-class InputTokensDetails(msgspec.Struct, kw_only=True):
-    cached_tokens: int = 0
-
-
 class OutputTokensDetails(msgspec.Struct, kw_only=True):
     reasoning_tokens: int = 0
 
 
 class ResponseUsage(msgspec.Struct, kw_only=True):
     input_tokens: int
-    input_tokens_details: InputTokensDetails
+    input_tokens_details: PromptTokensDetails  # the same `cached_tokens` as chat's usage
     output_tokens: int
     output_tokens_details: OutputTokensDetails
     total_tokens: int
@@ -228,8 +230,6 @@ def chat_request(req: ResponsesRequest, messages: list[ChatMessage]) -> ChatComp
         raise Unsupported("`conversation` is not supported: chain responses with previous_response_id", param="conversation")
     if req.background:
         raise Unsupported("background responses are not supported", param="background")
-    if req.max_output_tokens is not None and req.max_output_tokens < 1:
-        raise InvalidRequest(f"max_output_tokens must be at least 1, got {req.max_output_tokens}", param="max_output_tokens")
     system = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
     return ChatCompletionRequest(
         model=req.model or "", messages=system + messages, tools=_chat_tools(req.tools), tool_choice=_chat_tool_choice(req.tool_choice),
@@ -437,7 +437,7 @@ class ResponseTurn:
     def _usage(self) -> ResponseUsage:
         u = self.outcome.usage(self.turn)
         return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.total_tokens,
-                             input_tokens_details=InputTokensDetails(cached_tokens=u.prompt_tokens_details.cached_tokens),
+                             input_tokens_details=u.prompt_tokens_details,
                              output_tokens_details=OutputTokensDetails(), agentkv=u.agentkv)  # fmt: skip
 
 
@@ -496,11 +496,12 @@ class ResponsesController(Controller):
     dependencies = {"tenant": Provide(provide_tenant)}
     tags = ["openai"]
 
-    @post("/", status_code=HTTP_200_OK, summary="Create a response (OpenAI Responses API)")
+    @post("/", status_code=HTTP_200_OK, summary="Create a response (OpenAI Responses API)",
+          responses=error_responses(400, 401, 413, 500, 502, 503), operation_class=StreamingOperation)
     async def create(
         self, request: Request, data: JSONBody[ResponsesRequest], tenant: NamedDependency[Tenant],
         turns: NamedDependency[TurnPipeline], sessions: NamedDependency[SessionStore],
-    ) -> Response:  # fmt: skip
+    ) -> Response[ResponseObject]:  # fmt: skip
         data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
         store = _response_store(sessions)
         previous = await _previous(store, tenant, data.previous_response_id) if data.previous_response_id else None
@@ -531,11 +532,12 @@ class ResponsesController(Controller):
             raise
         return ServerSentEvent(_events(rt, first, deltas), headers=rt.headers())
 
-    @get("/{response_id:str}", summary="A stored response")
-    async def retrieve(self, response_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> dict:
-        return (await _response_store(sessions).load(tenant.id, response_id)).response
+    @get("/{response_id:str}", summary="A stored response", responses=error_responses(401, 404, 500, 503))
+    async def retrieve(self, response_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> ResponseObject:
+        return msgspec.convert((await _response_store(sessions).load(tenant.id, response_id)).response, ResponseObject)
 
-    @delete("/{response_id:str}", status_code=HTTP_200_OK, summary="Delete a stored response")
+    @delete("/{response_id:str}", status_code=HTTP_200_OK, summary="Delete a stored response",
+            responses=error_responses(401, 404, 500, 503))
     async def remove(self, response_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> ResponseDeleted:
         await _response_store(sessions).delete(tenant.id, response_id)
         return ResponseDeleted(id=response_id)
