@@ -246,6 +246,12 @@ def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
         ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "hi", "conversation": "conv_1"}, "conversation"),
+        ({"input": [{"type": "function_call_output", "call_id": "never_made", "output": "x"}]}, None),
+        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "X"}}}, None),
+        ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
+        ({"input": "hi", "previous_response_id": 7}, None),
+        ({"input": "hi", "temperature": 3}, None),
+        ({"input": [{"role": "user", "content": None}]}, "input"),
     ],
 )
 def test_bad_requests_are_400s_in_the_openai_envelope(gateway, body, param):
