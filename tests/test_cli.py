@@ -165,3 +165,33 @@ def test_ctrl_c_during_up_start_up_stops_everything_at_once(tmp_path):
     assert up.returncode == 0 and "agentkv up: stopped" in output and "Traceback" not in output, output
     assert took < 5.0
     assert not [pid for pid in children if alive(pid)]
+
+
+def test_up_says_what_happened_when_valkey_dies_and_stops_on_sigterm(tmp_path):
+    """run_up itself (what `agentkv up` runs) on a stack of just the embedded Valkey: a kill -9 is one line,
+    the restart another, and SIGTERM stops everything cleanly."""
+    script = ("import sys\nfrom agentkv.stack import Stack, run_up\n"
+              f"sys.exit(run_up(Stack(workers=(), routings=(), log_dir={str(tmp_path)!r})))\n")  # fmt: skip
+    up = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=Path(__file__).parents[1])  # fmt: skip
+    lines: list[str] = []
+
+    def read_until(marker: str) -> str:
+        for line in up.stdout:
+            lines.append(line.rstrip())
+            if marker in line:
+                return line
+        raise AssertionError(f"no {marker!r} in {lines}")
+
+    try:
+        pid = int(read_until("agentkv up: pids").split("valkey=")[1].split()[0])
+        os.kill(pid, signal.SIGKILL)
+        read_until("valkey is back")
+        up.send_signal(signal.SIGTERM)
+        read_until("agentkv up: stopped")
+        assert up.wait(30) == 0
+    finally:
+        up.kill()
+    assert "agentkv up: valkey exited (killed by SIGKILL); restarting in 0.25 s (with its data)" in lines
+    assert any(line.startswith("agentkv up: valkey restarted (pid ") for line in lines)
+    assert (tmp_path / "valkey" / "appendonlydir").is_dir()  # its data, where the logs are

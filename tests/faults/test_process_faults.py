@@ -31,7 +31,8 @@ pytestmark = pytest.mark.heavy
 
 DEADLINE_S = 60.0  # a request that has not ended by then "hangs"
 RESTART_BOUND_S = 90.0  # a killed worker reloads the model (~17 s idle, more on 2 busy cores)
-VALKEY_BOUND_S = 10.0  # Valkey restarts with its data and the workers re-register
+VALKEY_BOUND_S = 10.0
+GATEWAY_BOUND_S = 60.0  # the gateway restarts: imports, Redis, the tokenizer  # Valkey restarts with its data and the workers re-register
 LEAK_BOUND_S = 45.0  # a prefill node's hold on blocks a dead decode node never read ends by its timeout (30 s)
 DOCUMENTED_503 = {"no_workers", "state_unavailable", "server_shutting_down", "cluster_misconfigured", "worker_unavailable"}
 TOPICS = ["rivers", "bridges", "owls", "tea", "glaciers", "clocks", "maps", "bees"]
@@ -282,6 +283,36 @@ def test_kill_9_of_valkey_mid_stream_keeps_sessions(supervised_stack: Supervised
     wait_no_leak(s, "kill -9 valkey")
     assert_clean(outcomes, "kill -9 valkey")
 
+
+def test_kill_9_of_the_gateway_mid_stream(supervised_stack: SupervisedStack):
+    """The gateway is the clients' only connection: its streams are cut (the connection closes) and new
+    requests are refused until the supervisor has it back; the workers abort the orphaned requests (no
+    leak) and the sessions, kept in Redis, are still there."""
+    s = supervised_stack
+    s.wait_serving()
+    http = httpx.Client(base_url=s.url, timeout=DEADLINE_S)
+    assert http.post("/v1/sessions", json={"id": "gateway-fault"}).status_code in (200, 201)
+    load = Load(s.url).start()
+    try:
+        killed = kill_mid_stream(s, "gateway", load)
+        outage = s.outage_after("gateway", killed, GATEWAY_BOUND_S)
+        back = s.wait_serving(GATEWAY_BOUND_S)
+        wait_served_after(load, killed)
+    finally:
+        outcomes = load.stop()
+    tally = tally_of(outcomes, "kill -9 gateway")
+    in_flight = [o for o in outcomes if o.started < killed < o.ended]
+    print(f"kill -9 gateway: {len(in_flight)} in flight at the kill -> {Counter(o.code or o.kind for o in in_flight)}; "
+          f"supervisor: noticed {outage.died_at - killed:.2f} s, serving again {outage.recovery_s:.1f} s after noticing "
+          f"(+{back:.1f} s); first completion after the kill {first_success_after(outcomes, killed):.1f} s", flush=True)  # fmt: skip
+    wait_no_leak(s, "kill -9 gateway")
+    assert outage.recovery_s < GATEWAY_BOUND_S and tally["done"] > 0
+    assert all(o.ended - o.started <= DEADLINE_S + 1 for o in outcomes) and not [o for o in outcomes if o.kind == "timeout"]
+    cut = {"RemoteProtocolError", "ReadError", "ConnectError"}  # connection closed, or refused while it is down
+    assert all(o.kind == "done" or (o.kind == "broken" and o.code in cut) for o in outcomes), tally
+    assert http.get("/v1/sessions/gateway-fault").status_code == 200  # sessions live in Redis, not in the gateway
+    assert http.delete("/v1/sessions/gateway-fault").status_code == 200
+    http.close()
 
 def test_no_process_of_the_stack_listens_outside_loopback(supervised_stack: SupervisedStack):
     """`up` binds everything to 127.0.0.1: HTTP, Valkey, and the workers' KV transport (UCX_NET_DEVICES=lo)."""
