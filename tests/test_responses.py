@@ -314,6 +314,7 @@ def test_real_previous_response_chain_hits_the_cache(real_client):
         cached = r.usage.input_tokens_details.cached_tokens
         print(f"chain step: cached {cached} of previous context {previous_context(previous)} (input {r.usage.input_tokens})")
         assert cached >= 0.9 * previous_context(previous)
+        assert r.usage.model_extra["agentkv"]["ledger"] == "extended"  # the previous turn's exact ids, not re-tokenized
 
 
 @pytest.mark.heavy
