@@ -18,6 +18,7 @@ streamed and whole answers alike, so the two cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -511,9 +512,12 @@ class ResponsesController(Controller):
         # The chain is the session: a continued response runs in its chain's session, a new one in
         # the session the client names (header, session_id, prompt_cache_key, user) or a fresh one.
         session_id = previous.session_id if previous else session_id_of(request, data.session_id, data.prompt_cache_key, data.user)
-        if session_id is None and stored:
+        fresh_chain = session_id is None and stored
+        if fresh_chain:
             session_id = "resp_chain_" + secrets.token_hex(12)
         turn = await turns.prepare_chat(chat_request(data, history), tenant, session_id)
+        if fresh_chain:  # its ledger is kept, but its blocks are pinned only once the chain is continued:
+            turn = dataclasses.replace(turn, pin=False)  # most responses are never continued (e.g. full-history clients)
         rt = ResponseTurn(data, turn, history, store if stored else None)
         deltas = turns.run(turn, rt.outcome)
         if not data.stream:

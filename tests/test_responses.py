@@ -167,6 +167,7 @@ def test_previous_response_id_continues_with_the_exact_token_ids(gateway):
         first = await client.responses.with_raw_response.create(model="m", input="Weather in Paris?", tools=[WEATHER],
                                                                  instructions=INSTRUCTIONS)  # fmt: skip
         r1 = first.parse()
+        assert not worker.pins  # a fresh chain pins nothing: most responses are never continued
         second = await client.responses.with_raw_response.create(
             model="m", previous_response_id=r1.id, tools=[WEATHER], instructions=INSTRUCTIONS,
             input=[{"type": "function_call_output", "call_id": r1.output[0].call_id, "output": "sunny, 21 C"}])  # fmt: skip
@@ -177,6 +178,7 @@ def test_previous_response_id_continues_with_the_exact_token_ids(gateway):
         assert route_of(second).ledger == "extended" and route_of(second).session_id == route_of(first).session_id
         assert r2.usage.input_tokens_details.cached_tokens >= 0.9 * (r1.usage.input_tokens + r1.usage.output_tokens) - 16
         assert r2.previous_response_id == r1.id
+        assert worker.requests[1].pin_ttl_s and worker.pins  # a continued chain is an agent that comes back: pinned
 
     gateway(scenario, reply=TOOL_REPLY)
 
