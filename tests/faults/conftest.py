@@ -67,7 +67,8 @@ class SupervisedStack:
 
 @pytest.fixture(scope="module")
 def supervised_stack(tmp_path_factory) -> Iterator[SupervisedStack]:
-    stack = Stack(port=0, log_dir=tmp_path_factory.mktemp("fault-stack"), session_ttl_s=600.0)
+    # A namespace other than the default: the stack is ready only if the gateway finds its workers there.
+    stack = Stack(port=0, log_dir=tmp_path_factory.mktemp("fault-stack"), session_ttl_s=600.0, namespace="fault-suite")
     stack.start(timeout_s=400)
     running = SupervisedStack(stack, None)  # type: ignore[arg-type]
 
