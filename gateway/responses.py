@@ -36,7 +36,16 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
 
-from gateway.api import StreamingOperation, error_responses, provide_tenant, session_id_of, session_ttl_of
+from gateway.api import (
+    StreamingOperation,
+    chat_prompt_chars,
+    check_prompt_size,
+    error_responses,
+    provide_tenant,
+    session_id_of,
+    session_ttl_of,
+)
+from gateway.cluster import ClusterView, Renderers
 from gateway.errors import APIError, InvalidRequest, Unsupported, UpstreamError
 from gateway.openai_schema import (
     ChatCompletionRequest,
@@ -55,6 +64,7 @@ from gateway.openai_schema import (
     ToolCall,
     TopP,
 )
+from gateway.reply import InFlight
 from gateway.responses_store import ResponseNotFound, ResponseStore, StoredResponse
 from gateway.sessions import SessionStore
 from gateway.tenants import Tenant
@@ -501,7 +511,8 @@ class ResponsesController(Controller):
           responses=error_responses(400, 401, 413, 500, 502, 503), operation_class=StreamingOperation)
     async def create(
         self, request: Request, data: JSONBody[ResponsesRequest], tenant: NamedDependency[Tenant],
-        turns: NamedDependency[TurnPipeline], sessions: NamedDependency[SessionStore],
+        turns: NamedDependency[TurnPipeline], sessions: NamedDependency[SessionStore], cluster: NamedDependency[ClusterView],
+        renderers: NamedDependency[Renderers], inflight: NamedDependency[InFlight],
     ) -> Response[ResponseObject]:  # fmt: skip
         data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
         store = _response_store(sessions)
@@ -515,11 +526,13 @@ class ResponsesController(Controller):
         fresh_chain = session_id is None and stored
         if fresh_chain:
             session_id = "resp_chain_" + secrets.token_hex(12)
-        turn = await turns.prepare_chat(chat_request(data, history), tenant, session_id)
+        chat = chat_request(data, history)
+        await check_prompt_size(chat_prompt_chars(chat), cluster, renderers)  # a 2 MB input is a 400 before rendering
+        turn = await turns.prepare_chat(chat, tenant, session_id)
         if fresh_chain:  # its ledger is kept, but its blocks are pinned only once the chain is continued:
             turn = dataclasses.replace(turn, pin=False)  # most responses are never continued (e.g. full-history clients)
         rt = ResponseTurn(data, turn, history, store if stored else None)
-        deltas = turns.run(turn, rt.outcome)
+        deltas = inflight.track(turns.run(turn, rt.outcome))  # counted, and ended cleanly when the gateway stops
         if not data.stream:
             async with contextlib.aclosing(deltas):
                 async for chunk in deltas:

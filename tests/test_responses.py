@@ -254,6 +254,7 @@ def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
         ({"input": "hi", "previous_response_id": 7}, None),
         ({"input": "hi", "temperature": 3}, None),
         ({"input": [{"role": "user", "content": None}]}, "input"),
+        ({"input": "word " * 400_000}, None),  # refused by its size, before rendering
     ],
 )
 def test_bad_requests_are_400s_in_the_openai_envelope(gateway, body, param):
