@@ -233,6 +233,22 @@ def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
     gateway(scenario)
 
 
+def test_a_stored_response_expires_with_its_session_ttl(gateway):
+    async def scenario(client_for, worker):
+        import asyncio
+
+        client = client_for()
+        r = await client.responses.create(model="m", input="Hi", extra_body={"session_ttl_s": 0.3})
+        assert (await client.responses.retrieve(r.id)).id == r.id
+        await asyncio.sleep(0.5)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(r.id)
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.create(model="m", input="Again", previous_response_id=r.id)
+
+    gateway(scenario)
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
