@@ -55,7 +55,6 @@ from gateway.openai_schema import (
     FunctionDefinition,
     NamedFunction,
     NamedToolChoice,
-    PromptTokensDetails,
     SessionId,
     SessionTTL,
     Temperature,
@@ -146,13 +145,18 @@ class FunctionCallItem(msgspec.Struct, kw_only=True, tag="function_call", tag_fi
 OutputItem = MessageItem | FunctionCallItem
 
 
+class InputTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0  # the prompt tokens computed now: every one of them is cached for the next turn
+
+
 class OutputTokensDetails(msgspec.Struct, kw_only=True):
     reasoning_tokens: int = 0
 
 
 class ResponseUsage(msgspec.Struct, kw_only=True):
     input_tokens: int
-    input_tokens_details: PromptTokensDetails  # the same `cached_tokens` as chat's usage
+    input_tokens_details: InputTokensDetails
     output_tokens: int
     output_tokens_details: OutputTokensDetails
     total_tokens: int
@@ -447,8 +451,9 @@ class ResponseTurn:
 
     def _usage(self) -> ResponseUsage:
         u = self.outcome.usage(self.turn)
+        cached = u.prompt_tokens_details.cached_tokens
         return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.total_tokens,
-                             input_tokens_details=u.prompt_tokens_details,
+                             input_tokens_details=InputTokensDetails(cached_tokens=cached, cache_write_tokens=u.prompt_tokens - cached),
                              output_tokens_details=OutputTokensDetails(), agentkv=u.agentkv)  # fmt: skip
 
 

@@ -161,6 +161,28 @@ def test_streamed_text_arrives_as_output_text_deltas(gateway):
     gateway(scenario)
 
 
+@pytest.mark.parametrize("reply", ["Hello from the fake.", TOOL_REPLY], ids=["text", "tool_call"])
+def test_every_event_and_the_response_validate_against_the_openai_sdk_types(gateway, reply):
+    """The SDK parses leniently (`construct`); validating strictly catches a missing or mistyped field."""
+    from openai.types.responses import Response as SDKResponse
+    from openai.types.responses import ResponseStreamEvent
+    from typing import get_args
+
+    by_type = {get_args(c.model_fields["type"].annotation)[0]: c for c in get_args(get_args(ResponseStreamEvent)[0])}
+
+    async def scenario(client_for, worker):
+        raw = await client_for.http.post("/v1/responses", json={"model": "m", "input": "Hi", "tools": [WEATHER], "stream": True},
+                                         headers={"authorization": "Bearer key-a"})  # fmt: skip
+        lines = [line for line in raw.text.splitlines() if line.startswith("data: ")]
+        parsed = [by_type[json.loads(line[6:])["type"]].model_validate_json(line[6:]) for line in lines]
+        assert parsed[-1].type == "response.completed" and parsed[-1].response.output
+        whole = await client_for.http.post("/v1/responses", json={"model": "m", "input": "Hi", "tools": [WEATHER]},
+                                           headers={"authorization": "Bearer key-a"})  # fmt: skip
+        SDKResponse.model_validate_json(whole.text)
+
+    gateway(scenario, reply=reply)
+
+
 def test_previous_response_id_continues_with_the_exact_token_ids(gateway):
     async def scenario(client_for, worker):
         client = client_for()
