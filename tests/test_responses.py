@@ -183,6 +183,18 @@ def test_every_event_and_the_response_validate_against_the_openai_sdk_types(gate
     gateway(scenario, reply=reply)
 
 
+def test_a_reply_cut_by_max_output_tokens_is_incomplete(gateway):
+    async def scenario(client_for, worker):
+        client = client_for()
+        r = await client.responses.create(model="m", input="Hi", max_output_tokens=2)
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens" and r.usage.output_tokens == 2
+        stream = await client.responses.create(model="m", input="Hi", max_output_tokens=2, stream=True)
+        events = [e async for e in stream]
+        assert events[-1].type == "response.incomplete" and events[-1].response.output[0].status == "incomplete"
+
+    gateway(scenario)
+
+
 def test_previous_response_id_continues_with_the_exact_token_ids(gateway):
     async def scenario(client_for, worker):
         client = client_for()
