@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from gateway.cluster import ClusterView, ModelInfo, Renderers
@@ -22,6 +23,8 @@ from gateway.config import GatewayConfig
 from gateway.errors import APIError, ContextLengthExceeded, InvalidRequest, NoWorkers
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import (
+    MAX_SESSION_ID_CHARS,
+    SESSION_ID_PATTERN,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -41,9 +44,10 @@ from gateway.turn import TurnPipeline
 from kvstore.wire import TOKEN_HEADER
 
 SESSION_TTL_HEADER = "x-session-ttl"
+SessionIdPath = Annotated[str, Parameter(min_length=1, max_length=MAX_SESSION_ID_CHARS, pattern=SESSION_ID_PATTERN)]
 _encode = msgspec.json.encode
 
-_ERROR_MEANING = {
+ERROR_MEANING = {
     400: "Invalid request (a limit of the schema, the context length, an unsupported parameter)",
     401: "Missing or wrong API key",
     404: "No such session for this API key",
@@ -54,22 +58,24 @@ _ERROR_MEANING = {
 }
 
 
-def _errors(*statuses: int) -> dict[int, ResponseSpec]:
-    return {s: ResponseSpec(ErrorResponse, description=_ERROR_MEANING[s], generate_examples=False) for s in statuses}
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for these error statuses, all in OpenAI's envelope (`ErrorResponse`)."""
+    return {s: ResponseSpec(ErrorResponse, description=ERROR_MEANING[s], generate_examples=False) for s in statuses}
 
 
-_GENERATION_ERRORS = _errors(400, 401, 413, 500, 502, 503)
+_GENERATION_ERRORS = error_responses(400, 401, 413, 500, 502, 503)
 
 
 @dataclass
-class _StreamingOperation(Operation):
+class StreamingOperation(Operation):
     """A generation endpoint: with `"stream": true` the 200 is server-sent events, not JSON."""
 
     def __post_init__(self) -> None:
         ok = (self.responses or {}).get("200")
         if ok is not None and not isinstance(ok, type(None)) and getattr(ok, "content", None) is not None:
-            ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(
-                type=OpenAPIType.STRING,
+            ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(  # the schema of one event
+                type=OpenAPIType.OBJECT, required=["data"],
+                properties={"data": Schema(type=OpenAPIType.STRING), "event": Schema(type=OpenAPIType.STRING)},
                 description='With "stream": true: `data: <chunk JSON>` events, then `data: [DONE]`; an error after '
                             "the first event arrives as a last `data:` event holding the error envelope."))  # fmt: skip
 
@@ -145,7 +151,7 @@ class OpenAIController(Controller):
     tags = ["openai"]
 
     @post("/chat/completions", status_code=HTTP_200_OK, summary="Chat completion (OpenAI-compatible)",
-          responses=_GENERATION_ERRORS, operation_class=_StreamingOperation)  # fmt: skip
+          responses=_GENERATION_ERRORS, operation_class=StreamingOperation)  # fmt: skip
     async def chat(
         self, request: Request, data: JSONBody[ChatCompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline],
         cluster: NamedDependency[ClusterView], renderers: NamedDependency[Renderers], inflight: NamedDependency[InFlight],
@@ -156,7 +162,7 @@ class OpenAIController(Controller):
         return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage), inflight)
 
     @post("/completions", status_code=HTTP_200_OK, summary="Text completion (OpenAI-compatible, legacy)",
-          responses=_GENERATION_ERRORS, operation_class=_StreamingOperation)  # fmt: skip
+          responses=_GENERATION_ERRORS, operation_class=StreamingOperation)  # fmt: skip
     async def completions(
         self, request: Request, data: JSONBody[CompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline],
         cluster: NamedDependency[ClusterView], renderers: NamedDependency[Renderers], inflight: NamedDependency[InFlight],
@@ -166,7 +172,7 @@ class OpenAIController(Controller):
         turn = await turns.prepare_completion(data, tenant, session_id_of(request, data.session_id, data.prompt_cache_key, data.user))
         return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage), inflight)
 
-    @get("/models", summary="The served model", responses=_errors(401, 500))
+    @get("/models", summary="The served model", responses=error_responses(401, 500))
     async def models(self, tenant: NamedDependency[Tenant], cluster: NamedDependency[ClusterView]) -> ModelList:
         try:
             model = await cluster.model()
@@ -183,7 +189,7 @@ class SessionController(Controller):
 
     @post("/", summary="Create a session (or return the existing one with that id)", operation_class=_OptionalBodyOperation,
           responses={200: ResponseSpec(SessionOut, description="The session with that id already existed", generate_examples=False),
-                     **_errors(400, 401, 413, 500, 503)})  # fmt: skip
+                     **error_responses(400, 401, 413, 500, 503)})  # fmt: skip
     async def create(
         self, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore], data: JSONBody[SessionCreate | None] = None
     ) -> Response[SessionOut]:
@@ -191,20 +197,20 @@ class SessionController(Controller):
         session, created = await sessions.create(tenant.id, body.id, body.ttl_s)
         return Response(session, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
-    @get("/", summary="This API key's live sessions", responses=_errors(401, 500, 503))
+    @get("/", summary="This API key's live sessions", responses=error_responses(401, 500, 503))
     async def list_sessions(self, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> SessionList:
         return SessionList(data=await sessions.list(tenant.id))
 
-    @get("/{session_id:str}", summary="One session", responses=_errors(400, 401, 404, 500, 503))
+    @get("/{session_id:str}", summary="One session", responses=error_responses(400, 401, 404, 500, 503))
     async def get_session(
-        self, session_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
+        self, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionOut:
         return await sessions.get(tenant.id, validate_session_id(session_id))
 
     @delete("/{session_id:str}", status_code=HTTP_200_OK, summary="End a session and release its pinned blocks",
-            responses=_errors(400, 401, 404, 500, 503))  # fmt: skip
+            responses=error_responses(400, 401, 404, 500, 503))  # fmt: skip
     async def delete_session(
-        self, session_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
+        self, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionDeleted:
         return await sessions.end(tenant.id, validate_session_id(session_id))
 

@@ -37,8 +37,11 @@ OneChoice = Annotated[int, _limits("agentkv returns one choice per request: send
 Stop = Annotated[str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None,
                  msgspec.Meta(extra_json_schema={"extra": {"max_items": MAX_STOP_STRINGS}})]  # fmt: skip
 Seed = Annotated[int, _limits(ge=-(2**63), le=2**63 - 1)]
-SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SESSION_ID_CHARS,
-                                        description="Any printable text without spaces.")]  # fmt: skip
+# Opaque text: anything but whitespace and control characters (gateway.sessions checks header and path ids with it too).
+SESSION_ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
+SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SESSION_ID_CHARS, pattern=SESSION_ID_PATTERN,
+                                        description="Any text without whitespace or control characters.")]  # fmt: skip
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 SessionTTL = Annotated[float, _limits("Seconds (Redis expiries are whole milliseconds).", ge=0.001)]
 
 # ---------------------------------------------------------------------------------------- requests
@@ -63,7 +66,7 @@ class ToolCall(msgspec.Struct, kw_only=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: str
+    role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None

@@ -16,6 +16,7 @@ Layout (prefix `{namespace}:gw:`), all keys expiring `ttl_s` after the last turn
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import InvalidRequest, SessionNotFound, StateUnavailable
 from gateway.ledger import Ledger
-from gateway.openai_schema import SessionDeleted, SessionOut
+from gateway.openai_schema import MAX_SESSION_ID_CHARS, SESSION_ID_PATTERN, SessionDeleted, SessionOut
 from kvstore.wire import RouteStats
 
 # Header names agent tools already send, most specific first (Dynamo's canonical header, Claude
@@ -60,9 +61,14 @@ def worker_session_key(tenant: str, session_id: str) -> str:
 
 
 def validate_session_id(session_id: str) -> str:
-    if not 0 < len(session_id) <= 256 or any(ch.isspace() or not ch.isprintable() for ch in session_id):
-        raise InvalidRequest("a session id has 1-256 printable characters and no spaces", param="session_id")
+    """Ids from headers and paths get the check the schema gives body ids (openai_schema.SessionId)."""
+    if not 0 < len(session_id) <= MAX_SESSION_ID_CHARS or not _SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest(f"a session id has 1-{MAX_SESSION_ID_CHARS} characters, none of them whitespace or control characters",
+                             param="session_id")  # fmt: skip
     return session_id
+
+
+_SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
 
 
 Unpin = Callable[[list[str], str], Awaitable[list[str]]]  # (node ids, worker key) -> nodes that unpinned
@@ -131,8 +137,8 @@ class SessionStore:
         """(the session, whether it was created now). An existing id is returned as it is."""
         session_id = validate_session_id(session_id) if session_id else "sess_" + secrets.token_hex(12)
         ttl = self.ttl(ttl_s)
-        created = await self._create(tenant, session_id, ttl)
-        return await self.get(tenant, session_id), created
+        created, raw = await self._create(tenant, session_id, ttl)
+        return _session_out(tenant, session_id, raw), created  # read in the same transaction: a 1 ms TTL may be over now
 
     async def get(self, tenant: str, session_id: str) -> SessionOut:
         raw = await self._guard(self.redis.hgetall(self._keys(tenant, session_id).hash))
@@ -166,7 +172,7 @@ class SessionStore:
         return SessionDeleted(id=session_id, unpinned_nodes=unpinned)
 
     # -- internals ------------------------------------------------------------------------
-    async def _create(self, tenant: str, session_id: str, ttl: float) -> bool:
+    async def _create(self, tenant: str, session_id: str, ttl: float) -> tuple[bool, dict[bytes, bytes]]:
         keys = self._keys(tenant, session_id)
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
@@ -175,8 +181,9 @@ class SessionStore:
         pipe.hsetnx(keys.hash, "ttl", repr(ttl))
         pipe.pexpire(keys.hash, int(ttl * 1000))
         pipe.zadd(keys.index, {session_id: now + ttl})
-        created, *_ = await self._guard(pipe.execute())
-        return bool(created)
+        pipe.hgetall(keys.hash)
+        created, *_, raw = await self._guard(pipe.execute())
+        return bool(created), raw
 
     def _keys(self, tenant: str, session_id: str) -> _Keys:
         p = self.prefix
