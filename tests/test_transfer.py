@@ -297,12 +297,15 @@ def test_peer_info_roundtrips_through_msgpack():
 
 def test_the_transport_is_restricted_to_the_device_of_the_advertised_host(monkeypatch):
     from workers.transfer import bind_transport_to, net_devices_for
+    from workers.transfer.network import listen_device
 
     assert net_devices_for("127.0.0.1") == net_devices_for("localhost") != ""  # loopback: "lo" on Linux
     assert net_devices_for("0.0.0.0") == "" and net_devices_for("no-such-host.invalid") == ""
-    monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
+    monkeypatch.setenv("UCX_NET_DEVICES", "")  # recorded: restored after the test whatever bind_transport_to sets
+    monkeypatch.delenv("UCX_NET_DEVICES")
+    assert listen_device() is None  # no restriction: ucxx advertises the address of its own pick
     bind_transport_to("lo")
-    assert os.environ["UCX_NET_DEVICES"] == "lo"
+    assert os.environ["UCX_NET_DEVICES"] == "lo" and listen_device() == "lo"  # ucxx advertises lo's address
     bind_transport_to("eth9")  # a derived default never overrides what is set
     assert os.environ["UCX_NET_DEVICES"] == "lo"
     bind_transport_to("eth9", explicit=True)  # --transfer-devices does

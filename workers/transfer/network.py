@@ -51,6 +51,14 @@ def bind_transport_to(devices: str, *, explicit: bool = False) -> None:
         os.environ.setdefault("UCX_NET_DEVICES", devices)
 
 
+def listen_device() -> str | None:
+    """The network interface a listener should advertise: the first one in UCX_NET_DEVICES that is an
+    interface of this host (RDMA entries such as mlx5_0:1 are not); None: no restriction, any."""
+    names = {name for _, name in socket.if_nameindex()}
+    wanted = [d for d in os.environ.get("UCX_NET_DEVICES", "").split(",") if d and d != ALL]
+    return next((d for d in wanted if d in names), None)
+
+
 def _device_addresses() -> dict[str, set[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
     found: dict[str, set] = {}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from workers.transfer.base import KVTransport, PeerInfo, TransferFailed, coalesce, pool_bytes
+from workers.transfer.network import listen_device
 
 log = logging.getLogger("agentkv.transfer.ucxx")
 
@@ -88,8 +89,8 @@ class UcxxTransport(KVTransport):
         self._served: set[asyncio.Task] = set()
         self._server_eps: set[Any] = set()
         self._listener = self._submit(self._listen()).result(30.0)
-        try:
-            host = ucxx.get_address()
+        try:  # the address of the device UCX is restricted to (network.py), else ucxx's pick
+            host = ucxx.get_address(ifname=listen_device())
         except Exception:
             host = "127.0.0.1"
         self._listen_at = (host, self._listener.port)
