@@ -76,8 +76,9 @@ class StreamingOperation(Operation):
             ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(  # the schema of one event
                 type=OpenAPIType.OBJECT, required=["data"],
                 properties={"data": Schema(type=OpenAPIType.STRING), "event": Schema(type=OpenAPIType.STRING)},
-                description='With "stream": true: `data: <chunk JSON>` events, then `data: [DONE]`; an error after '
-                            "the first event arrives as a last `data:` event holding the error envelope."))  # fmt: skip
+                description='With "stream": true: server-sent events, each `data:` a JSON chunk of the API (chat and '
+                            "legacy completions end with `data: [DONE]`); an error after the first event arrives as "
+                            "a last event holding the error envelope."))  # fmt: skip
 
 
 @dataclass

@@ -115,7 +115,7 @@ async def respond(pipeline: TurnPipeline, turn: Turn, stream: bool, include_usag
             async for _ in deltas:
                 pass
         body = _chat_completion(turn, outcome) if chat else _completion(turn, outcome)
-        return Response(body, headers=_headers(turn, outcome))
+        return Response(body, headers=response_headers(turn, outcome))
     try:
         first = await anext(deltas)
     except StopAsyncIteration:
@@ -124,10 +124,11 @@ async def respond(pipeline: TurnPipeline, turn: Turn, stream: bool, include_usag
         await _close(deltas)
         raise
     events = _chat_events if chat else _completion_events
-    return ServerSentEvent(events(turn, outcome, first, deltas, include_usage), headers=_headers(turn, outcome))
+    return ServerSentEvent(events(turn, outcome, first, deltas, include_usage), headers=response_headers(turn, outcome))
 
 
-def _headers(turn: Turn, outcome: Outcome) -> dict[str, str]:
+def response_headers(turn: Turn, outcome: Outcome) -> dict[str, str]:
+    """The route header and, where it can travel as is, the session id (both APIs' responses carry them)."""
     headers = {ROUTE_HEADER: outcome.stats(turn).to_header()}
     if turn.session is not None and turn.session.id.isascii() and turn.session.id.isprintable():
         headers[SESSION_HEADER] = turn.session.id  # other ids are in usage.agentkv and the route header

@@ -97,7 +97,7 @@ class SessionStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.hash, "ttl", "node")
         pipe.get(keys.ledger)
-        (stored_ttl, node), raw_ledger = await self._guard(pipe.execute())
+        (stored_ttl, node), raw_ledger = await guarded(pipe.execute())
         if stored_ttl is None:
             await self._create(tenant, session_id, ttl)
         else:
@@ -130,7 +130,7 @@ class SessionStore:
         pipe.pexpire(keys.hash, ttl_ms)
         pipe.pexpire(keys.nodes, ttl_ms)
         pipe.zadd(keys.index, {session.id: now + session.ttl_s})
-        await self._guard(pipe.execute())
+        await guarded(pipe.execute())
 
     # -- the sessions API -----------------------------------------------------------------
     async def create(self, tenant: str, session_id: str | None, ttl_s: float | None) -> tuple[SessionOut, bool]:
@@ -141,7 +141,7 @@ class SessionStore:
         return _session_out(tenant, session_id, raw), created  # read in the same transaction: a 1 ms TTL may be over now
 
     async def get(self, tenant: str, session_id: str) -> SessionOut:
-        raw = await self._guard(self.redis.hgetall(self._keys(tenant, session_id).hash))
+        raw = await guarded(self.redis.hgetall(self._keys(tenant, session_id).hash))
         if not raw:
             raise SessionNotFound(f"no session {session_id!r} (it expired, was deleted, or belongs to another API key)")
         return _session_out(tenant, session_id, raw)
@@ -149,12 +149,12 @@ class SessionStore:
     async def list(self, tenant: str) -> list[SessionOut]:
         index = self._keys(tenant, "").index
         now = time.time()
-        await self._guard(self.redis.zremrangebyscore(index, "-inf", now))
-        ids = [x.decode() for x in await self._guard(self.redis.zrangebyscore(index, now, "+inf"))]
+        await guarded(self.redis.zremrangebyscore(index, "-inf", now))
+        ids = [x.decode() for x in await guarded(self.redis.zrangebyscore(index, now, "+inf"))]
         pipe = self.redis.pipeline(transaction=False)
         for session_id in ids:
             pipe.hgetall(self._keys(tenant, session_id).hash)
-        raws = await self._guard(pipe.execute())
+        raws = await guarded(pipe.execute())
         return [_session_out(tenant, sid, raw) for sid, raw in zip(ids, raws) if raw]
 
     async def end(self, tenant: str, session_id: str) -> SessionDeleted:
@@ -165,7 +165,7 @@ class SessionStore:
         pipe.smembers(keys.nodes)
         pipe.delete(keys.hash, keys.nodes, keys.ledger)
         pipe.zrem(keys.index, session_id)
-        exists, nodes, _, _ = await self._guard(pipe.execute())
+        exists, nodes, _, _ = await guarded(pipe.execute())
         if not exists:
             raise SessionNotFound(f"no session {session_id!r} (it expired, was deleted, or belongs to another API key)")
         unpinned = await self.unpin(sorted(n.decode() for n in nodes), worker_session_key(tenant, session_id))
@@ -182,7 +182,7 @@ class SessionStore:
         pipe.pexpire(keys.hash, int(ttl * 1000))
         pipe.zadd(keys.index, {session_id: now + ttl})
         pipe.hgetall(keys.hash)
-        created, *_, raw = await self._guard(pipe.execute())
+        created, *_, raw = await guarded(pipe.execute())
         return bool(created), raw
 
     def _keys(self, tenant: str, session_id: str) -> _Keys:
@@ -190,12 +190,13 @@ class SessionStore:
         return _Keys(f"{p}sess:{tenant}:{session_id}", f"{p}nodes:{tenant}:{session_id}",
                      f"{p}ledger:{tenant}:{session_id}", f"{p}sessions:{tenant}")  # fmt: skip
 
-    @staticmethod
-    async def _guard(awaitable):
-        try:
-            return await awaitable
-        except RedisError as exc:
-            raise StateUnavailable(f"session store unreachable: {exc}") from None
+
+async def guarded(awaitable, what: str = "session store"):
+    """`await awaitable`, a Redis failure turned into a 503 state_unavailable that names the store."""
+    try:
+        return await awaitable
+    except RedisError as exc:
+        raise StateUnavailable(f"{what} unreachable: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import anyio
 import httpx
 import msgspec
 
-from gateway.errors import UpstreamError, from_worker
+from gateway.errors import APIError, UpstreamError, from_worker
 from gateway.metrics import GatewayMetrics
 from kvstore.nodes import NodeRecord
 from kvstore.wire import TOKEN_HEADER, GenerateRequest, Paths, PrefillRequest, PrefillResult, TokenChunk
@@ -28,11 +28,17 @@ _encode = msgspec.json.encode
 ABORT_TIMEOUT_S = 3.0
 
 
-class NodeUnavailable(UpstreamError):
-    """A node could not be reached before anything was streamed: the turn may be re-routed."""
+class NodeUnavailable(APIError):
+    """A node failed before it streamed anything (unreachable, or its stream broke before the first
+    chunk, e.g. killed while the turn queued): the turn may be re-routed; if it cannot be, a 503
+    (nothing was generated, so retrying is safe)."""
+
+    status_code = 503
+    type = "service_unavailable_error"
+    code = "worker_unavailable"
 
     def __init__(self, node: NodeRecord, reason: str) -> None:
-        super().__init__(f"worker {node.node_id} at {node.address} is unreachable: {reason}")
+        super().__init__(f"worker {node.node_id} at {node.address} is unavailable: {reason}")
         self.node_id = node.node_id
 
 
@@ -69,10 +75,9 @@ class WorkerClient:
                                       headers=self._json_headers())  # fmt: skip
         try:
             resp = await self.http.send(req, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise NodeUnavailable(node, str(exc) or type(exc).__name__) from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"worker {node.node_id}: {type(exc).__name__}: {exc}") from None
+        except httpx.HTTPError as exc:  # refused, or gone before it answered
+            raise NodeUnavailable(node, f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+        streamed = False
         try:
             if resp.status_code != 200:
                 raise from_worker(resp.status_code, await resp.aread())
@@ -81,15 +86,19 @@ class WorkerClient:
                     chunk = _decode_chunk(line)
                 except msgspec.DecodeError as exc:
                     raise UpstreamError(f"worker {node.node_id} sent an invalid chunk: {exc}") from None
+                streamed = streamed or bool(chunk.token_ids)
                 yield chunk
                 if chunk.finished:
                     return
-            raise UpstreamError(f"worker {node.node_id} closed the stream before the last token")
+            reason = "closed the stream before the last token"
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"worker {node.node_id} stream failed: {type(exc).__name__}: {exc}") from None
+            reason = f"stream failed: {type(exc).__name__}: {exc}"
         finally:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
+        if not streamed:
+            raise NodeUnavailable(node, reason)
+        raise UpstreamError(f"worker {node.node_id} {reason}")
 
     async def abort(self, nodes: Iterable[NodeRecord], request_id: str) -> None:
         """Best effort, bounded, on every node at once."""

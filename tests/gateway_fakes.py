@@ -43,6 +43,7 @@ class FakeWorker:
     fingerprint: str = FINGERPRINT
     token_delay_s: float = 0.0
     fail_prefill: bool = False  # answer /internal/prefill with a 500
+    dies_before_first_token: bool = False  # accept /internal/generate, then close the stream (a kill -9 while queued)
     cached: set[int] = field(default_factory=set)  # block hashes held (the prefix cache)
     in_use: dict[str, int] = field(default_factory=dict)  # request id -> blocks
     pins: dict[str, int] = field(default_factory=dict)  # session key -> blocks
@@ -165,6 +166,8 @@ class FakeWorker:
             async def lines():
                 sent: list[int] = []
                 try:
+                    if worker.dies_before_first_token:
+                        return
                     for chunk in chunks:
                         if worker.token_delay_s:
                             await asyncio.sleep(worker.token_delay_s)

@@ -283,6 +283,25 @@ def test_an_unreachable_decode_node_is_routed_around(gateway, workers):
     gateway(fakes, scenario, KEYS)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_decode_node_that_dies_before_its_first_token_is_routed_around_else_a_503(gateway, workers, stream):
+    """What a kill -9 of a decode node does to the turns it had accepted but not yet started: the
+    stream closes before any chunk. Nothing was generated, so the turn moves; with nowhere to go, a 503."""
+    fakes = workers(("d1", Role.DECODE), ("d2", Role.DECODE))
+
+    async def scenario(client, cluster):
+        cluster.workers["d1"].dies_before_first_token = True
+        cluster.workers["d2"].dies_before_first_token = True
+        r = await client.post("/v1/chat/completions", json=chat(stream=stream), headers=A)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_unavailable", r.text
+        cluster.workers["d2"].dies_before_first_token = False
+        for _ in range(3):  # whichever node the router tries first
+            r = await client.post("/v1/chat/completions", json=chat(stream=stream), headers=A)
+            assert r.status_code == 200 and "error" not in r.text, r.text
+
+    gateway(fakes, scenario, KEYS)
+
+
 def test_index_failure_routes_degraded_visible_in_header_and_metrics(gateway, workers, monkeypatch):
     async def broken(self, hashes):
         raise ConnectionError("index down")
