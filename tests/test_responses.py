@@ -371,6 +371,26 @@ def test_real_previous_response_chain_hits_the_cache(real_client):
 
 
 @pytest.mark.heavy
+def test_real_required_tool_choice_is_a_valid_call_of_a_listed_tool(real_client):
+    import jsonschema
+
+    tools = [WEATHER,
+             {"type": "function", "name": "convert", "parameters": {"type": "object", "properties": {
+                 "amount": {"type": "number"}, "currency": {"type": "string", "enum": ["EUR", "USD"]}}, "required": ["amount", "currency"]}},
+             {"type": "function", "name": "add_task", "parameters": {"type": "object", "properties": {
+                 "title": {"type": "string"}, "done": {"type": "boolean"}}, "required": ["title"]}}]  # fmt: skip
+    schemas = {t["name"]: t["parameters"] for t in tools}
+    for question in ("Weather in Oslo?", "Convert 12 euros to dollars.", "Remind me to buy milk."):
+        with real_client.responses.stream(model="smollm2", input=question, tools=tools, tool_choice="required",
+                                          temperature=0, max_output_tokens=64) as stream:  # fmt: skip
+            r = stream.get_final_response()
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert calls and all(c.name in schemas for c in calls), r.output
+        for c in calls:
+            jsonschema.validate(json.loads(c.arguments), schemas[c.name])
+
+
+@pytest.mark.heavy
 def test_real_json_schema_format_parses_into_the_model(real_client):
     from pydantic import BaseModel
 
