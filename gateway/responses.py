@@ -63,15 +63,14 @@ from gateway.openai_schema import (
     ToolCall,
     TopP,
 )
-from gateway.reply import InFlight
+from gateway.reply import InFlight, response_headers
 from gateway.responses_store import ResponseNotFound, ResponseStore, StoredResponse
 from gateway.sessions import SessionStore
 from gateway.tenants import Tenant
 from gateway.turn import Outcome, Turn, TurnPipeline
-from kvstore.wire import ROUTE_HEADER, RouteStats
+from kvstore.wire import RouteStats
 
 log = logging.getLogger("agentkv.gateway")
-SESSION_HEADER = "x-session-id"
 _encode = msgspec.json.encode
 
 # ---------------------------------------------------------------------------------------- request
@@ -442,13 +441,6 @@ class ResponseTurn:
             await self.store.save(self.turn.tenant.id, record, session.ttl_s)
         return events, final
 
-    def headers(self) -> dict[str, str]:
-        headers = {ROUTE_HEADER: self.outcome.stats(self.turn).to_header()}
-        session = self.turn.session
-        if session is not None and session.id.isascii() and session.id.isprintable():
-            headers[SESSION_HEADER] = session.id
-        return headers
-
     def _usage(self) -> ResponseUsage:
         u = self.outcome.usage(self.turn)
         cached = u.prompt_tokens_details.cached_tokens
@@ -543,7 +535,7 @@ class ResponsesController(Controller):
                 async for chunk in deltas:
                     rt.push(chunk)
             _, final = await rt.finish()
-            return Response(final, headers=rt.headers())
+            return Response(final, headers=response_headers(rt.turn, rt.outcome))
         try:  # the first token before answering: a failure before it is a plain HTTP error
             first = await anext(deltas)
         except StopAsyncIteration:
@@ -552,7 +544,7 @@ class ResponsesController(Controller):
             with anyio.CancelScope(shield=True):
                 await deltas.aclose()
             raise
-        return ServerSentEvent(_events(rt, first, deltas), headers=rt.headers())
+        return ServerSentEvent(_events(rt, first, deltas), headers=response_headers(rt.turn, rt.outcome))
 
     @get("/{response_id:str}", summary="A stored response", responses=error_responses(401, 404, 500, 503))
     async def retrieve(self, response_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> ResponseObject:

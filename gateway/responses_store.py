@@ -16,10 +16,9 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aredis
-from redis.exceptions import RedisError
-
-from gateway.errors import NotFound, StateUnavailable
+from gateway.errors import NotFound
 from gateway.openai_schema import ChatMessage
+from gateway.sessions import guarded
 
 
 class StoredResponse(msgspec.Struct, kw_only=True):
@@ -42,10 +41,10 @@ class ResponseStore:
         self.prefix = prefix
 
     async def save(self, tenant: str, record: StoredResponse, ttl_s: float) -> None:
-        await self._guard(self.redis.set(self._key(tenant, record.response["id"]), _encode(record), px=int(ttl_s * 1000)))
+        await guarded(self.redis.set(self._key(tenant, record.response["id"]), _encode(record), px=int(ttl_s * 1000)), "response store")
 
     async def load(self, tenant: str, response_id: str) -> StoredResponse:
-        raw = await self._guard(self.redis.get(self._key(tenant, response_id)))
+        raw = await guarded(self.redis.get(self._key(tenant, response_id)), "response store")
         if raw is None:
             raise ResponseNotFound(f"Response with id {response_id!r} not found (it expired, was deleted, was created "
                                    "with store=false, or belongs to another API key).")  # fmt: skip
@@ -55,15 +54,8 @@ class ResponseStore:
             raise ResponseNotFound(f"Response with id {response_id!r} can no longer be read.") from None
 
     async def delete(self, tenant: str, response_id: str) -> None:
-        if not await self._guard(self.redis.delete(self._key(tenant, response_id))):
+        if not await guarded(self.redis.delete(self._key(tenant, response_id)), "response store"):
             raise ResponseNotFound(f"Response with id {response_id!r} not found.")
 
     def _key(self, tenant: str, response_id: str) -> str:
         return f"{self.prefix}resp:{tenant}:{response_id}"
-
-    @staticmethod
-    async def _guard(awaitable):
-        try:
-            return await awaitable
-        except RedisError as exc:
-            raise StateUnavailable(f"response store unreachable: {exc}") from None
