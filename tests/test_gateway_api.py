@@ -100,6 +100,7 @@ def test_tool_call_output_becomes_structured_calls_whole_and_streamed(gateway, w
         (call,) = choice["message"]["tool_calls"]
         assert call["type"] == "function" and call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
         assert GenerateRequest is type(cluster.workers["d1"].requests[-1])
+        assert cluster.workers["d1"].requests[-1].sampling.grammar  # the reply is constrained (gateway/grammar.py)
 
         r = await client.post("/v1/chat/completions", json=chat("Weather?", tools=[WEATHER], stream=True), headers=A)
         deltas = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines() if line.startswith("data: {")]

@@ -246,8 +246,30 @@ def test_each_worker_is_pinned_to_a_core_of_its_own(stack):
 
 
 def test_ctrl_c_stops_every_process(stack):
-    """Last on purpose: `agentkv up` leaves nothing behind."""
+    """Last on purpose: `agentkv up` leaves nothing behind, and a stream still running when Ctrl-C comes
+    ends with a clean, coded error (issue 13 #6: it was a code-null "internal gateway error")."""
+    body = {"model": "smollm2", "max_tokens": 400, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Tell a very long story about a lighthouse keeper."}]}  # fmt: skip
+    events: list[str] = []
+    streaming = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=120) as http, http.stream("POST", f"{stack.url}/v1/chat/completions", json=body,
+                                                             headers={"authorization": f"Bearer {KEY_A}"}) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 4:
+                        streaming.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert streaming.wait(60), events
     stack.process.send_signal(signal.SIGINT)
+    reader.join(timeout=60)
+    error = json.loads(events[-1])["error"]
+    print(f"\nCtrl-C mid-stream: the stream's last event after {len(events)}: {error}")
+    assert error["code"] == "server_shutting_down" and error["type"] == "service_unavailable_error", events[-3:]
     assert stack.process.wait(timeout=60) == 0
     deadline = time.monotonic() + 10
     alive = dict(stack.pids)
