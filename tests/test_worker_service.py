@@ -200,8 +200,6 @@ def test_a_worker_without_a_cluster_token_refuses_to_start_unless_insecure():
 def test_the_token_guard_compares_in_constant_time(monkeypatch):
     import hmac
 
-    from litestar.testing import create_test_client  # noqa: F401 - only to prove the guard needs no worker
-
     from workers import service
 
     compared = []
