@@ -474,7 +474,8 @@ async def _events(rt: ResponseTurn, first: list[Delta], rest: AsyncIterator[list
             log.exception("response stream %s failed", rt.id, exc_info=exc)
             exc = APIError("internal gateway error (see the gateway log)")
         failed = rt.snapshot("failed")
-        failed.error = ResponseError(code=exc.code or exc.type, message=exc.message)
+        # response.error.code is one of OpenAI's few codes; agentkv's own code travels in the error event
+        failed.error = ResponseError(code="invalid_prompt" if exc.status_code == 400 else "server_error", message=exc.message)
         yield event("error", {"code": exc.code or exc.type, "message": exc.message, "param": exc.param})
         yield event("response.failed", {"response": failed})
     finally:

@@ -4,6 +4,7 @@ client and the OpenAI Agents SDK against the real stack (heavy).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 
@@ -30,15 +31,16 @@ def gateway(aio, redis_client, tokenizer):
     """gateway(scenario, reply=...): runs `await scenario(openai_client_for, worker)` against a fresh
     app with one fake decode worker; `openai_client_for(key)` is an AsyncOpenAI on that app."""
 
-    def run(scenario, reply: str = "Hello from the fake.", config: GatewayConfig = KEYS):
-        worker = FakeWorker("d1", Role.BOTH, tokenizer, model_path="unused", reply=reply)
+    def run(scenario, reply: str = "Hello from the fake.", config: GatewayConfig = KEYS, **worker_options):
+        worker = FakeWorker("d1", Role.BOTH, tokenizer, model_path="unused", reply=reply, **worker_options)
 
         async def main():
-            async with fake_gateway(redis_client, tokenizer, [worker], config) as (http, _):
+            async with fake_gateway(redis_client, tokenizer, [worker], config) as (http, cluster):
                 def client_for(key: str = "key-a") -> openai.AsyncOpenAI:
                     return openai.AsyncOpenAI(base_url="http://gateway/v1", api_key=key, http_client=http, max_retries=0)
 
                 client_for.http = http  # raw HTTP, for bodies the openai client would not send
+                client_for.app = cluster.gateway_app
                 return await scenario(client_for, worker)
 
         return aio.run(main())
@@ -195,6 +197,31 @@ def test_a_reply_cut_by_max_output_tokens_is_incomplete(gateway):
     gateway(scenario)
 
 
+def test_a_stream_that_fails_midway_ends_with_an_error_and_response_failed(gateway):
+    """After the first event the status is sent: a failure (here the gateway shutting down) ends the
+    stream with an `error` event and `response.failed` (the shapes the SDK's types accept), and the
+    worker is told to abort."""
+    from openai.types.responses import ResponseErrorEvent, ResponseFailedEvent
+
+    async def scenario(client_for, worker):
+        async def stop_mid_stream():
+            while not worker.requests:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.35)  # a few tokens streamed
+            client_for.app.state.inflight.stop()
+
+        body = {"model": "m", "input": "Hi", "stream": True}
+        raw, _ = await asyncio.gather(client_for.http.post("/v1/responses", json=body, headers={"authorization": "Bearer key-a"}),
+                                      stop_mid_stream())  # fmt: skip
+        data = [line[len("data: "):] for line in raw.text.splitlines() if line.startswith("data: ")]
+        error, failed = ResponseErrorEvent.model_validate_json(data[-2]), ResponseFailedEvent.model_validate_json(data[-1])
+        assert error.code == "server_shutting_down" and failed.response.status == "failed"
+        assert failed.response.error.code == "server_error" and "response.output_text.delta" in raw.text
+        assert set(worker.aborted) == {worker.requests[0].request_id} and not worker.in_use
+
+    gateway(scenario, token_delay_s=0.1)
+
+
 def test_previous_response_id_continues_with_the_exact_token_ids(gateway):
     async def scenario(client_for, worker):
         client = client_for()
@@ -269,8 +296,6 @@ def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
 
 def test_a_stored_response_expires_with_its_session_ttl(gateway):
     async def scenario(client_for, worker):
-        import asyncio
-
         client = client_for()
         r = await client.responses.create(model="m", input="Hi", extra_body={"session_ttl_s": 0.3})
         assert (await client.responses.retrieve(r.id)).id == r.id
