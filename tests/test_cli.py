@@ -94,6 +94,8 @@ def test_the_supervisor_restarts_a_killed_child_with_backoff_and_valkey_with_its
     assert sleeper.process.poll() is not None  # stop() ended what the supervisor restarted
 
 
+@pytest.mark.heavy
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_up_passes_no_secret_on_a_command_line(tmp_path):
     """The gateway child gets its API keys and the cluster token in its environment, which only this
     user can read, never in argv, which `ps` shows to everyone."""
