@@ -8,7 +8,6 @@ import asyncio
 import json
 import secrets
 
-import httpx
 import openai
 import pytest
 from gateway_fakes import FakeWorker, fake_gateway, tokenizer  # noqa: F401  (fixture)
