@@ -500,6 +500,49 @@ async def _previous(store: ResponseStore, tenant: Tenant, response_id: str) -> S
                              code="previous_response_not_found") from exc  # fmt: skip
 
 
+async def prepare_response(request: Request, data: ResponsesRequest, tenant: Tenant, turns: TurnPipeline,
+                           sessions: SessionStore, cluster: ClusterView, renderers: Renderers) -> ResponseTurn:  # fmt: skip
+    """The chain so far + the new input -> a prepared chat turn in the chain's session."""
+    data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
+    store = _response_store(sessions)
+    previous = await _previous(store, tenant, data.previous_response_id) if data.previous_response_id else None
+    before = previous.messages if previous else []
+    known_calls = {c.id: c.function.name for m in before for c in m.tool_calls or [] if c.id}
+    history = [*before, *input_messages(data.input, known_calls)]
+    stored = data.store is not False
+    # The chain is the session: a continued response runs in its chain's session, a new one in
+    # the session the client names (header, session_id, prompt_cache_key, user) or a fresh one.
+    session_id = previous.session_id if previous else session_id_of(request, data.session_id, data.prompt_cache_key, data.user)
+    fresh_chain = session_id is None and stored
+    if fresh_chain:
+        session_id = "resp_chain_" + secrets.token_hex(12)
+    chat = chat_request(data, history)
+    await check_prompt_size(chat_prompt_chars(chat), cluster, renderers)  # a 2 MB input is a 400 before rendering
+    turn = await turns.prepare_chat(chat, tenant, session_id)
+    if fresh_chain:  # its ledger is kept, but its blocks are pinned only once the chain is continued:
+        turn = dataclasses.replace(turn, pin=False)  # most responses are never continued (e.g. full-history clients)
+    return ResponseTurn(data, turn, history, store if stored else None)
+
+
+async def answer(rt: ResponseTurn, deltas: AsyncIterator[list[Delta]], stream: bool) -> Response:
+    """The whole response, or its events; a failure before the first token is a plain HTTP error."""
+    if not stream:
+        async with contextlib.aclosing(deltas):
+            async for chunk in deltas:
+                rt.push(chunk)
+        _, final = await rt.finish()
+        return Response(final, headers=response_headers(rt.turn, rt.outcome))
+    try:
+        first = await anext(deltas)
+    except StopAsyncIteration:
+        raise UpstreamError("the worker stream ended before the first token") from None
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await deltas.aclose()
+        raise
+    return ServerSentEvent(_events(rt, first, deltas), headers=response_headers(rt.turn, rt.outcome))
+
+
 class ResponsesController(Controller):
     path = "/v1/responses"
     dependencies = {"tenant": Provide(provide_tenant)}
@@ -512,40 +555,9 @@ class ResponsesController(Controller):
         turns: NamedDependency[TurnPipeline], sessions: NamedDependency[SessionStore], cluster: NamedDependency[ClusterView],
         renderers: NamedDependency[Renderers], inflight: NamedDependency[InFlight],
     ) -> Response[ResponseObject]:  # fmt: skip
-        data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
-        store = _response_store(sessions)
-        previous = await _previous(store, tenant, data.previous_response_id) if data.previous_response_id else None
-        known_calls = {c.id: c.function.name for m in (previous.messages if previous else []) for c in m.tool_calls or [] if c.id}
-        history = [*(previous.messages if previous else []), *input_messages(data.input, known_calls)]
-        stored = data.store is not False
-        # The chain is the session: a continued response runs in its chain's session, a new one in
-        # the session the client names (header, session_id, prompt_cache_key, user) or a fresh one.
-        session_id = previous.session_id if previous else session_id_of(request, data.session_id, data.prompt_cache_key, data.user)
-        fresh_chain = session_id is None and stored
-        if fresh_chain:
-            session_id = "resp_chain_" + secrets.token_hex(12)
-        chat = chat_request(data, history)
-        await check_prompt_size(chat_prompt_chars(chat), cluster, renderers)  # a 2 MB input is a 400 before rendering
-        turn = await turns.prepare_chat(chat, tenant, session_id)
-        if fresh_chain:  # its ledger is kept, but its blocks are pinned only once the chain is continued:
-            turn = dataclasses.replace(turn, pin=False)  # most responses are never continued (e.g. full-history clients)
-        rt = ResponseTurn(data, turn, history, store if stored else None)
-        deltas = inflight.track(turns.run(turn, rt.outcome))  # counted, and ended cleanly when the gateway stops
-        if not data.stream:
-            async with contextlib.aclosing(deltas):
-                async for chunk in deltas:
-                    rt.push(chunk)
-            _, final = await rt.finish()
-            return Response(final, headers=response_headers(rt.turn, rt.outcome))
-        try:  # the first token before answering: a failure before it is a plain HTTP error
-            first = await anext(deltas)
-        except StopAsyncIteration:
-            raise UpstreamError("the worker stream ended before the first token") from None
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await deltas.aclose()
-            raise
-        return ServerSentEvent(_events(rt, first, deltas), headers=response_headers(rt.turn, rt.outcome))
+        rt = await prepare_response(request, data, tenant, turns, sessions, cluster, renderers)
+        deltas = inflight.track(turns.run(rt.turn, rt.outcome))  # counted, and ended cleanly when the gateway stops
+        return await answer(rt, deltas, data.stream)
 
     @get("/{response_id:str}", summary="A stored response", responses=error_responses(401, 404, 500, 503))
     async def retrieve(self, response_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> ResponseObject:
