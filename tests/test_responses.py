@@ -275,6 +275,22 @@ def test_a_continued_chain_in_another_gateway_replica_finds_the_record_and_the_l
     aio.run(main())
 
 
+def test_forks_of_one_response_keep_their_own_conversations(gateway):
+    """Two continuations of one response share its session; each branch's next turn still sees only its own history."""
+
+    async def scenario(client_for, worker):
+        client = client_for()
+        root = await client.responses.create(model="m", input="Start.")
+        left = await client.responses.create(model="m", previous_response_id=root.id, input="Go left.")
+        right = await client.responses.create(model="m", previous_response_id=root.id, input="Go right.")
+        await client.responses.create(model="m", previous_response_id=left.id, input="And then?")
+        prompt = worker.tokenizer.decode(worker.requests[-1].prompt_token_ids)
+        assert "Go left." in prompt and "Go right." not in prompt and prompt.count("Hello from the fake.") == 2
+        assert right.previous_response_id == root.id
+
+    gateway(scenario)
+
+
 def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
     async def scenario(client_for, worker):
         mine = await client_for("key-a").responses.create(model="m", input="Hi")
