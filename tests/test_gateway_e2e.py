@@ -174,8 +174,9 @@ def test_errors(stack):
         stack.client("wrong-key").chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}])
     assert bad_key.value.status_code == 401
 
-    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+    with pytest.raises(openai.BadRequestError, match=r"<= 1 \(at n\)") as two_choices:  # the schema's limit (openai_schema.OneChoice)
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert two_choices.value.param == "n"
 
 
 def test_four_turn_agent_session_reuses_the_cache(stack):
