@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 if TYPE_CHECKING:
+    from agentkv.stack import Outage
     from faults.conftest import SupervisedStack
 
 pytestmark = pytest.mark.heavy
@@ -199,16 +200,24 @@ def wait_served_after(load: Load, t: float) -> None:
         time.sleep(0.2)
 
 
-def worker_fault(s: SupervisedStack, name: str) -> None:
-    s.wait_serving()
+def kill_under_load(s: SupervisedStack, name: str, bound_s: float) -> tuple[float, Outage, float, list[Outcome]]:
+    """SIGKILL `name` mid-stream under the load; wait for the supervisor to have it back, the gateway to
+    route to every worker, and a request started after the kill to complete. (kill time, the supervisor's
+    record, seconds from back to routable, every request's outcome)."""
     load = Load(s.url).start()
     try:
         killed = kill_mid_stream(s, name, load)
-        outage = s.outage_after(name, killed, RESTART_BOUND_S)
-        back = s.wait_serving(RESTART_BOUND_S)
+        outage = s.outage_after(name, killed, bound_s)
+        back = s.wait_serving(bound_s)
         wait_served_after(load, killed)
     finally:
         outcomes = load.stop()
+    return killed, outage, back, outcomes
+
+
+def worker_fault(s: SupervisedStack, name: str) -> None:
+    s.wait_serving()
+    killed, outage, back, outcomes = kill_under_load(s, name, RESTART_BOUND_S)
     tally = tally_of(outcomes, f"kill -9 {name}")
     in_flight = [o for o in outcomes if o.started < killed < o.ended]
     served_again = first_success_after(outcomes, killed)
@@ -260,14 +269,7 @@ def test_kill_9_of_valkey_mid_stream_keeps_sessions(supervised_stack: Supervised
     assert http.post("/v1/chat/completions", json=turn).status_code == 200
     assert http.get("/v1/sessions/fault-session").json()["turns"] == 1
     time.sleep(1.5)  # the append-only file is fsynced every second
-    load = Load(s.url).start()
-    try:
-        killed = kill_mid_stream(s, "valkey", load)
-        outage = s.outage_after("valkey", killed, VALKEY_BOUND_S)
-        back = s.wait_serving(VALKEY_BOUND_S)
-        wait_served_after(load, killed)
-    finally:
-        outcomes = load.stop()
+    killed, outage, back, outcomes = kill_under_load(s, "valkey", VALKEY_BOUND_S)
     tally = tally_of(outcomes, "kill -9 valkey")
     served_again = first_success_after(outcomes, killed)
     print(f"kill -9 valkey: restarted with its data {outage.recovery_s:.2f} s after it was noticed "
@@ -292,14 +294,7 @@ def test_kill_9_of_the_gateway_mid_stream(supervised_stack: SupervisedStack):
     s.wait_serving()
     http = httpx.Client(base_url=s.url, timeout=DEADLINE_S)
     assert http.post("/v1/sessions", json={"id": "gateway-fault"}).status_code in (200, 201)
-    load = Load(s.url).start()
-    try:
-        killed = kill_mid_stream(s, "gateway", load)
-        outage = s.outage_after("gateway", killed, GATEWAY_BOUND_S)
-        back = s.wait_serving(GATEWAY_BOUND_S)
-        wait_served_after(load, killed)
-    finally:
-        outcomes = load.stop()
+    killed, outage, back, outcomes = kill_under_load(s, "gateway", GATEWAY_BOUND_S)
     tally = tally_of(outcomes, "kill -9 gateway")
     in_flight = [o for o in outcomes if o.started < killed < o.ended]
     print(f"kill -9 gateway: {len(in_flight)} in flight at the kill -> {Counter(o.code or o.kind for o in in_flight)}; "
