@@ -19,6 +19,7 @@ class WorkerProcess(Stack):
     def __init__(self, redis_url: str, role: str = "both", node_id: str | None = None, port: int | None = None, *extra: str):
         port = port or free_port()
         worker = Worker(role, threads=1, node_id=node_id or f"test-{role}-{port}", port=port, args=extra)
+        # No cluster token: the launcher runs it --insecure (unless `extra` passes --cluster-token).
         super().__init__(workers=(worker,), routings=(), redis_url=redis_url, kv_cache_gb=0.25, cluster_token="")
         self.node_id = worker.node_id
         self.child = self.launch().children[0]
