@@ -8,6 +8,7 @@ import asyncio
 import json
 import secrets
 
+import msgspec
 import openai
 import pytest
 from gateway_fakes import FakeWorker, fake_gateway, tokenizer  # noqa: F401  (fixture)
@@ -69,9 +70,9 @@ def test_items_become_chat_messages_with_calls_merged_into_the_assistant_reply()
 
 def test_flat_function_tools_named_choice_and_json_schema_map_onto_the_chat_request():
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
-    req = ResponsesRequest(input="hi", instructions="Be brief.", tools=[msgspec_tool(WEATHER)],
-                           tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=7,
-                           text=text_format({"type": "json_schema", "name": "X", "schema": schema, "strict": True}))  # fmt: skip
+    req = msgspec.convert({"input": "hi", "instructions": "Be brief.", "tools": [WEATHER], "max_output_tokens": 7,
+                           "tool_choice": {"type": "function", "name": "get_weather"},
+                           "text": {"format": {"type": "json_schema", "name": "X", "schema": schema, "strict": True}}}, ResponsesRequest)  # fmt: skip
     chat = chat_request(req, input_messages(req.input, {}))
     assert [m.role for m in chat.messages] == ["system", "user"] and chat.messages[0].content == "Be brief."
     assert chat.tools[0].function.name == "get_weather" and chat.tools[0].function.parameters == WEATHER["parameters"]
@@ -88,20 +89,6 @@ def test_whitespace_before_a_call_is_not_a_message_and_events_close_every_item()
     assert [e for e, _ in events] == ["response.output_item.added", "response.function_call_arguments.delta",
                                       "response.function_call_arguments.done", "response.output_item.done"]  # fmt: skip
     assert len(items.items) == 1 and items.items[0].arguments == '{"a": 1}' and items.items[0].status == "completed"
-
-
-def msgspec_tool(spec: dict):
-    import msgspec
-
-    from gateway.responses import ResponsesTool
-
-    return msgspec.convert(spec, ResponsesTool)
-
-
-def text_format(fmt: dict):
-    from gateway.responses import TextConfig
-
-    return TextConfig(format=fmt)
 
 
 # -- through the gateway (fake workers) ---------------------------------------------------------------
