@@ -75,6 +75,11 @@ CASES = [
          json=chat(tools=[WEATHER], messages=[*USER, {"role": "tool", "tool_call_id": "call_nowhere", "content": "18 C"}])),
     Case("#15 five stop strings", 400, "invalid_request", json=chat(stop=["a", "b", "c", "d", "e"]), param="stop"),
     Case("#15 an unknown response_format", 400, None, json=chat(response_format={"type": "xml"}), param="response_format"),
+    # -- found since: by the fuzzer
+    Case("a top_p below float32's range (the sampler dropped every token: 502)", 200, None, path="/v1/completions",
+         json={"model": "m", "prompt": "hi", "max_tokens": 4, "top_p": 1.2555839591686888e-226}),
+    Case("a session created with a 1 ms TTL (was read back after it expired: 404)", 201, None, path="/v1/sessions",
+         json={"ttl_s": 0.001}),
     # -- found since: the shape of the request
     Case("messages is a string", 400, "invalid_request", json={"model": "m", "messages": "hi"}),
     Case("no model", 400, "invalid_request", json={"messages": USER}),
