@@ -25,13 +25,13 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK
@@ -194,6 +194,14 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     object: str = "response"
 
 
+class InputItemList(msgspec.Struct, kw_only=True):
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+    object: str = "list"
+
+
 class ResponseDeleted(msgspec.Struct, kw_only=True):
     id: str
     deleted: bool = True
@@ -316,6 +324,41 @@ def _arguments(arguments: Any, where: str) -> str:
     if not ok:
         raise InvalidRequest(f"{where}.arguments must be a JSON object encoded as a string", param="input")
     return arguments
+
+
+def conversation_items(response_id: str, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation a stored response answered, back as Responses items (ids derived from the
+    response's, so they are stable from one listing to the next)."""
+    items: list[dict[str, Any]] = []
+
+    def add(prefix: str, **fields: Any) -> None:
+        items.append({"id": f"{prefix}_{response_id.removeprefix('resp_')}_{len(items)}", "status": "completed", **fields})
+
+    for m in messages:
+        text = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])
+        if m.role == "tool":
+            add("fco", type="function_call_output", call_id=m.tool_call_id, output=text)
+        elif m.role != "assistant":
+            add("msg", type="message", role=m.role, content=[{"type": "input_text", "text": text}])
+        else:
+            if text or not m.tool_calls:
+                add("msg", type="message", role="assistant", content=[{"type": "output_text", "text": text, "annotations": []}])
+            for c in m.tool_calls or []:
+                args = c.function.arguments
+                add("fc", type="function_call", call_id=c.id, name=c.function.name, arguments=args if isinstance(args, str) else json.dumps(args))
+    return items
+
+
+def page_of(items: list[dict[str, Any]], limit: int, order: str, after: str | None) -> InputItemList:
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        at = next((n for n, item in enumerate(ordered) if item["id"] == after), None)
+        if at is None:
+            raise InvalidRequest(f"no input item {after!r} in this response", param="after")
+        ordered = ordered[at + 1 :]
+    page = ordered[:limit]
+    return InputItemList(data=page, first_id=page[0]["id"] if page else None, last_id=page[-1]["id"] if page else None,
+                         has_more=len(ordered) > limit)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- deltas -> output items
@@ -562,6 +605,16 @@ class ResponsesController(Controller):
     @get("/{response_id:str}", summary="A stored response", responses=error_responses(401, 404, 500, 503))
     async def retrieve(self, response_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> ResponseObject:
         return msgspec.convert((await _response_store(sessions).load(tenant.id, response_id)).response, ResponseObject)
+
+    @get("/{response_id:str}/input_items", summary="The items a stored response answered (its chain's conversation)",
+         responses=error_responses(400, 401, 404, 500, 503))  # fmt: skip
+    async def input_items(
+        self, response_id: FromPath[str], tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore],
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20, order: FromQuery[Literal["asc", "desc"]] = "desc",
+        after: FromQuery[str | None] = None,
+    ) -> InputItemList:  # fmt: skip
+        record = await _response_store(sessions).load(tenant.id, response_id)
+        return page_of(conversation_items(response_id, record.messages[:-1]), limit, order, after)  # [-1]: its reply
 
     @delete("/{response_id:str}", status_code=HTTP_200_OK, summary="Delete a stored response",
             responses=error_responses(401, 404, 500, 503))

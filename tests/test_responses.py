@@ -278,6 +278,30 @@ def test_forks_of_one_response_keep_their_own_conversations(gateway):
     gateway(scenario)
 
 
+def test_input_items_list_the_chain_conversation_a_response_answered_page_by_page(gateway):
+    from openai.types.responses import ResponseItemList
+
+    async def scenario(client_for, worker):
+        client = client_for()
+        r1 = await client.responses.create(model="m", input="Weather in Paris?", tools=[WEATHER], instructions="Be brief.")
+        call = r1.output[0]
+        r2 = await client.responses.create(model="m", previous_response_id=r1.id, tools=[WEATHER],
+                                           input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])  # fmt: skip
+        items = [i async for i in client.responses.input_items.list(r2.id, order="asc", limit=1)]  # paged one by one
+        assert [i.type for i in items] == ["message", "function_call", "function_call_output"]
+        assert items[0].content[0].text == "Weather in Paris?" and items[1].call_id == call.call_id and items[2].output == "sunny"
+        raw = await client_for.http.get(f"/v1/responses/{r2.id}/input_items", headers={"authorization": "Bearer key-a"})
+        newest_first = ResponseItemList.model_validate_json(raw.text)
+        assert [i.id for i in newest_first.data] == [i.id for i in reversed(items)] and not newest_first.has_more
+        with pytest.raises(openai.NotFoundError):
+            await client_for("key-b").responses.input_items.list(r2.id)
+        for query in ("limit=0", "limit=101", "order=sideways", "after=item_nope"):
+            bad = await client_for.http.get(f"/v1/responses/{r2.id}/input_items?{query}", headers={"authorization": "Bearer key-a"})
+            assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", (query, bad.text)
+
+    gateway(scenario, reply=TOOL_REPLY)
+
+
 def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
     async def scenario(client_for, worker):
         mine = await client_for("key-a").responses.create(model="m", input="Hi")
