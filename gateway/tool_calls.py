@@ -186,7 +186,7 @@ def _json_prefix(text: str) -> bool:
     try:
         partial_json_parser.loads(text)
         return True
-    except ValueError:  # MalformedJSON is one
+    except Exception:  # noqa: BLE001 - MalformedJSON, but also IndexError/AssertionError on some broken texts
         return False
 
 

@@ -65,6 +65,15 @@ def test_output_that_does_not_parse_falls_back_to_plain_content():
         assert calls == [] and content == text
 
 
+def test_json_the_partial_parser_chokes_on_is_content_not_a_crash():
+    """partial_json_parser raises IndexError / AssertionError (not ValueError) on some broken texts: seen
+    from the real model before constrained decoding; a parse error must never become a 500."""
+    for text in ['<tool_call>[{"a": 1}}]</tool_call>', '<tool_call>[{"name": "x", "arguments": {"a": }}]}</tool_call>',
+                 '<tool_call>[{"a":[}]</tool_call>', "<tool_call>[{]"]:  # fmt: skip
+        content, calls = parse_tool_calls(text)
+        assert calls == [] and content == text
+
+
 def test_unknown_function_names_are_not_calls():
     content, calls = parse_tool_calls(SMOL, names=frozenset({"get_time"}))
     assert calls == [] and content == SMOL

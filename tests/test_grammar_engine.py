@@ -13,7 +13,7 @@ import torch
 
 from kvstore.wire import SamplingParams
 from model_fixtures import smollm2  # noqa: F401  (fixture)
-from test_engine import chat_ids, generate, greedy, solo
+from test_engine import chat_ids, engine, generate, greedy, solo  # noqa: F401  (engine: fixture)
 from workers.backend import InvalidRequest
 from workers.engine import AdoptedKV, Engine, EngineConfig
 from workers.grammar import apply_masks, unpack_bitmask
@@ -41,11 +41,6 @@ QUESTIONS = [
     "List three prime numbers.",
     "I am going to Lima for 10 days.",
 ]
-
-
-@pytest.fixture(scope="module")
-def engine(smollm2):
-    return Engine(smollm2, EngineConfig(num_blocks=400))
 
 
 @pytest.fixture(scope="module")
