@@ -14,7 +14,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
@@ -72,7 +72,7 @@ class StreamingOperation(Operation):
 
     def __post_init__(self) -> None:
         ok = (self.responses or {}).get("200")
-        if ok is not None and not isinstance(ok, type(None)) and getattr(ok, "content", None) is not None:
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
             ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(  # the schema of one event
                 type=OpenAPIType.OBJECT, required=["data"],
                 properties={"data": Schema(type=OpenAPIType.STRING), "event": Schema(type=OpenAPIType.STRING)},
@@ -86,7 +86,7 @@ class _OptionalBodyOperation(Operation):
     """POST /v1/sessions: the body may be left out (a fresh id, the default TTL)."""
 
     def __post_init__(self) -> None:
-        if self.request_body is not None and not isinstance(self.request_body, type(None)):
+        if isinstance(self.request_body, RequestBody):
             self.request_body.required = False
 
 
