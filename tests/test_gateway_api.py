@@ -593,7 +593,9 @@ def test_a_redis_restart_does_not_open_a_no_workers_window(aio, tokenizer, worke
         async with fake_gateway(redis, tokenizer, fakes, config) as (client, cluster):
             assert (await client.post("/v1/chat/completions", json=chat(), headers=A)).status_code == 200
             os.kill(valkey.pid, signal.SIGKILL)
-            await asyncio.to_thread(lambda: (valkey._process.wait(), valkey.restart()))
+            while valkey.exit_code() is None:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(valkey.restart)
             restarted, statuses, modes = time.perf_counter(), [], []
             reregistered = False
             while (elapsed := time.perf_counter() - restarted) < 1.5:
