@@ -31,23 +31,14 @@ def run_gateway(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000
     tenants = "open (no API keys: one local tenant)" if config.open_access() else f"{len(set(config.api_keys.values()))} tenant(s)"
     logging.getLogger("agentkv.gateway").info("gateway on http://%s:%d/v1, access %s", host, port, tenants)
     app = create_app(config)
-    server = _stopping_server_class()(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
-    server.inflight = app.state.inflight
-    server.run()
-
-
-def _stopping_server_class():
-    import uvicorn
+    inflight = app.state.inflight
 
     class StoppingServer(uvicorn.Server):
         """On SIGINT/SIGTERM the turns in flight end at once with a clean 503 error (not cut by
         uvicorn's cancellation after its grace period), while the worker client is still open."""
 
-        inflight = None
-
         def handle_exit(self, sig, frame) -> None:
-            if self.inflight is not None:
-                self.inflight.stop_threadsafe()
+            inflight.stop_threadsafe()
             super().handle_exit(sig, frame)
 
-    return StoppingServer
+    StoppingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
