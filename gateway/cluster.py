@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.chat_template import ChatRenderer
 from gateway.errors import NoWorkers
@@ -73,10 +73,14 @@ class ClusterView:
             self._nodes, self._held_until = live, 0.0
         return self._nodes
 
-    async def _run_id(self) -> str:
-        """Redis's per-process id: a new one means a restart (an empty registry, not a dead cluster)."""
-        info = await self.registry.redis.info("server")
-        return str(info.get("run_id", ""))
+    async def _run_id(self) -> str | None:
+        """Redis's per-process id: a new one means a restart (an empty registry, not a dead cluster).
+        None where INFO is not allowed (an ACL): then a restart is not detected."""
+        try:
+            info = await self.registry.redis.info("server")
+        except ResponseError:
+            return None
+        return str(info.get("run_id", "")) or None
 
     async def run(self) -> None:
         """Background refresh loop (cancelled at shutdown)."""
