@@ -62,13 +62,18 @@ def test_bitmask_unpacks_bit_j_of_word_i_to_token_32i_plus_j():
     assert allowed[1].nonzero().flatten().tolist() == [32]
 
 
-def test_masks_touch_only_their_rows_and_never_leave_a_row_empty():
-    logits = torch.zeros(3, 4)
-    allowed = torch.tensor([[True, False, False, True], [False, False, False, False]])
-    apply_masks(logits, [0, 2], allowed)
-    assert logits[0].tolist() == [0, float("-inf"), float("-inf"), 0]
-    assert logits[1].tolist() == [0, 0, 0, 0]  # a free row
-    assert logits[2].tolist() == [0, 0, 0, 0]  # an empty mask (matcher in error) does not make NaNs
+def test_masks_touch_only_their_rows_and_never_leave_a_row_empty(engine, smollm2):
+    fresh = engine.grammars.matcher(JSON_GRAMMAR)
+    broken = engine.grammars.matcher(JSON_GRAMMAR)
+    broken.consume_token(smollm2.tokenizer.encode("x", add_special_tokens=False)[0])  # not JSON: error state
+    assert broken.is_error()
+    bias = engine.grammars.masks([fresh, broken])
+    logits = torch.zeros(3, bias.shape[1])
+    apply_masks(logits, [0, 2], bias)
+    allowed = (logits[0] == 0).nonzero().flatten().tolist()
+    assert allowed and all(smollm2.tokenizer.decode([t]).lstrip().startswith("{") for t in allowed)  # JSON object opens
+    assert (logits[1] == 0).all()  # a free row is untouched
+    assert torch.isfinite(logits[2]).any()  # a matcher in error still leaves a token (EOS): never NaNs
 
 
 def test_an_invalid_grammar_is_a_clear_400(engine, questions):

@@ -71,14 +71,18 @@ class GrammarCompiler:
 
     # -- masks -----------------------------------------------------------------------------
     def masks_async(self, matchers: list[llguidance.LLMatcher]) -> concurrent.futures.Future[torch.Tensor]:
-        """Start computing the allowed-token masks ([len(matchers), vocab] bool) on the helper thread."""
+        """Start computing the rows' logit biases (`masks`) on the helper thread."""
         return self._thread.submit(self.masks, matchers)
 
     def masks(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
+        """[len(matchers), vocab] float: 0 where a token is allowed, -inf where not. All the
+        unpacking happens here, off the critical path; applying it is one add."""
         self.tokenizer  # noqa: B018 - makes sure the executor exists
         bitmask = llg_torch.allocate_token_bitmask(len(matchers), self.vocab_size)
         llg_torch.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
-        return unpack_bitmask(bitmask, self.vocab_size)
+        allowed = unpack_bitmask(bitmask, self.vocab_size)
+        allowed |= ~allowed.any(dim=-1, keepdim=True)  # a matcher in error allows nothing: never sample from NaNs
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -90,10 +94,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
-def apply_masks(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor) -> None:
+def apply_masks(logits: torch.Tensor, rows: list[int], bias: torch.Tensor) -> None:
     """Disallowed tokens of the given rows get -inf, in place (other rows are untouched)."""
     if rows:
-        allowed = allowed.to(logits.device)
-        allowed |= ~allowed.any(dim=-1, keepdim=True)  # a matcher in error allows nothing: never sample from NaNs
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        logits.index_add_(0, torch.tensor(rows, device=logits.device), bias.to(logits.device, logits.dtype))
