@@ -1,5 +1,6 @@
 """The engine on the real SmolLM2 model, checked against Hugging Face `generate`."""
 
+import math
 import time
 from types import SimpleNamespace
 
@@ -251,3 +252,15 @@ def test_detokenizer_holds_back_a_possible_stop_string_until_it_is_decided(smoll
     assert hit and out == "The answer is 42. "
     nonstop = Detokenizer(tok, ["is 4x"])
     assert "".join(nonstop.push(i)[0] for i in ids) + nonstop.flush() == "The answer is 42. Done here."
+
+
+def test_a_top_p_below_float32_range_keeps_the_most_likely_token():
+    """top_p=1e-300 is valid ((0, 1]) but rounds to 0.0 against float32 probabilities: it must still keep one token."""
+    from workers.sampler import sample
+    from workers.sequence import Sequence
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
+    seq = Sequence(request_id="tiny-top-p", token_ids=[1], sampling=SamplingParams(temperature=1.0, top_p=1e-300, seed=0))
+    tokens, logprobs = sample(logits, [seq])
+    assert tokens == [1] and math.isfinite(logprobs[0])
+

@@ -28,6 +28,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+            drop[0] = False  # a top_p under float32's smallest value rounds to 0 and would drop every token
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
