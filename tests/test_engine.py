@@ -264,3 +264,16 @@ def test_a_top_p_below_float32_range_keeps_the_most_likely_token():
     tokens, logprobs = sample(logits, [seq])
     assert tokens == [1] and math.isfinite(logprobs[0])
 
+
+def test_a_temperature_below_float32_range_samples_the_most_likely_token():
+    """temperature=5e-324 (the fuzzer's find) overflowed logits / temperature to inf and failed the step:
+    it is the greedy limit."""
+    from workers.sampler import sample
+    from workers.sequence import Sequence
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [2.0, -1.0, 0.5, 1.0]])
+    seqs = [Sequence(request_id=f"tiny-temperature-{i}", token_ids=[1], sampling=SamplingParams(temperature=5e-324, top_p=top_p, seed=0))
+            for i, top_p in enumerate((1.0, 5e-324))]  # fmt: skip
+    tokens, logprobs = sample(logits, seqs)
+    assert tokens == [1, 0] and all(math.isfinite(lp) for lp in logprobs)
+

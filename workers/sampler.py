@@ -17,7 +17,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         if params.temperature <= 0:
             tokens.append(int(greedy[row]))
             continue
-        scores = logits[row] / params.temperature
+        # Shifted so the best score is 0, and the temperature kept within float32's range: a temperature
+        # as small as 5e-324 (a valid float; 0 in float32) gives scores of 0 and -inf, the greedy limit,
+        # instead of 0 / 0 = NaN.
+        temperature = max(params.temperature, torch.finfo(logits.dtype).tiny)
+        scores = (logits[row] - logits[row].max()) / temperature
         if params.top_k > 0:
             kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
