@@ -532,11 +532,12 @@ def test_a_2mb_message_is_refused_at_once_and_never_stalls_the_gateway(gateway, 
         r, took, health = await with_health_probes(chat("word " * 400_000))  # 2 MB: refused before rendering
         print(f"2 MB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {health * 1000:.0f} ms")
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-        assert took < 1.0 and health < 0.5
+        # Bounds far from the bug (6 s in-process, /health stalled as long) and from a loaded CI machine (1.03 s seen).
+        assert took < 3.0 and health < 2.0
         r, took, health = await with_health_probes(chat("word " * 30_000))  # within the cheap bound: tokenized, off the loop
         print(f"150 kB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {health * 1000:.0f} ms")
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-        assert health < 0.5
+        assert health < 2.0
         assert cluster.workers["d1"].requests == []
         r = await client.post("/v1/chat/completions", content=b"x" * (9 * 1024 * 1024), headers={**A, "content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text

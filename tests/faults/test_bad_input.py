@@ -144,4 +144,4 @@ def test_a_2mb_message_is_refused_fast_while_health_stays_fast(stack_url):  # no
     print(f"\n2 MB message: {result['status']} {result['code']} in {result['took'] * 1000:.0f} ms; "
           f"{len(health)} concurrent /health, max {max(health) * 1000:.0f} ms")  # fmt: skip
     assert (result["status"], result["code"]) == (400, "context_length_exceeded")
-    assert result["took"] < 2.0 and max(health) < 1.0
+    assert result["took"] < 5.0 and max(health) < 2.0  # the bug: 10-18 s, /health stalled 9.7 s
