@@ -284,7 +284,7 @@ async def _used_memory(redis) -> int:
 
 
 async def _drop(redis, namespace: str) -> None:
-    async for key in redis.scan_iter(match=f"{namespace}:*", count=10_000):
+    async for key in redis.scan_iter(match=f"{{{namespace}}}:*", count=10_000):
         await redis.unlink(key)
 
 

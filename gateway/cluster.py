@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.chat_template import ChatRenderer
 from gateway.errors import NoWorkers
@@ -60,7 +61,7 @@ class ClusterView:
             run_id = await self._run_id()
             live = await self.registry.live_nodes()
             self.reachable = True
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             if self.reachable:
                 log.warning("registry unreachable (%s); keeping the last node snapshot", exc)
             self.reachable = False
@@ -75,9 +76,15 @@ class ClusterView:
 
     async def _run_id(self) -> str | None:
         """Redis's per-process id: a new one means a restart (an empty registry, not a dead cluster).
-        None where INFO is not allowed (an ACL): then a restart is not detected."""
+        On a Redis Cluster, that of the primary holding the namespace's slot: a failover shows as a
+        restart (the promoted replica may lack the last writes; the workers resync). None where INFO
+        is not allowed (an ACL): then a restart is not detected."""
+        redis = self.registry.redis
         try:
-            info = await self.registry.redis.info("server")
+            if isinstance(redis, RedisCluster):  # the primary serving the namespace's slot (a failover is a restart)
+                info = await redis.info("server", target_nodes=redis.get_node_from_key(self.registry.prefix + "nodes"))
+            else:
+                info = await redis.info("server")
         except ResponseError:
             return None
         return str(info.get("run_id", "")) or None

@@ -8,14 +8,20 @@ belong to one tenant: every key embeds the tenant id, so another tenant's id is 
 
 Layout (prefix `{namespace}:gw:`), all keys expiring `ttl_s` after the last turn:
 
-    sess:{tenant}:{id}     HASH   created, last_used, ttl, node, turns and token counters
-    nodes:{tenant}:{id}    SET    nodes that served a turn (unpinned on DELETE)
-    ledger:{tenant}:{id}   STRING msgpack Ledger
-    sessions:{tenant}      ZSET   id -> expires_at (listing; expired members pruned on read)
+    sess:{K}:{tenant}:{id}     HASH   created, last_used, ttl, node, turns and token counters
+    nodes:{K}:{tenant}:{id}    SET    nodes that served a turn (unpinned on DELETE)
+    ledger:{K}:{tenant}:{id}   STRING msgpack Ledger
+    sessions:{tenant}          ZSET   id -> expires_at (listing; expired members pruned on read)
+
+`{K}`, braces included literally, holds the session's worker key, a digest of (tenant, id): the hash tag that puts
+one session's three keys in one Redis Cluster slot (its transactions stay single-slot) while sessions
+spread over every primary. The tenant's listing ZSET lives elsewhere, so it is written next to each
+transaction, concurrently, not inside it (a listing is pruned and re-checked on read anyway).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -129,8 +135,7 @@ class SessionStore:
             pipe.delete(keys.ledger)
         pipe.pexpire(keys.hash, ttl_ms)
         pipe.pexpire(keys.nodes, ttl_ms)
-        pipe.zadd(keys.index, {session.id: now + session.ttl_s})
-        await guarded(pipe.execute())
+        await guarded(asyncio.gather(pipe.execute(), self.redis.zadd(keys.index, {session.id: now + session.ttl_s})))
 
     # -- the sessions API -----------------------------------------------------------------
     async def create(self, tenant: str, session_id: str | None, ttl_s: float | None) -> tuple[SessionOut, bool]:
@@ -162,10 +167,9 @@ class SessionStore:
         keys = self._keys(tenant, session_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.exists(keys.hash)
-        pipe.smembers(keys.nodes)
+        pipe.execute_command("SMEMBERS", keys.nodes)  # not .smembers(): redis-py 8.1's cluster transaction breaks on its keys= hint
         pipe.delete(keys.hash, keys.nodes, keys.ledger)
-        pipe.zrem(keys.index, session_id)
-        exists, nodes, _, _ = await guarded(pipe.execute())
+        (exists, nodes, _), _ = await guarded(asyncio.gather(pipe.execute(), self.redis.zrem(keys.index, session_id)))
         if not exists:
             raise SessionNotFound(f"no session {session_id!r} (it expired, was deleted, or belongs to another API key)")
         unpinned = await self.unpin(sorted(n.decode() for n in nodes), worker_session_key(tenant, session_id))
@@ -180,15 +184,14 @@ class SessionStore:
         pipe.hsetnx(keys.hash, "last_used", repr(now))
         pipe.hsetnx(keys.hash, "ttl", repr(ttl))
         pipe.pexpire(keys.hash, int(ttl * 1000))
-        pipe.zadd(keys.index, {session_id: now + ttl})
         pipe.hgetall(keys.hash)
-        created, *_, raw = await guarded(pipe.execute())
+        (created, *_, raw), _ = await guarded(asyncio.gather(pipe.execute(), self.redis.zadd(keys.index, {session_id: now + ttl})))
         return bool(created), raw
 
     def _keys(self, tenant: str, session_id: str) -> _Keys:
-        p = self.prefix
-        return _Keys(f"{p}sess:{tenant}:{session_id}", f"{p}nodes:{tenant}:{session_id}",
-                     f"{p}ledger:{tenant}:{session_id}", f"{p}sessions:{tenant}")  # fmt: skip
+        p, tag = self.prefix, "{" + worker_session_key(tenant, session_id) + "}"
+        return _Keys(f"{p}sess:{tag}:{tenant}:{session_id}", f"{p}nodes:{tag}:{tenant}:{session_id}",
+                     f"{p}ledger:{tag}:{tenant}:{session_id}", f"{p}sessions:{tenant}")  # fmt: skip
 
 
 async def guarded(awaitable, what: str = "session store"):

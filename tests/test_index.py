@@ -119,8 +119,8 @@ def test_lookup_equals_a_reference_model_for_random_event_sequences(aio, redis_c
         assert await index.sizes() == {n: len(reference[n]) for n in NODES}
         for n in NODES:  # what the events built, state bytes included, is what a resync would upload
             entries, kids = block_entries([(h, PARENT[h]) for h in reference[n]])
-            assert await redis_client.hgetall(f"akv:blk:{n}:{live[n]}") == entries
-            got_kids = await redis_client.hgetall(f"akv:kid:{n}:{live[n]}")
+            assert await redis_client.hgetall(f"{{akv}}:blk:{n}:{live[n]}") == entries
+            got_kids = await redis_client.hgetall(f"{{akv}}:kid:{n}:{live[n]}")
             assert {p: sorted(_split(v)) for p, v in got_kids.items()} == {p: sorted(_split(v)) for p, v in kids.items()}
 
     aio.run(body())
@@ -215,7 +215,7 @@ def test_lookup_ignores_a_node_whose_heartbeat_expired(aio, redis_client):
         await asyncio.sleep(1.2)
         assert await index.lookup(CHAIN_A) == {"n1": 3}
         assert [n for n, _ in await index.purge_dead()] == ["n0"]
-        assert await redis_client.exists(f"akv:blk:n0:{g0}") == 0
+        assert await redis_client.exists(f"{{akv}}:blk:n0:{g0}") == 0
 
     aio.run(body())
 
@@ -234,7 +234,7 @@ def test_lookup_ignores_entries_of_a_restarted_node_at_once(aio, redis_client):
         assert await index.apply(stored("n0", new, CHAIN_B, 0, 2)) is True
         assert await index.lookup(CHAIN_A) == {"n0": 2}
         assert await index.purge_dead() == [("n0", old)]
-        assert await redis_client.exists(f"akv:blk:n0:{old}") == 0
+        assert await redis_client.exists(f"{{akv}}:blk:n0:{old}") == 0
         assert await index.lookup(CHAIN_A) == {"n0": 2}
 
     aio.run(body())
@@ -264,8 +264,8 @@ def test_removing_every_block_leaves_no_block_keys(aio, redis_client):
         for n, g in gens.items():
             await index.apply(KVEventBatch(n, g, [BlockRemoved(CHAIN_A), BlockRemoved(CHAIN_C)]))
         assert await index.sizes() == {n: 0 for n in NODES}
-        assert await redis_client.keys("akv:blk:*") == [] and await redis_client.keys("akv:kid:*") == []
-        assert await redis_client.scard("akv:blksets") == 0
+        assert await redis_client.keys("{akv}:blk:*") == [] and await redis_client.keys("{akv}:kid:*") == []
+        assert await redis_client.scard("{akv}:blksets") == 0
 
     aio.run(body())
 
@@ -301,7 +301,7 @@ def test_resync_makes_the_index_exact_after_a_redis_restart(aio, redis_client):
         assert await index.lookup(CHAIN_A) == {"n0": 6}
         assert await index.lookup(CHAIN_C) == {"n0": 10}
         assert await index.sizes() == {"n0": len(pool)}
-        assert await redis_client.keys("akv:tmp:*") == []
+        assert await redis_client.keys("{akv}:tmp:*") == []
 
     aio.run(body())
 
@@ -321,7 +321,7 @@ def test_resync_replaces_the_whole_entry_set_and_refuses_a_stale_generation(aio,
         new = await join(registry, "n0")
         assert await index.resync("n0", old, sorted(chain_blocks(CHAIN_A))) is False
         assert await index.lookup(CHAIN_A) == {"n0": 0}
-        assert await redis_client.keys(f"akv:*:n0:{old}*") == []
+        assert await redis_client.keys(f"{{akv}}:*:n0:{old}*") == []
         assert new > old
 
     aio.run(body())

@@ -60,7 +60,7 @@ def test_node_is_not_live_after_its_heartbeat_ttl_expires(aio, redis_client):
         # Too late: the worker must register again (and resync its blocks).
         assert await registry.heartbeat("n0", g, NodeLoad(), ttl_s=1.0) is False
         assert await BlockIndex(redis_client, registry=registry).purge_dead() == []  # n0 had no blocks
-        assert await redis_client.smembers("akv:nodes") == {b"n1"}  # ... but its id is forgotten
+        assert await redis_client.smembers("{akv}:nodes") == {b"n1"}  # ... but its id is forgotten
 
     aio.run(body())
 

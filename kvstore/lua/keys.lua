@@ -1,5 +1,7 @@
 -- The Redis key layout of the registry and the index: the one place key names are built. Python
--- passes the prefix ('{namespace}:') as ARGV[1] to every script, and this file is prepended to each.
+-- passes the prefix ('{namespace}:', braces included: the namespace is every key's cluster hash tag, so
+-- all of them share one slot) as ARGV[1] to every script, and KEYS[1] = {p}nodes to route the call.
+-- This file is prepended to each script.
 --   {p}nodes           SET     node ids ever registered (purge_dead forgets expired ones)
 --   {p}node:{id}       HASH    gen, bs (block size), fp (model fingerprint), rec (msgpack NodeRecord),
 --                              load (msgpack NodeLoad); expires ttl after the last heartbeat: existing is being live

