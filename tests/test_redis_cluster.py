@@ -134,3 +134,102 @@ def test_sessions_and_responses_work_on_a_cluster_and_spread_over_slots(rc, aio)
             await responses.load("tenant-a", "resp_1")
 
     aio.run(body())
+
+
+@pytest.mark.heavy
+def test_killing_the_index_primary_under_load_recovers_and_a_resync_converges(cluster, rc, aio):
+    """kill -9 the primary serving the namespace's slot while a loop writes and looks up: its replica
+    takes over, operations resume within RECOVERY_BOUND_S, and a resync (what a worker's publisher
+    does after any Redis error) makes the index equal the node's pool, writes lost in the failover
+    included."""
+    rng = random.Random(7)
+
+    async def body():
+        registry = NodeRegistry(rc, "akv")
+        index = BlockIndex(rc, "akv", registry)
+        gen = await registry.next_generation("n0")
+        record = _record("n0", gen)
+        await registry.register(record, ttl_s=300)
+        pool: list[list[int]] = []  # the node's blocks: what it stored, whether or not the index heard it
+        ops: list[tuple[float, float, bool]] = []  # (start, end, ok)
+        killed_at: float | None = None
+
+        async def one_op() -> None:
+            chain = _chain(rng, 4)
+            pool.append(chain)
+            start = time.monotonic()
+            try:
+                await index.apply(KVEventBatch("n0", gen, [BlockStored(chain)]))
+                probe = rng.choice(pool)
+                await index.lookup(probe)
+                ops.append((start, time.monotonic(), True))
+            except RedisError:
+                ops.append((start, time.monotonic(), False))
+                await asyncio.sleep(0.01)
+
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # steady load first
+            await one_op()
+        victim = cluster.primary_of("{akv}:nodes")
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        last_failure = killed_at
+        while time.monotonic() - last_failure < 2.0 and time.monotonic() - killed_at < 30.0:
+            await one_op()
+            if not ops[-1][2]:
+                last_failure = ops[-1][1]
+        assert time.monotonic() - killed_at < 30.0, "operations never recovered"
+        after = [op for op in ops if op[0] >= killed_at]
+        failed = [op for op in after if not op[2]]
+        first_ok = next(op for op in after if op[2] and op[0] >= (failed[-1][1] if failed else killed_at))
+        window_s = (failed[-1][1] if failed else first_ok[1]) - killed_at
+        slowest_s = max(end - start for start, end, _ in after)
+        print(f"\nfailover: {len(after)} ops after the kill, {len(failed)} failed; failures end {window_s:.2f} s "
+              f"after the kill; slowest op {slowest_s:.2f} s; new primary {cluster.primary_of('{akv}:nodes').port} "
+              f"(was {victim.port})")  # fmt: skip
+        assert window_s <= RECOVERY_BOUND_S
+        assert cluster.primary_of("{akv}:nodes") is not victim
+        # The worker's recovery: register again (a no-op if the record survived) and resync its pool.
+        await registry.register(record, ttl_s=300)
+        blocks = [(h, p) for chain in pool for h, p in zip(chain, [None, *chain[:-1]])]
+        heard = (await index.sizes()).get("n0", 0)
+        assert await index.resync("n0", gen, blocks)
+        assert await index.sizes() == {"n0": len(blocks)}
+        print(f"index before the resync: {heard} of {len(blocks)} blocks; after: {len(blocks)}")
+        for chain in rng.sample(pool, 50):
+            assert await index.lookup(chain) == {"n0": 4}
+
+    try:
+        aio.run(body())
+    finally:
+        victim_nodes = [n for n in cluster.nodes if n.exit_code() is not None]
+        for node in victim_nodes:  # back as a replica of the promoted one (its nodes.conf remembers the cluster)
+            node.restart()
+
+
+@pytest.mark.heavy
+def test_a_real_gateway_and_workers_on_the_cluster_serve_a_cached_session(cluster):
+    """The real stack (a gateway, a prefill and a decode worker, SmolLM2) with `--redis-url
+    redis+cluster://...`: an openai-client session of 3 turns, every turn after the first >= 90% cached."""
+    from openai import OpenAI
+
+    from agentkv.stack import Stack
+
+    with Stack(port=0, redis_url=cluster.url).start(timeout_s=400) as stack:
+        client = OpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "system", "content": "You are a terse assistant. " + "Keep every answer short. " * 20},
+                    {"role": "user", "content": "Name a colour."}]  # fmt: skip
+        session = f"cluster-{time.time_ns()}"
+        rows = []
+        for turn in range(3):
+            reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8, temperature=0,
+                                                   extra_headers={"x-session-id": session})  # fmt: skip
+            stats = reply.usage.model_extra["agentkv"]
+            rows.append((reply.usage.prompt_tokens, reply.usage.prompt_tokens_details.cached_tokens, stats["ledger"]))
+            messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                         {"role": "user", "content": f"And another one, number {turn + 2}."}]  # fmt: skip
+        print("\nturn  prompt  cached  ledger")
+        for turn, (prompt, cached, ledger) in enumerate(rows):
+            print(f"{turn + 1:>4}  {prompt:>6}  {cached:>6}  {ledger or '-'}")
+        for (prompt, cached, _), (previous, _, _) in zip(rows[1:], rows):
+            assert cached >= 0.9 * previous, f"{cached} of the previous turn's {previous} prompt tokens cached"
