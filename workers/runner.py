@@ -1,10 +1,10 @@
-"""Turns a scheduled batch into tensors, runs the model over the pool, returns logits."""
+"""Turns a scheduled batch into one packed step, runs the model over the pool, returns logits."""
 
 from __future__ import annotations
 
 import torch
 
-from workers.model import PagedCausalLM, StepInputs
+from workers.model import PagedCausalLM, PrefillChunk, StepInputs
 from workers.scheduler import ScheduledBatch
 
 
@@ -20,42 +20,34 @@ class ModelRunner:
         return self.model(self.prepare(batch), self.kv)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        bs = self.block_size
-        qmax = max(batch.query_lens)
-        input_ids, starts, slot_blocks, slot_offsets, tables = [], [], [], [], []
+        bs, dev = self.block_size, self.device
+        input_ids, positions, slot_blocks, slot_offsets, last = [], [], [], [], []
+        decode_index, decode_tables, decode_lens, prefills = [], [], [], []
         for seq, qlen in zip(batch.seqs, batch.query_lens):
-            start = seq.num_computed
-            ids = seq.token_ids[start : start + qlen]
-            input_ids.append(ids + [0] * (qmax - qlen))
-            starts.append(start)
-            for pos in range(start, start + qlen):
-                slot_blocks.append(seq.block_table[pos // bs])
+            start, first = seq.num_computed, len(input_ids)
+            end = start + qlen
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table[: -(-end // bs)]
+            for pos in range(start, end):
+                slot_blocks.append(table[pos // bs])
                 slot_offsets.append(pos % bs)
-            tables.append(seq.block_table[: -(-(start + qlen) // bs)])
-        max_blocks = max(len(t) for t in tables)
-        dev = self.device
-        query_lens = torch.tensor(batch.query_lens, device=dev)
-        start_t = torch.tensor(starts, device=dev)
-        q_idx = torch.arange(qmax, device=dev)
-        positions = start_t[:, None] + q_idx[None, :]
-        token_mask = q_idx[None, :] < query_lens[:, None]
-        if len(batch.seqs) == 1:  # the model derives causality from the context length
-            attn_mask = None
-        else:
-            key_idx = torch.arange(max_blocks * bs, device=dev)
-            attn_mask = key_idx[None, None, :] <= positions[:, :, None]
-            # Padding rows attend to key 0 only, so softmax never sees an all-masked row (no NaNs).
-            attn_mask &= token_mask[:, :, None] | (key_idx == 0)[None, None, :]
-            attn_mask = attn_mask[:, None]
+            last.append(len(input_ids) - 1)
+            if qlen == 1:
+                decode_index.append(first)
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                prefills.append(PrefillChunk(first, qlen, end, torch.tensor(table, device=dev)))
+        width = max((len(t) for t in decode_tables), default=0)
         return StepInputs(
             input_ids=torch.tensor(input_ids, device=dev),
-            positions=positions,
-            query_lens=query_lens,
+            positions=torch.tensor(positions, device=dev),
             slot_blocks=torch.tensor(slot_blocks, device=dev),
             slot_offsets=torch.tensor(slot_offsets, device=dev),
-            token_mask=token_mask,
-            block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], device=dev),
-            attn_mask=attn_mask,
-            kv_len=starts[0] + batch.query_lens[0],
-            all_real=min(batch.query_lens) == qmax,
+            last_token_index=torch.tensor(last, device=dev),
+            decode_index=torch.tensor(decode_index, dtype=torch.long, device=dev),
+            decode_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev).view(len(decode_tables), width),
+            decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
+            prefills=prefills,
         )
