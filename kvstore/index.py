@@ -2,10 +2,11 @@
 
 Per node incarnation (`{id}:{gen}`) a `blk` hash maps each held block to its parent plus a state byte,
 `F` when the node holds the block's whole prefix, and a `kid` hash maps parents to children (key
-layout: kvstore/lua/keys.lua). Fullness is monotone along a prompt, so a lookup binary-searches each
-node's longest prefix (~log2(n) probes) instead of checking every block; per-incarnation hashes make
-a restarted node's old entries invisible at once and a purge two UNLINKs. docs/index.md has the why,
-the costs and the round trips (`lookup`: one).
+layout: kvstore/lua/keys.lua). An inverted index, one SET per block hash of the incarnations holding
+it in state F, answers lookups: the sets along a prompt are nested, so each node's longest prefix
+comes from binary searches on their sizes, O(prefix blocks) and not O(nodes x blocks). Lookups read
+only live generations, so a restarted node's old entries are invisible at once. docs/index.md has
+the why, the costs and the round trips (`lookup`: one).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvstore.nodes import NodeLoad, NodeRecord
 from kvstore.registry import NodeRegistry, scripts
 
-_decode_matches = msgspec.msgpack.Decoder(list[tuple[str, str, int, NodeLoad | None]]).decode
+# The lookup's reply: server time (ms), every node's live entry [id, gen, expires_at_ms, load], and the
+# match of each incarnation ('{id}:{gen}') holding the prompt's first block.
+_decode_lookup = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, int, NodeLoad | None]], dict[str, int]]).decode
 _RESYNC_CHUNK = 8192
 
 
@@ -126,8 +129,9 @@ class BlockIndex:
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def _matches(self, block_hashes: list[int]) -> list[tuple[str, int, int, NodeLoad]]:
-        reply = _decode_matches(await self._lookup(args=[self.prefix, _pack(block_hashes)]))
-        return [(node_id, int(gen), matched, load or NodeLoad()) for node_id, gen, matched, load in reply]
+        now_ms, live, matched = _decode_lookup(await self._lookup(args=[self.prefix, _pack(block_hashes)]))
+        return [(node_id, int(gen), matched.get(f"{node_id}:{gen}", 0), load or NodeLoad())
+                for node_id, gen, expires_ms, load in live if expires_ms > now_ms]  # fmt: skip
 
 
 def block_entries(blocks: list[tuple[int, int | None]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:

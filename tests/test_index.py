@@ -122,8 +122,22 @@ def test_lookup_equals_a_reference_model_for_random_event_sequences(aio, redis_c
             assert await redis_client.hgetall(f"{{akv}}:blk:{n}:{live[n]}") == entries
             got_kids = await redis_client.hgetall(f"{{akv}}:kid:{n}:{live[n]}")
             assert {p: sorted(_split(v)) for p, v in got_kids.items()} == {p: sorted(_split(v)) for p, v in kids.items()}
+        # The inverted index (block -> incarnations holding it in state F) agrees with the blk hashes.
+        expected_holders: dict[bytes, set[bytes]] = {}
+        for n in NODES:
+            entries, _ = block_entries([(h, PARENT[h]) for h in reference[n]])
+            for h, v in entries.items():
+                if v.endswith(b"F"):
+                    expected_holders.setdefault(h, set()).add(f"{n}:{live[n]}".encode())
+        assert await holder_sets(redis_client) == expected_holders
 
     aio.run(body())
+
+
+async def holder_sets(redis) -> dict[bytes, set[bytes]]:
+    """Every `f:{hash}` holder set of the akv namespace, by raw block hash."""
+    prefix = b"{akv}:f:"
+    return {key[len(prefix) :]: await redis.smembers(key) async for key in redis.scan_iter(match=b"{akv}:f:*")}
 
 
 def _split(packed: bytes) -> list[bytes]:
@@ -216,6 +230,7 @@ def test_lookup_ignores_a_node_whose_heartbeat_expired(aio, redis_client):
         assert await index.lookup(CHAIN_A) == {"n1": 3}
         assert [n for n, _ in await index.purge_dead()] == ["n0"]
         assert await redis_client.exists(f"{{akv}}:blk:n0:{g0}") == 0
+        assert all(m == {b"n1:" + str(g1).encode()} for m in (await holder_sets(redis_client)).values())
 
     aio.run(body())
 
@@ -236,6 +251,7 @@ def test_lookup_ignores_entries_of_a_restarted_node_at_once(aio, redis_client):
         assert await index.purge_dead() == [("n0", old)]
         assert await redis_client.exists(f"{{akv}}:blk:n0:{old}") == 0
         assert await index.lookup(CHAIN_A) == {"n0": 2}
+        assert len(await holder_sets(redis_client)) == 2  # the purged incarnation left no holder entries
 
     aio.run(body())
 
@@ -248,6 +264,7 @@ def test_purge_node_drops_one_incarnation_now(aio, redis_client):
         await index.apply(stored("n0", g, CHAIN_A))
         assert await index.purge_node("n0", g) is True
         assert await index.lookup(CHAIN_A) == {"n0": 0}
+        assert await holder_sets(redis_client) == {}
         assert await index.purge_node("n0", g) is False
 
     aio.run(body())
@@ -266,6 +283,7 @@ def test_removing_every_block_leaves_no_block_keys(aio, redis_client):
         assert await index.sizes() == {n: 0 for n in NODES}
         assert await redis_client.keys("{akv}:blk:*") == [] and await redis_client.keys("{akv}:kid:*") == []
         assert await redis_client.scard("{akv}:blksets") == 0
+        assert await holder_sets(redis_client) == {}
 
     aio.run(body())
 
@@ -280,6 +298,7 @@ def test_cleared_drops_all_of_the_nodes_entries_and_only_its(aio, redis_client):
         await index.apply(KVEventBatch("n0", g0, [AllCleared(), segment(CHAIN_C, 0, 1)]))
         assert await index.lookup(CHAIN_A) == {"n0": 0, "n1": 10}
         assert await index.sizes() == {"n0": 1, "n1": 10}
+        assert sum(len(m) for m in (await holder_sets(redis_client)).values()) == 11
 
     aio.run(body())
 
@@ -385,5 +404,33 @@ def test_apply_rejects_hashes_that_are_not_unsigned_64_bit(aio, redis_client):
             await index.apply(stored("n0", g, [1, -5]))
         with pytest.raises(ValueError, match="unsigned 64-bit"):
             await index.lookup([1 << 64])
+
+    aio.run(body())
+
+
+def test_lookup_finds_every_nodes_match_among_many_lengths_and_stale_incarnations(aio, redis_client):
+    """The inverted lookup splits the prompt into runs of equal holder count: 40 nodes holding
+    prefixes of random lengths (ties, zeros, the whole prompt), half of them restarted after holding a
+    longer prefix (their stale holder entries must not count), checked against the plain answer."""
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        rng = random.Random(3)
+        prompt = [rng.getrandbits(64) for _ in range(64)]
+        expected = {}
+        for i in range(40):
+            node = f"m{i}"
+            if i % 2:
+                old = await join(registry, node)
+                await index.apply(stored(node, old, prompt, 0, 64))
+            g = await join(registry, node)
+            length = rng.choice([0, 1, 5, 5, 17, 63, 64, rng.randrange(65)])
+            if length:
+                await index.apply(stored(node, g, prompt, 0, length))
+            await index.apply(stored(node, g, [rng.getrandbits(64) for _ in range(8)]))  # an unrelated chain
+            expected[node] = length
+        assert await index.lookup(prompt) == expected
+        for cut in (1, 5, 30, 63):
+            assert await index.lookup(prompt[:cut]) == {n: min(m, cut) for n, m in expected.items()}
 
     aio.run(body())

@@ -18,6 +18,7 @@ local function mark(kids, s)
       local v = redis.call('HGET', blk, c)
       if v and string.sub(v, -1) ~= s then
         redis.call('HSET', blk, c, string.sub(v, 1, -2) .. s)
+        redis.call(s == 'F' and 'SADD' or 'SREM', holders_key(c), inc)
         todo[#todo + 1] = redis.call('HGET', kid, c) or nil
       end
     end
@@ -54,6 +55,7 @@ local function store(parent, packed)
       s = string.sub(v, -1)  -- held already: its parent and state stand
     else
       redis.call('HSET', blk, h, parent .. s)
+      if s == 'F' then redis.call('SADD', holders_key(h), inc) end
       if parent ~= '' then
         if siblings == nil then siblings = redis.call('HGET', kid, parent) or '' end
         redis.call('HSET', kid, parent, siblings .. h)
@@ -76,7 +78,10 @@ local function remove(packed)
       redis.call('HDEL', blk, h)
       local parent = string.sub(v, 1, -2)
       if parent ~= '' then drop_kid(parent, h) end
-      if string.sub(v, -1) == 'F' then mark(redis.call('HGET', kid, h) or '', 'h') end
+      if string.sub(v, -1) == 'F' then
+        redis.call('SREM', holders_key(h), inc)
+        mark(redis.call('HGET', kid, h) or '', 'h')
+      end
       removed = removed + 1
     end
   end
@@ -87,6 +92,7 @@ local changed = 0
 for a = 4, #ARGV, 3 do
   local op = ARGV[a]
   if op == 'c' then
+    holders_all('SREM', blk, inc)
     redis.call('UNLINK', blk, kid)
   elseif op == 's' then
     changed = changed + store(ARGV[a + 1], ARGV[a + 2])

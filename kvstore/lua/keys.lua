@@ -6,16 +6,38 @@
 --   {p}node:{id}       HASH    gen, bs (block size), fp (model fingerprint), rec (msgpack NodeRecord),
 --                              load (msgpack NodeLoad); expires ttl after the last heartbeat: existing is being live
 --   {p}gen:{id}        STRING  the node's newest generation, issued or registered (no expiry)
+--   {p}live            HASH    id -> msgpack [id, gen, expires_at_ms, load] of every registered node, kept by
+--                              register/heartbeat/deregister/purge_dead: the lookup reads all nodes in one
+--                              call (an entry past expires_at is a dead node the client skips)
 --   {p}blk:{id}:{gen}  HASH    block hash -> parent hash (empty for a root) .. state byte: F = the node
 --                              holds the block's whole prefix, h = held but an ancestor is missing
 --   {p}kid:{id}:{gen}  HASH    parent hash -> the node's blocks naming it as parent, concatenated
 --   {p}blksets         SET     '{id}:{gen}' of every non-empty blk hash, so cleanup never SCANs
+--   {p}f:{hash}        SET     '{id}:{gen}' of every incarnation holding the block in state F: the
+--                              inverted index the lookup reads (O(prefix blocks), not O(nodes x blocks))
 -- Block hashes are 8 raw little-endian bytes. Generations are decimal strings, compared as such
 -- (Lua numbers are doubles). A resync uploads into temporary keys the caller names and passes in.
 local P = ARGV[1]
-local NODES, BLKSETS = P .. 'nodes', P .. 'blksets'
+local NODES, BLKSETS, LIVE = P .. 'nodes', P .. 'blksets', P .. 'live'
 local function node_key(id) return P .. 'node:' .. id end
 local function gen_key(id) return P .. 'gen:' .. id end
 local function incarnation(id, gen) return id .. ':' .. gen end
 local function blk_key(inc) return P .. 'blk:' .. inc end
 local function kid_key(inc) return P .. 'kid:' .. inc end
+local function holders_key(h) return P .. 'f:' .. h end
+-- Add (SADD) or drop (SREM) incarnation `inc` from the holder sets of every F block of hash `blk`:
+-- a resync, a clear and a purge rebuild or drop a whole incarnation (O(its blocks), one script).
+local function holders_all(op, blk, inc)
+  local flat = redis.call('HGETALL', blk)
+  for i = 1, #flat, 2 do
+    if string.byte(flat[i + 1], -1) == 70 then redis.call(op, holders_key(flat[i]), inc) end  -- 70 = 'F'
+  end
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- The node's entry in LIVE: a msgpack [id, gen, expires_at_ms, load] (load is msgpack already).
+local function set_live(id, gen, load, ttl_ms)
+  redis.call('HSET', LIVE, id, string.char(0x94) .. cmsgpack.pack(id, gen, now_ms() + tonumber(ttl_ms)) .. load)
+end

@@ -1,40 +1,43 @@
--- ARGV: prefix, packed hashes. Returns, as one msgpack string (one bulk reply parses far faster in
--- the client than an array of 4 x nodes), [[id, gen, matched, load], ...] for every live node; load
--- is stored as msgpack already and goes in as it is. A node's match is the last block of the prefix
--- it holds in state F: blocks 1..i are all held exactly when block i is full, so: last block F ->
--- all of it; first block not F -> none; else a binary search between them. (Probing many blocks per
--- HMGET instead measured slower: in a large hash each extra field costs about as much as a call.)
+-- ARGV: prefix, packed hashes. Returns one msgpack string (one bulk reply parses far faster in the
+-- client than an array of 4 x nodes): the server time, every node's LIVE entry as stored (one HVALS,
+-- no call per node), and the match of every incarnation that holds the prompt's first block.
+--
+-- A node holds blocks 1..i of the prompt exactly when block i is F on it, so with S(i) the holder set
+-- of block i (incarnations holding it in state F), S(1) >= S(2) >= ... >= S(n), and a node's match is
+-- the last i with it in S(i). Nested sets of equal size are equal, so the prompt splits into runs of
+-- equal SCARD; each run's end is found by binary search on SCARD and its members by one SDIFF with
+-- the next set. Cost: O(runs x log n) SCARDs (a run per distinct match length, usually 1-3) plus the
+-- holders read, whatever the number of nodes and the size of the index.
 local packed = ARGV[2]
 local n = #packed / 8
 local function at(i) return string.sub(packed, 8 * i - 7, 8 * i) end
-local function full(v) return v and string.byte(v, -1) == 70 end  -- 70 = 'F'
-local function search(key, lo, hi)  -- block lo is full, block hi is not
-  while hi - lo > 1 do
-    local mid = math.floor((lo + hi) / 2)
-    if full(redis.call('HGET', key, at(mid))) then lo = mid else hi = mid end
-  end
-  return lo
-end
-local first, last = at(1), at(n)
-local function array(k) return k < 16 and string.char(0x90 + k) or string.char(0xdc) .. struct.pack('>H', k) end
-local NIL = string.char(0xc0)
-local out, count = {}, 0
-for _, id in ipairs(redis.call('SMEMBERS', NODES)) do
-  local node = redis.call('HMGET', node_key(id), 'gen', 'load')
-  local gen = node[1]
-  if gen then
-    local matched = 0
-    if n > 0 then
-      local key = blk_key(incarnation(id, gen))
-      local ends = redis.call('HMGET', key, first, last)
-      if full(ends[2]) then
-        matched = n
-      elseif full(ends[1]) then
-        matched = search(key, 1, n)
+local function card(i) return redis.call('SCARD', holders_key(at(i))) end
+local matched = {}  -- incarnation -> matched blocks
+if n > 0 then
+  local i, c = 1, card(1)
+  while c > 0 do
+    -- S(i) has c members; find the last j with |S(j)| = c (then S(j) = S(i)) and |S(j + 1)|.
+    local lo, hi, chi = i, n + 1, 0
+    local cn = i < n and card(n) or c
+    if cn == c then
+      lo = n
+    else
+      hi, chi = n, cn
+      while hi - lo > 1 do
+        local mid = math.floor((lo + hi) / 2)
+        local cm = card(mid)
+        if cm == c then lo = mid else hi, chi = mid, cm end
       end
     end
-    out[#out + 1] = array(4) .. cmsgpack.pack(id, gen, matched) .. (node[2] or NIL)
-    count = count + 1
+    local members = lo == n and redis.call('SMEMBERS', holders_key(at(n)))
+      or redis.call('SDIFF', holders_key(at(lo)), holders_key(at(lo + 1)))
+    for _, inc in ipairs(members) do matched[inc] = lo end
+    if lo == n then break end
+    i, c = lo + 1, chi
   end
 end
-return array(count) .. table.concat(out)
+-- Reply: msgpack [now_ms, [every LIVE entry], {incarnation: matched}]; the client drops expired entries.
+local function array(k) return k < 16 and string.char(0x90 + k) or string.char(0xdc) .. struct.pack('>H', k) end
+local live = redis.call('HVALS', LIVE)
+local holders = next(matched) == nil and string.char(0x80) or cmsgpack.pack(matched)
+return array(3) .. cmsgpack.pack(now_ms()) .. array(#live) .. table.concat(live) .. holders

@@ -4,6 +4,7 @@ local purged = {}
 for _, inc in ipairs(redis.call('SMEMBERS', BLKSETS)) do
   local id, gen = string.match(inc, '^(.*):(%d+)$')
   if redis.call('HGET', node_key(id), 'gen') ~= gen then
+    holders_all('SREM', blk_key(inc), inc)
     redis.call('UNLINK', blk_key(inc), kid_key(inc))
     redis.call('SREM', BLKSETS, inc)
     purged[#purged + 1] = id
@@ -11,6 +12,9 @@ for _, inc in ipairs(redis.call('SMEMBERS', BLKSETS)) do
   end
 end
 for _, id in ipairs(redis.call('SMEMBERS', NODES)) do
-  if redis.call('EXISTS', node_key(id)) == 0 then redis.call('SREM', NODES, id) end
+  if redis.call('EXISTS', node_key(id)) == 0 then
+    redis.call('SREM', NODES, id)
+    redis.call('HDEL', LIVE, id)
+  end
 end
 return purged

@@ -13,5 +13,6 @@ redis.call('DEL', key)
 redis.call('HSET', key, 'gen', gen, 'bs', bs, 'fp', fp, 'rec', ARGV[6], 'load', ARGV[7])
 redis.call('PEXPIRE', key, ARGV[8])
 redis.call('SADD', NODES, id)
+set_live(id, gen, ARGV[7], ARGV[8])
 redis.call('SET', gen_key(id), gen)
 return {'ok'}

@@ -8,6 +8,7 @@ if stale or redis.call('HLEN', tmp_blk) ~= count then
   return stale and 0 or -1
 end
 local inc = incarnation(id, gen)
+holders_all('SREM', blk_key(inc), inc)
 redis.call('UNLINK', blk_key(inc), kid_key(inc))
 for tmp, key in pairs({[tmp_blk] = blk_key(inc), [tmp_kid] = kid_key(inc)}) do
   if redis.call('EXISTS', tmp) == 1 then
@@ -15,5 +16,6 @@ for tmp, key in pairs({[tmp_blk] = blk_key(inc), [tmp_kid] = kid_key(inc)}) do
     redis.call('PERSIST', key)
   end
 end
+holders_all('SADD', blk_key(inc), inc)
 redis.call(count > 0 and 'SADD' or 'SREM', BLKSETS, inc)
 return 1
