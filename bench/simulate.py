@@ -47,6 +47,7 @@ from kvstore.valkey import EmbeddedValkey, connect
 POLICIES = ("prefix_aware", "prefix_aware_full", "sticky", "round_robin", "random")
 FILL_CHAIN = 512  # blocks per stored chain when filling the index to a size
 FILL_EVENTS_PER_BATCH = 32
+SERVER_TIMED_LOOKUPS = 500  # lookups replayed alone to measure Redis's own time per lookup
 
 
 class Scale(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,6 +101,7 @@ class Policy:
     lookup_s: list[float] = field(default_factory=list)  # of which the index lookup (one Redis round trip)
     moved_blocks: int = 0
     last_node: dict[str, int] = field(default_factory=dict)
+    prompts: list[list[int]] = field(default_factory=list)  # the first calls' block hashes (to time the lookup alone)
 
     def __post_init__(self) -> None:
         self.pools = [Pool(self.scale.capacity_blocks) for _ in self.nodes]
@@ -133,6 +135,8 @@ class Policy:
         elif self.name == "sticky":
             d = self.last_node[session.id] if session.id in self.last_node else next(self.turns) % n
         else:
+            if len(self.prompts) < SERVER_TIMED_LOOKUPS:
+                self.prompts.append(call.block_hashes)
             t0 = time.perf_counter()
             matched = self.runner.run(self.index.lookup(call.block_hashes))
             self.lookup_s.append(time.perf_counter() - t0)
@@ -190,6 +194,8 @@ def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] 
                     indexed = sum(runner.run(index.sizes()).values()) if uses_index else 0
                     used = runner.run(_used_memory(redis)) - before
                     results[name][str(n)] = _summary(outcomes, ceiling, cluster, policy, scale, indexed, filled, used)
+                    if uses_index:
+                        results[name][str(n)]["lookup_server_us"] = runner.run(_lookup_server_us(redis, index, policy.prompts))
                     log(f"{name} at {n} nodes: ttft p90 {results[name][str(n)]['ttft_p90_s']:.3f} s, "
                         f"reuse {results[name][str(n)]['reuse_of_ceiling']:.3f}")  # fmt: skip
                     runner.run(_drop(redis, namespace))
@@ -277,6 +283,18 @@ async def _fill(index: BlockIndex, records: list[NodeRecord], blocks: int) -> in
             events = [BlockStored(hashes[s : s + FILL_CHAIN]) for s in range(0, size, FILL_CHAIN)]
             await index.apply(KVEventBatch(record.node_id, record.generation, events))
     return per_node * len(records)
+
+
+async def _lookup_server_us(redis, index: BlockIndex, prompts: list[list[int]]) -> float | None:
+    """Redis's own time per lookup (the script, no round trip), the workload's prompts replayed alone:
+    1e6 / it is how many routing decisions per second one primary serves (docs/scale-out.md)."""
+    if not prompts:
+        return None
+    await redis.config_resetstat()
+    for prompt in prompts:
+        await index.lookup(prompt)
+    stats = (await redis.info("commandstats")).get("cmdstat_evalsha", {})
+    return float(stats.get("usec_per_call", 0.0)) or None
 
 
 async def _used_memory(redis) -> int:
