@@ -54,12 +54,14 @@ def worker(
     role: Role = typer.Option(Role.BOTH),
     port: int = typer.Option(8101, help="port of the internal HTTP API"),
     host: str = typer.Option("127.0.0.1"),
-    redis_url: str = typer.Option(..., envvar="AGENTKV_REDIS_URL", help="redis:// or rediss:// URL of the index"),
+    redis_url: str = typer.Option(..., envvar="AGENTKV_REDIS_URL", help="redis://, rediss:// or redis+cluster:// URL of the index"),
     node_id: str = typer.Option("", help="stable node id (default: host-role-port)"),
     model: str = typer.Option("smollm2", envvar="AGENTKV_MODEL", help="smollm2, a local directory or an HF id"),
     block_size: int = typer.Option(16, min=1),
     kv_cache_gb: float = typer.Option(1.0, help="KV pool size"),
     max_num_seqs: int = typer.Option(64, min=1),
+    mixed_prefill_tokens: int = typer.Option(64, min=1, help="built-in engine: prompt tokens a step may add while decodes run "
+                                                           "(smaller: steadier inter-token latency, slower prompts)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: one per allowed core)"),
     cpus: list[int] = typer.Option([], help="pin to this core (repeat for more)"),
     cluster_token: str = typer.Option("", envvar="AGENTKV_CLUSTER_TOKEN", help="required on internal endpoints"),
@@ -84,7 +86,8 @@ def worker(
     from workers.main import WorkerConfig, run_worker
 
     run_worker(WorkerConfig(redis_url=redis_url, role=role, host=host, port=port, node_id=node_id, model=model, block_size=block_size,
-                            kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, threads=threads or None, cpus=cpus,
+                            kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, mixed_prefill_tokens=mixed_prefill_tokens,
+                            threads=threads or None, cpus=cpus,
                             cluster_token=cluster_token or None, transfer=transfer, transfer_timeout_s=transfer_timeout,
                             advertise_host=advertise_host or None, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
                             vllm_args=vllm_args, insecure=insecure, namespace=namespace,
@@ -95,7 +98,7 @@ def worker(
 def gateway(
     port: int = typer.Option(8000, help="port of the OpenAI-compatible API"),
     host: str = typer.Option("127.0.0.1"),
-    redis_url: str = typer.Option(..., envvar="AGENTKV_REDIS_URL", help="redis:// URL of the index and session store"),
+    redis_url: str = typer.Option(..., envvar="AGENTKV_REDIS_URL", help="redis://, rediss:// or redis+cluster:// URL of the index and session store"),
     api_keys: str = typer.Option("", envvar="AGENTKV_API_KEYS", help="key:tenant,key2:tenant2 or @file; none = open"),
     session_ttl: float = typer.Option(300.0, envvar="AGENTKV_SESSION_TTL", help="seconds a session (and its pinned blocks) lives after a turn"),
     cluster_token: str = typer.Option("", envvar="AGENTKV_CLUSTER_TOKEN", help="sent to the workers' internal API"),
@@ -165,14 +168,19 @@ def bench_engine(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     repeats: int = typer.Option(3, min=1),
     skip_load: bool = typer.Option(False, help="skip the first-load (dequantization) measurement"),
+    context: int = typer.Option(1024, min=16, help="context length of the decode measurements"),
+    core: int = typer.Option(-1, help="the one core both engines run on (default: the first allowed)"),
+    vllm: bool = typer.Option(True, help="measure vLLM's CPU build alongside (needs .venv-vllm or $AGENTKV_VLLM_PYTHON)"),
 ) -> None:
-    """Engine decode/prefill throughput and TTFT against plain transformers."""
+    """The built-in engine against vLLM's CPU build (same core, same tokens) and plain transformers:
+    decode tok/s at batch 1/8/32, prefill tok/s, ITL under a concurrent prefill."""
     _require(*SERVER)
     from bench.engine import run
     from workers.loader import ModelNotFound
 
     try:
-        _emit(run(model=model, repeats=repeats, measure_load=not skip_load), as_json)
+        _emit(run(model=model, repeats=repeats, measure_load=not skip_load, context=context, core=None if core < 0 else core,
+                  vllm_python=None if vllm else ""), as_json)  # fmt: skip
     except ModelNotFound as exc:
         _fail(str(exc))
 

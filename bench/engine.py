@@ -1,13 +1,17 @@
-"""`agentkv bench engine`: the engine against plain transformers, measured in one run.
+"""`agentkv bench engine`: the built-in engine, vLLM's CPU build and plain transformers, in one run.
 
-decode_tok_s: continuous-batching decode throughput at batch 1, 8, 32 (decode steps only).
-constrained_decode_tok_s: the same under a JSON-schema grammar (an object holding a list of at least
-100 numbers, so no sequence finishes early and the batch stays full); constrained_vs_free: the ratio.
-static_tok_s_32: transformers' own batched forward with its own KV cache, 32 sequences, same
-threads, same prompt and output lengths (the baseline the engine must stay close to).
+Both engines run pinned to the same single core (vLLM's API frontend, which our in-process engine
+does not have, gets the other), fp32 both, on the same token ids (`_prompts`):
+decode_tok_s: decode throughput of 1, 8, 32 sequences with `context`-token contexts (decode steps only).
 prefill_tok_s / ttft_cold_s: a 2048-token prompt from an empty cache; ttft_warm_s: the same prompt
-plus 64 new tokens, the rest served by the prefix cache. model_load_s: first load (GGUF
-dequantization into an empty cache dir) and cached load.
+plus 64 new tokens, the rest served by the prefix cache.
+itl_*: 8 sequences decoding (256-token contexts), their inter-token gaps alone and while a
+2048-token prompt is prefilled on the same engine (mixed steps keep them moving).
+constrained_decode_tok_s: decode under a JSON-schema grammar (an object holding a list of at least
+100 numbers, so the batch stays full), short contexts; constrained_vs_free: its ratio to free decode.
+static_tok_s_32: transformers' own batched forward with its own KV cache, 32 sequences, short contexts.
+vllm: the same figures from vLLM (bench/engine_vllm.py); vs_vllm: built-in / vLLM.
+model_load_s: first load (GGUF dequantization into an empty cache dir) and cached load.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
+import httpx
+import numpy as np
 import torch
 
+from agentkv.stack import StackError, vllm_python as default_vllm_python
+from bench.engine_vllm import ITL_ALONE_TOKENS, ITL_CONTEXT, ITL_TOKENS, measure_vllm
 from kvstore.wire import SamplingParams
 from workers.engine import Engine, EngineConfig
 from workers.loader import LoadedModel, load_model
@@ -103,46 +112,134 @@ def model_load_s(spec: str) -> dict[str, float]:
     return {"first": round(first, 2), "cached": round(cached, 2)}
 
 
+def itl_under_prefill(engine: Engine, batch: int, context: int, max_tokens: int, alone_tokens: int, long_prompt: list[int],
+                      vocab: int) -> dict[str, float]:  # fmt: skip
+    """Inter-token gaps of `batch` decoding sequences: `alone_tokens` each with nothing else running,
+    then every gap that overlaps the prefill of `long_prompt` (its submission to its first token)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    ids = [f"itl-{i}-{time.monotonic_ns()}" for i in range(batch)]
+    for rid, prompt in zip(ids, _prompts(batch, context, vocab, seed=40_000)):
+        engine.add_request(rid, prompt, params)
+    times: dict[str, list[float]] = {rid: [] for rid in ids}
+    long_id, submitted, first_long = f"itl-long-{time.monotonic_ns()}", 0.0, 0.0
+    while engine.has_work():
+        chunks = engine.step()
+        now = time.perf_counter()
+        for c in chunks:
+            if c.token_ids and c.request_id in times:
+                times[c.request_id].append(now)
+            elif c.token_ids and c.request_id == long_id and not first_long:
+                first_long = now
+        started = all(times.values()) and max(t[0] for t in times.values())
+        if started and not submitted and min(sum(1 for x in t if x > started) for t in times.values()) >= alone_tokens:
+            engine.add_request(long_id, long_prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+            submitted = time.perf_counter()
+    all_started = max(t[0] for t in times.values())
+    alone = [b - a for t in times.values() for a, b in zip(t, t[1:]) if all_started <= a and b <= submitted]
+    during = [b - a for t in times.values() for a, b in zip(t, t[1:]) if b > submitted and a < first_long]
+    p99 = lambda xs: float(np.percentile(xs, 99))  # noqa: E731
+    return {"itl_p50_alone_s": round(statistics.median(alone), 4), "itl_p99_alone_s": round(p99(alone), 4),
+            "itl_p99_with_prefill_s": round(p99(during), 4), "itl_with_prefill_vs_alone": round(p99(during) / p99(alone), 3),
+            "itl_ttft_under_decode_s": round(first_long - submitted, 3)}  # fmt: skip
+
+
 def run(
     model: str = "smollm2",
-    prompt_len: int = 64,
+    context: int = 1024,
     new_tokens: int = 32,
     long_prompt: int = 2048,
     repeats: int = 3,
     measure_load: bool = True,
+    core: int | None = None,
+    vllm_python: str | None = None,
+    short_prompt: int = 64,
 ) -> dict:
+    """Every figure of the module docstring; `vllm_python=""` skips the vLLM column."""
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[0] if core is None else core
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    try:
+        result = _builtin(model, context, new_tokens, long_prompt, repeats, short_prompt)
+    finally:
+        os.sched_setaffinity(0, cores)
+    result["settings"].update(core=core, threads=1)
+    python = default_vllm_python() if vllm_python is None else vllm_python
+    if python:
+        result["vllm"] = _vllm(python, model, core, context, new_tokens, long_prompt)
+        result["vs_vllm"] = _versus(result, result["vllm"])
+    if measure_load:
+        result["model_load_s"] = model_load_s(model)
+    return result
+
+
+def _builtin(model: str, context: int, new_tokens: int, long_prompt: int, repeats: int, short_prompt: int) -> dict:
     loaded = load_model(model)
-    engine = Engine(loaded, EngineConfig(max_num_batched_tokens=max(4096, long_prompt + 64)))
-    result: dict = {"model": model, "device": str(loaded.device), "threads": torch.get_num_threads()}
+    longest = max(32 * (context + new_tokens), 8 * (ITL_CONTEXT + ITL_TOKENS) + long_prompt + 64)
+    per_token = loaded.hf_model.config.num_hidden_layers * 2 * loaded.hf_model.config.num_key_value_heads * 64 * 4
+    engine = Engine(loaded, EngineConfig(max_num_batched_tokens=max(4096, long_prompt + 64),
+                                         kv_cache_bytes=max(1 << 30, int(longest * per_token * 1.2))))  # fmt: skip
+    result: dict = {"model": model, "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+                    "mixed_prefill_tokens": engine.config.mixed_prefill_tokens}  # fmt: skip
+    vocab = engine.paged_model.lm_head.out_features
     engine_decode_tok_s(engine, 4, 16, 4)  # warm-up
     engine_decode_tok_s(engine, 4, 16, 4, BENCH_GRAMMAR)  # warm-up (llguidance's tokenizer, the grammar)
+    # Long contexts: one pass per batch (32 x 1024 tokens of prefill each); the rate is over every decode step.
+    result["decode_tok_s"] = {str(b): round(engine_decode_tok_s(engine, b, context, new_tokens), 2) for b in (1, 8, 32)}
     free: dict[str, list[float]] = {}
     constrained: dict[str, list[float]] = {}
     for b in (1, 8, 32):
         for _ in range(repeats):  # interleaved, so a noisy neighbour hits both alike; the ratio is per pair
-            free.setdefault(str(b), []).append(engine_decode_tok_s(engine, b, prompt_len, new_tokens))
-            constrained.setdefault(str(b), []).append(engine_decode_tok_s(engine, b, prompt_len, new_tokens, BENCH_GRAMMAR))
-    result["decode_tok_s"] = {b: round(statistics.median(v), 2) for b, v in free.items()}
+            free.setdefault(str(b), []).append(engine_decode_tok_s(engine, b, short_prompt, new_tokens))
+            constrained.setdefault(str(b), []).append(engine_decode_tok_s(engine, b, short_prompt, new_tokens, BENCH_GRAMMAR))
+    result["short_context_decode_tok_s"] = {b: round(statistics.median(v), 2) for b, v in free.items()}
     result["constrained_decode_tok_s"] = {b: round(statistics.median(v), 2) for b, v in constrained.items()}
     result["constrained_vs_free"] = {
         b: round(statistics.median(c / f for c, f in zip(constrained[b], free[b])), 3) for b in free
     }
     result["static_tok_s_32"] = round(
-        statistics.median(static_tok_s(loaded, 32, prompt_len, new_tokens) for _ in range(repeats)), 2
+        statistics.median(static_tok_s(loaded, 32, short_prompt, new_tokens) for _ in range(repeats)), 2
     )
-    result["decode_vs_static_32"] = round(result["decode_tok_s"]["32"] / result["static_tok_s_32"], 3)
-    vocab = engine.paged_model.lm_head.out_features
+    result["decode_vs_static_32"] = round(result["short_context_decode_tok_s"]["32"] / result["static_tok_s_32"], 3)
     colds, warms = [], []
     for i in range(repeats):
         engine.pool.reset_cache()
-        prompt = _prompts(1, long_prompt, vocab, seed=1000 + i)[0]
+        prompt = _prompts(1, long_prompt, vocab, seed=30_000 + i)[0]
         colds.append(ttft(engine, prompt))
         warms.append(ttft(engine, prompt + _prompts(1, 64, vocab, seed=2000 + i)[0]))
     result["ttft_cold_s"] = round(statistics.median(colds), 3)
     result["ttft_warm_s"] = round(statistics.median(warms), 3)
     result["prefill_tok_s"] = round(long_prompt / result["ttft_cold_s"], 1)
     result["warm_vs_cold"] = round(result["ttft_warm_s"] / result["ttft_cold_s"], 3)
-    result["settings"] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "long_prompt": long_prompt, "repeats": repeats}
-    if measure_load:
-        result["model_load_s"] = model_load_s(model)
+    engine.pool.reset_cache()
+    long = _prompts(1, long_prompt, vocab, seed=50_000)[0]
+    result.update(itl_under_prefill(engine, 8, ITL_CONTEXT, ITL_TOKENS, ITL_ALONE_TOKENS, long, vocab))
+    result["settings"] = {"context": context, "new_tokens": new_tokens, "long_prompt": long_prompt, "repeats": repeats,
+                          "short_prompt": short_prompt, "itl_batch": 8, "itl_context": ITL_CONTEXT}  # fmt: skip
     return result
+
+
+def _vllm(python: str, model: str, core: int, context: int, new_tokens: int, long_prompt: int) -> dict:
+    """vLLM's figures on the same core and token ids, or why there are none."""
+    from workers.loader import resolve_model_path
+
+    vocab = load_model(model).hf_model.config.vocab_size
+    try:
+        with tempfile.TemporaryDirectory(prefix="agentkv-bench-vllm-") as logs:
+            return measure_vllm(python, Path(resolve_model_path(model)[0]), core=core, log_dir=Path(logs), context=context,
+                                new_tokens=new_tokens, long_prompt=long_prompt,
+                                prompts=lambda n, length, seed: _prompts(n, length, vocab, seed))  # fmt: skip
+    except (StackError, OSError, httpx.HTTPError) as exc:
+        return {"error": f"vLLM not measured: {exc}"}
+
+
+def _versus(ours: dict, vllm: dict) -> dict:
+    """Built-in / vLLM for each shared figure, with the issue's targets."""
+    if "error" in vllm:
+        return {}
+    ratio = {f"decode_{b}": round(ours["decode_tok_s"][b] / vllm["decode_tok_s"][b], 3) for b in ours["decode_tok_s"]}
+    ratio["prefill"] = round(ours["prefill_tok_s"] / vllm["prefill_tok_s"], 3)
+    targets = {k: {"value": v, "target": ">= 0.8", "met": v >= 0.8} for k, v in ratio.items()}
+    itl = ours["itl_with_prefill_vs_alone"]
+    targets["itl_with_prefill_vs_alone"] = {"value": itl, "target": "<= 2", "met": itl <= 2}
+    return {"ratios": ratio, "vllm_itl_with_prefill_vs_alone": vllm.get("itl_with_prefill_vs_alone"), "targets": targets}

@@ -129,6 +129,32 @@ def test_chunked_prefill_equals_one_shot(smollm2, prompts):
     assert solo(small, prompts[3], greedy(12)).token_ids == solo(big, prompts[3], greedy(12)).token_ids
 
 
+def test_a_prompt_arriving_mid_decode_shares_steps_with_the_decodes(smollm2, prompts):
+    """Mixed steps: while a long prompt is prefilled in chunks, every running decode advances in the
+    same steps (none waits for the prompt), and every output equals its solo run."""
+    engine = Engine(smollm2, EngineConfig(num_blocks=400, mixed_prefill_tokens=16))
+    steps = []
+    run = engine.runner.run
+    engine.runner.run = lambda batch: steps.append(list(batch.query_lens)) or run(batch)
+    long_prompt = prompts[3] * 3  # ~3 x 40 tokens: several 16-token chunks
+    for i, prompt in enumerate(prompts[:3]):
+        engine.add_request(f"early-{i}", prompt, greedy(40))
+    results = {f"early-{i}": [] for i in range(3)} | {"late": []}
+    started = False
+    while engine.has_work():
+        for chunk in engine.step():
+            results[chunk.request_id] += chunk.token_ids
+        if not started and all(len(results[f"early-{i}"]) >= 2 for i in range(3)):
+            engine.add_request("late", long_prompt, greedy(8))
+            started = True
+    mixed = [q for q in steps if q.count(1) == 3 and any(n > 1 for n in q)]
+    assert len(mixed) >= 3  # the prompt's chunks rode along with all three decodes
+    assert all(max(q) <= 16 for q in mixed)  # the cap bounds what a prompt adds to a decode step
+    for i, prompt in enumerate(prompts[:3]):
+        assert results[f"early-{i}"] == solo(engine, prompt, greedy(40)).token_ids
+    assert results["late"] == solo(engine, long_prompt, greedy(8)).token_ids
+
+
 def test_preemption_when_blocks_run_out_keeps_outputs_correct(smollm2, prompts):
     # 5 sequences x (~40 prompt + 48 generated) tokens need ~30 blocks; give the pool 16.
     tight = Engine(smollm2, EngineConfig(num_blocks=16))

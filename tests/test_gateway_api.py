@@ -341,13 +341,13 @@ def test_the_gateway_drops_a_restarted_nodes_index_entries_in_the_background(gat
         assert (await client.post("/v1/chat/completions", json=chat(LONG_SYSTEM), headers=A)).status_code == 200
         old = d1.generation
         redis, registry = d1.index.redis, d1.index.registry
-        assert await redis.exists(f"akv:blk:d1:{old}") == 1
+        assert await redis.exists(f"{{akv}}:blk:d1:{old}") == 1
         await d1.join(registry, d1.index)  # the worker restarted: a new generation, an empty pool
         for _ in range(100):
-            if not await redis.exists(f"akv:blk:d1:{old}", f"akv:kid:d1:{old}"):
+            if not await redis.exists(f"{{akv}}:blk:d1:{old}", f"{{akv}}:kid:d1:{old}"):
                 break
             await asyncio.sleep(0.05)
-        assert await redis.exists(f"akv:blk:d1:{old}", f"akv:kid:d1:{old}") == 0
+        assert await redis.exists(f"{{akv}}:blk:d1:{old}", f"{{akv}}:kid:d1:{old}") == 0
 
     gateway(workers(("d1", Role.DECODE)), scenario, GatewayConfig(api_keys=KEYS.api_keys, index_purge_s=0.1))
 

@@ -19,6 +19,7 @@ class WorkerConfig:
     block_size: int = 16
     kv_cache_gb: float = 1.0
     max_num_seqs: int = 64
+    mixed_prefill_tokens: int = 64  # the built-in engine's prompt tokens per step while decodes run
     threads: int | None = None
     cpus: list[int] = field(default_factory=list)
     cluster_token: str | None = None

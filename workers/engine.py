@@ -31,6 +31,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    mixed_prefill_tokens: int = 64  # prompt tokens a step may add while decodes run (bounds their ITL; workers/scheduler.py)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Engine:
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // per_block)
         self.pool = BlockPool(num_blocks, config.block_size, layout)
         self.kv_cache = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.mixed_prefill_tokens)
         self.runner = ModelRunner(self.paged_model, self.pool.kv, config.block_size)
         self.eos_token_ids = self._eos_ids()
         self.grammars = GrammarCompiler(self.tokenizer, self.paged_model.lm_head.out_features)

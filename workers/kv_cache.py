@@ -21,8 +21,9 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = pool.block_size
 
-    def try_admit(self, seq: Sequence) -> bool:
-        """Give `seq` blocks for all its tokens, reusing the cached prefix. False if the pool is too full."""
+    def try_admit(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Give `seq` blocks for all its tokens, reusing the cached prefix. False if the pool is too full,
+        counting `reserve` blocks kept free for the running sequences to grow into."""
         if seq.block_table:  # blocks supplied from outside (adopted after a transfer)
             return True
         bs = self.block_size
@@ -32,9 +33,9 @@ class KVCacheManager:
             hit = hit[:-1]
         new = blocks_for(len(seq), bs) - len(hit)
         evictable_hits = sum(1 for b in hit if self.pool.blocks[b].ref_count == 0)
-        if self.pool.num_free - evictable_hits < new:
+        if self.pool.num_free - evictable_hits < new + reserve:
             self.pool.expire_pins()
-            if self.pool.num_free - evictable_hits < new:
+            if self.pool.num_free - evictable_hits < new + reserve:
                 return False
         self.pool.acquire(hit)
         seq.block_table = hit + self.pool.allocate(new)

@@ -102,7 +102,8 @@ async def _engine(config: WorkerConfig, generation: int, registry: NodeRegistry,
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     kv_bytes = int(config.kv_cache_gb * (1 << 30))
     engine = Engine(load_model(config.model), EngineConfig(config.block_size, kv_cache_bytes=kv_bytes,
-                                                           max_num_seqs=config.max_num_seqs))  # fmt: skip
+                                                           max_num_seqs=config.max_num_seqs,
+                                                           mixed_prefill_tokens=config.mixed_prefill_tokens))  # fmt: skip
     bind_transport_to(config.transfer_devices or net_devices_for(config.advertise_host or config.host),
                       explicit=bool(config.transfer_devices))
     transport = make_transport(config.transfer, config.node_id, engine.pool.kv, generation=generation,

@@ -1,16 +1,19 @@
-"""Continuous batching: which sequences run in the next step.
+"""Continuous batching: which sequences advance in the next step, and by how many tokens.
 
-Each step is either a prefill batch (new sequences, or the next chunk of a long prompt) or a
-decode batch (every running sequence advances one token). Sequences join as soon as blocks and
-the token budget allow and leave the moment they finish. When decode runs out of blocks, the
-youngest running sequence is preempted: its blocks are released (its full blocks stay cached)
-and it is recomputed later, mostly from the prefix cache.
+There are no prefill and decode phases: every step first gives each running decode its one token,
+then fills the rest of the token budget with prompt chunks (unfinished prompts first, then newly
+admitted sequences), so a long prompt never stalls the decodes around it. While decodes run, the
+prompt share of a step is capped by `mixed_prefill_tokens`: a step costs roughly its decode batch
+plus its prompt tokens, and that cap is what bounds inter-token latency under a concurrent prefill
+(a smaller cap: steadier ITL, slower prompts). When decode runs out of blocks, the youngest running
+sequence is preempted: its blocks are released (its full blocks stay cached) and it is recomputed
+later, mostly from the prefix cache.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workers.kv_cache import KVCacheManager
 from workers.pool import OutOfBlocks
@@ -19,15 +22,20 @@ from workers.sequence import Sequence
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]
-    query_lens: list[int]
+    seqs: list[Sequence] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.query_lens.append(num_tokens)
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, mixed_prefill_tokens: int | None = None):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.mixed_prefill_tokens = max_num_batched_tokens if mixed_prefill_tokens is None else mixed_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -39,45 +47,60 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_prefill()
-        return batch if batch is not None else self._schedule_decode()
+        batch = ScheduledBatch()
+        preemptions = self.num_preemptions
+        self._schedule_decodes(batch)
+        admit = self.num_preemptions == preemptions  # a step that had to preempt admits nobody (no thrash)
+        budget = self.max_num_batched_tokens - len(batch.seqs)
+        if batch.seqs:
+            budget = min(budget, self.mixed_prefill_tokens)
+        self._schedule_prompts(batch, max(budget, 0), admit)
+        return batch if batch.seqs else None
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        batch, budget = ScheduledBatch([], []), self.max_num_batched_tokens
+    def _schedule_decodes(self, batch: ScheduledBatch) -> None:
+        """One token for every running sequence whose prompt is done, preempting the youngest for blocks."""
+        for seq in list(self.running):
+            if seq not in self.running or seq.num_uncomputed != 1:  # preempted meanwhile, or mid-prompt
+                continue
+            while True:
+                try:
+                    self.kv.ensure_slots(seq, len(seq))
+                    batch.add(seq, 1)
+                    break
+                except OutOfBlocks:
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    if victim in batch.seqs:
+                        self._unschedule(batch, victim)
+                    if victim is seq:
+                        break
+
+    def _schedule_prompts(self, batch: ScheduledBatch, budget: int, admit: bool) -> None:
+        """Prompt chunks up to `budget` tokens: unfinished prompts first, then newly admitted sequences.
+
+        Admission keeps one free block per running sequence, the most a decode step can take: a
+        sequence admitted into the last free blocks would be the next one preempted, over and over.
+        """
 
         def take(seq: Sequence) -> None:
             nonlocal budget
             n = min(seq.num_uncomputed, budget)
             self.kv.ensure_slots(seq, seq.num_computed + n)
-            batch.seqs.append(seq)
-            batch.query_lens.append(n)
+            batch.add(seq, n)
             budget -= n
 
-        # Unfinished prompt chunks first, then admit new sequences.
         for seq in self.running:
             if seq.num_uncomputed > 1 and budget > 0:
                 take(seq)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.kv.try_admit(self.waiting[0]):
+        while (admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and self.kv.try_admit(self.waiting[0], reserve=len(self.running))):  # fmt: skip
             self.running.append(self.waiting.popleft())
             take(self.running[-1])
-        return batch if batch.seqs else None
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        ready: list[Sequence] = []
-        for seq in list(self.running):
-            if seq not in self.running:  # preempted while making room for an older sequence
-                continue
-            while True:
-                try:
-                    self.kv.ensure_slots(seq, len(seq))
-                    ready.append(seq)
-                    break
-                except OutOfBlocks:
-                    victim = self.running[-1]
-                    self.preempt(victim)
-                    if victim is seq:
-                        break
-        return ScheduledBatch(ready, [1] * len(ready)) if ready else None
+    @staticmethod
+    def _unschedule(batch: ScheduledBatch, seq: Sequence) -> None:
+        i = batch.seqs.index(seq)
+        del batch.seqs[i], batch.query_lens[i]
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
