@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.engine_vllm import Stream, decode_rates, group_alive, measure_vllm
+from agentkv.stack import StackError
+from bench.engine_vllm import Stream, decode_rates, group_alive, measure_vllm, vllm_bench_server
 
 
 def test_decode_rate_counts_only_tokens_after_every_stream_has_started():
@@ -28,6 +29,18 @@ def test_multi_token_chunks_count_every_token():
     a = Stream(chunks=[(1.0, 1), (2.0, 3), (3.0, 2)])
     assert decode_rates([a]) == (pytest.approx(5 / 2), pytest.approx(5 / 2))
     assert a.gaps() == [(1.0, 2.0), (2.0, 3.0)]
+
+
+def test_a_server_that_never_serves_is_stopped_with_its_whole_process_group(tmp_path):
+    # a stand-in "interpreter" that starts a grandchild and never answers /health
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pgid\nsleep 120 &\nsleep 120\n")
+    fake.chmod(0o755)
+    with pytest.raises(StackError, match="not ready"):
+        with vllm_bench_server(str(fake), tmp_path, tmp_path / "logs", core=0, frontend=(0,), block_size=32,
+                               kv_cache_bytes=2**20, max_model_len=64, timeout_s=1.5):  # fmt: skip
+            pass
+    assert not group_alive(int((tmp_path / "pgid").read_text()))
 
 
 def _vllm_python() -> str | None:
