@@ -136,6 +136,44 @@ def test_sessions_and_responses_work_on_a_cluster_and_spread_over_slots(rc, aio)
     aio.run(body())
 
 
+def test_a_client_follows_the_index_slot_when_it_moves_to_another_primary(cluster, rc, aio):
+    """Resharding: the namespace's slot (every registry and index key) migrates to another primary
+    with MIGRATE and CLUSTER SETSLOT while a client holds the old slot map; its next calls get MOVED,
+    and it follows without an error, answers unchanged."""
+    import redis as sync_redis
+
+    async def fill():
+        registry = NodeRegistry(rc, "mv")
+        index = BlockIndex(rc, "mv", registry)
+        g = await registry.next_generation("n0")
+        await registry.register(_record("n0", g), ttl_s=60)
+        chain = _chain(random.Random(5), 16)
+        await index.apply(KVEventBatch("n0", g, [BlockStored(chain)]))
+        return index, chain
+
+    index, chain = aio.run(fill())
+    before = aio.run(index.lookup(chain))
+    source = cluster.primary_of("{mv}:nodes")
+    nodes = {n.port: sync_redis.Redis(host="127.0.0.1", port=n.port) for n in cluster.nodes if n.exit_code() is None}
+    try:
+        slot = int(nodes[source.port].execute_command("CLUSTER", "KEYSLOT", "{mv}:nodes"))
+        ids = {port: c.execute_command("CLUSTER", "MYID").decode() for port, c in nodes.items()}
+        primaries = {int(p[1]) for _, _, p, *_ in nodes[source.port].execute_command("CLUSTER", "SLOTS")}
+        target = next(port for port in sorted(primaries) if port != source.port)
+        nodes[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+        nodes[source.port].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := nodes[source.port].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            nodes[source.port].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port in primaries:  # the replicas learn it by gossip
+            nodes[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        assert cluster.primary_of("{mv}:nodes").port == target
+        assert aio.run(index.lookup(chain)) == before == {"n0": 16}  # MOVED, followed
+        assert [r.node_id for r, _ in aio.run(index.registry.live_nodes())] == ["n0"]
+    finally:
+        for c in nodes.values():
+            c.close()
+
+
 @pytest.mark.heavy
 def test_killing_the_index_primary_under_load_recovers_and_a_resync_converges(cluster, rc, aio):
     """kill -9 the primary serving the namespace's slot while a loop writes and looks up: its replica
