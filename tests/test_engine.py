@@ -303,3 +303,18 @@ def test_a_temperature_below_float32_range_samples_the_most_likely_token():
     tokens, logprobs = sample(logits, seqs)
     assert tokens == [1, 0] and all(math.isfinite(lp) for lp in logprobs)
 
+
+
+def test_step_costs_size_the_prompt_share_of_a_mixed_step():
+    """The rule, on made-up timings: a CPU-like node gets a small chunk, a GPU-like one the cap."""
+    from workers.scheduler import StepCosts
+
+    cpu = StepCosts()
+    assert cpu.prompt_tokens_within(1.5, 16, 512) == 16  # nothing measured yet: the floor
+    cpu.observe(8, 0, 0.080)  # a decode-only step
+    cpu.observe(8, 64, 0.080 + 64 * 0.0015)  # + 64 prompt tokens at 1.5 ms each
+    assert cpu.prompt_tokens_within(1.5, 16, 512) == 26  # 0.5 x 80 ms / 1.5 ms
+    gpu = StepCosts()
+    gpu.observe(8, 0, 0.010)
+    gpu.observe(8, 256, 0.011)
+    assert gpu.prompt_tokens_within(1.5, 16, 512) == 512

@@ -19,7 +19,8 @@ class WorkerConfig:
     block_size: int = 16
     kv_cache_gb: float = 1.0
     max_num_seqs: int = 64
-    mixed_prefill_tokens: int = 64  # the built-in engine's prompt tokens per step while decodes run
+    mixed_prefill_tokens: int = 512  # built-in engine: most prompt tokens in a step with decodes
+    itl_slowdown: float = 1.5  # built-in engine: a step with prompt tokens costs at most this many decode steps
     threads: int | None = None
     cpus: list[int] = field(default_factory=list)
     cluster_token: str | None = None

@@ -5,6 +5,7 @@ Single-threaded by design: the built-in engine (workers.builtin) drives it from 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
-    mixed_prefill_tokens: int = 64  # prompt tokens a step may add while decodes run (bounds their ITL; workers/scheduler.py)
+    mixed_prefill_tokens: int = 512  # at most this many prompt tokens in a step with decodes (workers/scheduler.py)
+    itl_slowdown: float = 1.5  # a step with prompt tokens costs at most this many decode-only steps
 
 
 @dataclass
@@ -67,7 +69,8 @@ class Engine:
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // per_block)
         self.pool = BlockPool(num_blocks, config.block_size, layout)
         self.kv_cache = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.mixed_prefill_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.mixed_prefill_tokens,
+                                   config.itl_slowdown)
         self.runner = ModelRunner(self.paged_model, self.pool.kv, config.block_size)
         self.eos_token_ids = self._eos_ids()
         self.grammars = GrammarCompiler(self.tokenizer, self.paged_model.lm_head.out_features)
@@ -190,8 +193,10 @@ class Engine:
         sampled_rows = [r for r, (seq, qlen) in enumerate(zip(batch.seqs, batch.query_lens)) if seq.num_computed + qlen == len(seq)]
         constrained = [r for r in sampled_rows if batch.seqs[r].matcher is not None]
         masks = self.grammars.masks_async([batch.seqs[r].matcher for r in constrained]) if constrained else None
-        logits = self.runner.run(batch)
-        return pending + self._postprocess(batch, logits, sampled_rows, constrained, masks)
+        start = time.perf_counter()
+        chunks = self._postprocess(batch, self.runner.run(batch), sampled_rows, constrained, masks)
+        self.scheduler.observe(batch, time.perf_counter() - start)  # sampling synchronizes a GPU: the time is real
+        return pending + chunks
 
     def _postprocess(self, batch, logits: torch.Tensor, sampled_rows: list[int], constrained: list[int], masks) -> list[TokenChunk]:
         # Sequences in the middle of a long prompt advance without sampling.

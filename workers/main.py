@@ -103,7 +103,8 @@ async def _engine(config: WorkerConfig, generation: int, registry: NodeRegistry,
     kv_bytes = int(config.kv_cache_gb * (1 << 30))
     engine = Engine(load_model(config.model), EngineConfig(config.block_size, kv_cache_bytes=kv_bytes,
                                                            max_num_seqs=config.max_num_seqs,
-                                                           mixed_prefill_tokens=config.mixed_prefill_tokens))  # fmt: skip
+                                                           mixed_prefill_tokens=config.mixed_prefill_tokens,
+                                                           itl_slowdown=config.itl_slowdown))  # fmt: skip
     bind_transport_to(config.transfer_devices or net_devices_for(config.advertise_host or config.host),
                       explicit=bool(config.transfer_devices))
     transport = make_transport(config.transfer, config.node_id, engine.pool.kv, generation=generation,

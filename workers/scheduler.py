@@ -2,12 +2,16 @@
 
 There are no prefill and decode phases: every step first gives each running decode its one token,
 then fills the rest of the token budget with prompt chunks (unfinished prompts first, then newly
-admitted sequences), so a long prompt never stalls the decodes around it. While decodes run, the
-prompt share of a step is capped by `mixed_prefill_tokens`: a step costs roughly its decode batch
-plus its prompt tokens, and that cap is what bounds inter-token latency under a concurrent prefill
-(a smaller cap: steadier ITL, slower prompts). When decode runs out of blocks, the youngest running
-sequence is preempted: its blocks are released (its full blocks stay cached) and it is recomputed
-later, mostly from the prefix cache.
+admitted sequences), so a long prompt never stalls the decodes around it.
+
+While decodes run, the prompt share of a step is what their inter-token latency pays for. It is
+sized from measured step times (StepCosts): as many prompt tokens as keep a mixed step within
+`itl_slowdown` times a decode-only step, at most `mixed_prefill_tokens`. The same rule gives a few
+dozen tokens on a CPU core (a prompt token costs ~1.5 ms next to a ~80 ms decode step) and whole
+prompts on a GPU (where the decode step is weight-bound and extra tokens are nearly free).
+
+When decode runs out of blocks, the youngest running sequence is preempted: its blocks are
+released (its full blocks stay cached) and it is recomputed later, mostly from the prefix cache.
 """
 
 from __future__ import annotations
@@ -21,6 +25,31 @@ from workers.sequence import Sequence
 
 
 @dataclass
+class StepCosts:
+    """Running estimates of a decode-only step and of one prompt token, from timed steps."""
+
+    decode_step_s: float = 0.0
+    prompt_token_s: float = 0.0
+    weight: float = 0.3  # of the newest observation (an exponential moving average)
+
+    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float) -> None:
+        if num_prompt_tokens == 0:
+            self.decode_step_s = self._mix(self.decode_step_s, seconds)
+        elif num_decodes == 0 or self.decode_step_s:
+            extra = seconds - (self.decode_step_s if num_decodes else 0.0)
+            self.prompt_token_s = self._mix(self.prompt_token_s, max(extra, 0.0) / num_prompt_tokens)
+
+    def prompt_tokens_within(self, slowdown: float, floor: int, cap: int) -> int:
+        """Prompt tokens a mixed step may carry to cost at most `slowdown` decode-only steps."""
+        if not (self.decode_step_s and self.prompt_token_s):
+            return min(floor, cap)  # not measured yet: a small safe chunk
+        return max(floor, min(cap, int((slowdown - 1.0) * self.decode_step_s / self.prompt_token_s)))
+
+    def _mix(self, old: float, new: float) -> float:
+        return new if not old else (1 - self.weight) * old + self.weight * new
+
+
+@dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
@@ -31,11 +60,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, mixed_prefill_tokens: int | None = None):
+    MIN_MIXED_PROMPT_TOKENS = 16  # a prompt always advances at least this much per step
+
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, mixed_prefill_tokens: int | None = None,
+                 itl_slowdown: float = 1.5):  # fmt: skip
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.mixed_prefill_tokens = max_num_batched_tokens if mixed_prefill_tokens is None else mixed_prefill_tokens
+        self.itl_slowdown = itl_slowdown
+        self.costs = StepCosts()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -53,7 +87,8 @@ class Scheduler:
         admit = self.num_preemptions == preemptions  # a step that had to preempt admits nobody (no thrash)
         budget = self.max_num_batched_tokens - len(batch.seqs)
         if batch.seqs:
-            budget = min(budget, self.mixed_prefill_tokens)
+            floor = min(self.MIN_MIXED_PROMPT_TOKENS, self.mixed_prefill_tokens)
+            budget = min(budget, self.costs.prompt_tokens_within(self.itl_slowdown, floor, self.mixed_prefill_tokens))
         self._schedule_prompts(batch, max(budget, 0), admit)
         return batch if batch.seqs else None
 
@@ -96,6 +131,11 @@ class Scheduler:
                and self.kv.try_admit(self.waiting[0], reserve=len(self.running))):  # fmt: skip
             self.running.append(self.waiting.popleft())
             take(self.running[-1])
+
+    def observe(self, batch: ScheduledBatch, seconds: float) -> None:
+        """The measured duration of `batch`'s forward, for sizing the next mixed steps."""
+        decodes = sum(1 for n in batch.query_lens if n == 1)
+        self.costs.observe(decodes, sum(batch.query_lens) - decodes, seconds)
 
     @staticmethod
     def _unschedule(batch: ScheduledBatch, seq: Sequence) -> None:
