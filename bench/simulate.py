@@ -302,8 +302,15 @@ async def _used_memory(redis) -> int:
 
 
 async def _drop(redis, namespace: str) -> None:
+    """Unlink the namespace's keys (10 M holder sets after a fill: in batches, not one call per key)."""
+    batch: list[bytes] = []
     async for key in redis.scan_iter(match=f"{{{namespace}}}:*", count=10_000):
-        await redis.unlink(key)
+        batch.append(key)
+        if len(batch) >= 5_000:
+            await redis.unlink(*batch)
+            batch = []
+    if batch:
+        await redis.unlink(*batch)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> str:
