@@ -26,6 +26,8 @@ from kvstore.registry import NodeRegistry, scripts
 # match of each incarnation ('{id}:{gen}') holding the prompt's first block.
 _decode_lookup = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, int, NodeLoad | None]], dict[str, int]]).decode
 _RESYNC_CHUNK = 8192
+_HOLDERS_CHUNK = 2048  # blocks per holders_sync call after a resync (~1-2 ms of Redis each)
+_GC_CHUNK = 2048  # retired entries swept per gc_step call
 
 
 class ResyncExpired(RedisError):
@@ -40,9 +42,9 @@ class BlockIndex:
         self.redis = redis
         self.registry = registry or NodeRegistry(redis, namespace)
         self.prefix = self.registry.prefix
-        self._apply, self._lookup, self._resync_commit, self._purge_dead, self._purge_node, self._sizes = scripts(
-            redis, "apply", "lookup", "resync_commit", "purge_dead", "purge_node", "sizes"
-        )
+        (self._apply, self._lookup, self._resync_commit, self._purge_dead, self._purge_node, self._sizes, self._gc_step,
+         self._holders_sync) = scripts(redis, "apply", "lookup", "resync_commit", "purge_dead", "purge_node", "sizes",
+                                       "gc_step", "holders_sync")  # fmt: skip
         self._records: dict[str, NodeRecord] = {}  # node_id -> record of the generation last seen
 
     async def apply(self, batch: KVEventBatch) -> bool:
@@ -65,7 +67,10 @@ class BlockIndex:
                 args += ("c", b"", b"")
             else:
                 raise TypeError(f"not a KV event: {event!r}")
-        return int(await self._apply(args=args)) >= 0
+        applied = int(await self._apply(args=args)) >= 0
+        if applied and any(isinstance(event, AllCleared) for event in batch.events):
+            await self.sweep()
+        return applied
 
     async def lookup(self, block_hashes: list[int]) -> dict[str, int]:
         """For every live node, how many leading blocks of `block_hashes` it holds. One round trip."""
@@ -110,18 +115,32 @@ class BlockIndex:
         done = int(await self._resync_commit(args=[self.prefix, node_id, str(generation), tmp_blk, tmp_kid, len(entries)]))
         if done < 0:
             raise ResyncExpired(f"the resync upload of node {node_id!r} expired before it was swapped in; upload again")
+        if done:  # the holder sets follow the swapped-in content, a chunk per script call
+            hashes = list(entries)
+            for start in range(0, len(hashes), _HOLDERS_CHUNK):
+                await self._holders_sync(args=[self.prefix, node_id, str(generation), b"".join(hashes[start : start + _HOLDERS_CHUNK])])
+            await self.sweep()
         return bool(done)
 
     async def purge_node(self, node_id: str, generation: int) -> bool:
         """Drop every entry of one node incarnation now (e.g. on clean shutdown). True if there were any."""
-        return bool(await self._purge_node(args=[self.prefix, node_id, str(generation)]))
+        purged = bool(await self._purge_node(args=[self.prefix, node_id, str(generation)]))
+        await self.sweep()
+        return purged
 
     async def purge_dead(self) -> list[tuple[str, int]]:
         """Background cleanup, one round trip: drop the entries of expired nodes and of superseded
         generations, and forget expired node ids. Returns the purged (node_id, generation) pairs.
         Lookups never need this for correctness (they read only live generations); it bounds memory."""
         flat = await self._purge_dead(args=[self.prefix])
+        await self.sweep()
         return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def sweep(self) -> None:
+        """Drop retired incarnations' entries from the holder sets (kvstore/lua/gc_step.lua), a chunk
+        per round trip, so no script blocks Redis for a whole pool. Idempotent; any caller may run it."""
+        while int(await self._gc_step(args=[self.prefix, _GC_CHUNK])):
+            pass
 
     async def sizes(self) -> dict[str, int]:
         """Indexed blocks per live node (should equal the node's cached full blocks)."""

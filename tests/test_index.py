@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -432,5 +433,46 @@ def test_lookup_finds_every_nodes_match_among_many_lengths_and_stale_incarnation
         assert await index.lookup(prompt) == expected
         for cut in (1, 5, 30, 63):
             assert await index.lookup(prompt[:cut]) == {n: min(m, cut) for n, m in expected.items()}
+        # Holder sets that are not nested (a retired incarnation half swept, in any pattern) change
+        # no live node's answer.
+        for ghost in range(6):
+            for h in rng.sample(prompt, rng.randrange(1, 64)):
+                await redis_client.sadd(b"{akv}:f:" + struct.pack("<Q", h), f"ghost{ghost}:1")
+        assert await index.lookup(prompt) == expected
+        for cut in (1, 5, 30, 63):
+            assert await index.lookup(prompt[:cut]) == {n: min(m, cut) for n, m in expected.items()}
+
+    aio.run(body())
+
+
+def test_resync_purge_and_clear_leave_exact_holder_sets_and_no_garbage(aio, redis_client):
+    """Resync, clear and purge retire a whole blk hash in O(1) and sweep its holder entries in chunks
+    afterwards: when they return, the holder sets are exactly the live F blocks, with nothing left over."""
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g0, g1 = await join(registry, "n0"), await join(registry, "n1")
+        rng = random.Random(11)
+        chains = [[rng.getrandbits(64) for _ in range(300)] for _ in range(20)]  # 6,000 blocks: several sweep chunks
+        for chain in chains:
+            await index.apply(stored("n0", g0, chain))
+            await index.apply(stored("n1", g1, chain, 0, 100))
+        kept = chains[::2]  # the resync keeps half the chains and adds a new one
+        fresh = [rng.getrandbits(64) for _ in range(50)]
+        assert await index.resync("n0", g0, sorted(set().union(*(chain_blocks(c) for c in [*kept, fresh])), key=str))
+        def holders_of(node: str, gen: int, chains: list[list[int]]) -> dict[bytes, set[bytes]]:
+            return {struct.pack("<Q", h): {f"{node}:{gen}".encode()} for c in chains for h in c}
+        expected = holders_of("n0", g0, [*kept, fresh])
+        for h, m in holders_of("n1", g1, [c[:100] for c in chains]).items():
+            expected.setdefault(h, set()).update(m)
+        assert await holder_sets(redis_client) == expected
+        assert await redis_client.keys("{akv}:gc*") == [] or await redis_client.keys("{akv}:gc*") == [b"{akv}:gcseq"]
+        await index.apply(KVEventBatch("n1", g1, [AllCleared(), segment(fresh, 0, 10)]))
+        assert await holder_sets(redis_client) == {**holders_of("n0", g0, [*kept, fresh]), **{
+            struct.pack("<Q", h): {f"n0:{g0}".encode(), f"n1:{g1}".encode()} for h in fresh[:10]}}
+        assert await index.lookup(fresh) == {"n0": 50, "n1": 10}
+        assert await index.purge_node("n0", g0)
+        assert await holder_sets(redis_client) == holders_of("n1", g1, [fresh[:10]])
+        assert await redis_client.scard("{akv}:gcs") == 0
 
     aio.run(body())

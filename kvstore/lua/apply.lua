@@ -92,8 +92,8 @@ local changed = 0
 for a = 4, #ARGV, 3 do
   local op = ARGV[a]
   if op == 'c' then
-    holders_all('SREM', blk, inc)
-    redis.call('UNLINK', blk, kid)
+    retire(blk, inc)  -- BlockIndex.apply sweeps the holder entries after the batch
+    redis.call('UNLINK', kid)
   elseif op == 's' then
     changed = changed + store(ARGV[a + 1], ARGV[a + 2])
   else

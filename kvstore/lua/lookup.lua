@@ -7,7 +7,9 @@
 -- the last i with it in S(i). Nested sets of equal size are equal, so the prompt splits into runs of
 -- equal SCARD; each run's end is found by binary search on SCARD and its members by one SDIFF with
 -- the next set. Cost: O(runs x log n) SCARDs (a run per distinct match length, usually 1-3) plus the
--- holders read, whatever the number of nodes and the size of the index.
+-- holders read, whatever the number of nodes and the size of the index. Sets that are not nested
+-- (stale entries of a retired incarnation being swept) cannot make a live node's answer wrong: each
+-- run also checks for members that left within it (one more SDIFF) and binary-searches those alone.
 local packed = ARGV[2]
 local n = #packed / 8
 local function at(i) return string.sub(packed, 8 * i - 7, 8 * i) end
@@ -32,6 +34,19 @@ if n > 0 then
     local members = lo == n and redis.call('SMEMBERS', holders_key(at(n)))
       or redis.call('SDIFF', holders_key(at(lo)), holders_key(at(lo + 1)))
     for _, inc in ipairs(members) do matched[inc] = lo end
+    if lo > i then
+      -- Members of S(i) missing from S(lo): none while every set is nested, but a retired blk hash
+      -- being swept (or a node mid-resync) can leave any pattern. A live incarnation's entries
+      -- always form a prefix, so its last block is found by binary search on its own membership.
+      for _, inc in ipairs(redis.call('SDIFF', holders_key(at(i)), holders_key(at(lo)))) do
+        local a, b = i, lo  -- inc is in S(a), not in S(b)
+        while b - a > 1 do
+          local mid = math.floor((a + b) / 2)
+          if redis.call('SISMEMBER', holders_key(at(mid)), inc) == 1 then a = mid else b = mid end
+        end
+        matched[inc] = a
+      end
+    end
     if lo == n then break end
     i, c = lo + 1, chi
   end

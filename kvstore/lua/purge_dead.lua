@@ -4,8 +4,8 @@ local purged = {}
 for _, inc in ipairs(redis.call('SMEMBERS', BLKSETS)) do
   local id, gen = string.match(inc, '^(.*):(%d+)$')
   if redis.call('HGET', node_key(id), 'gen') ~= gen then
-    holders_all('SREM', blk_key(inc), inc)
-    redis.call('UNLINK', blk_key(inc), kid_key(inc))
+    retire(blk_key(inc), inc)
+    redis.call('UNLINK', kid_key(inc))
     redis.call('SREM', BLKSETS, inc)
     purged[#purged + 1] = id
     purged[#purged + 1] = gen

@@ -8,14 +8,13 @@ if stale or redis.call('HLEN', tmp_blk) ~= count then
   return stale and 0 or -1
 end
 local inc = incarnation(id, gen)
-holders_all('SREM', blk_key(inc), inc)
-redis.call('UNLINK', blk_key(inc), kid_key(inc))
+retire(blk_key(inc), inc)  -- BlockIndex.resync then syncs the new blocks' holder entries and sweeps
+redis.call('UNLINK', kid_key(inc))
 for tmp, key in pairs({[tmp_blk] = blk_key(inc), [tmp_kid] = kid_key(inc)}) do
   if redis.call('EXISTS', tmp) == 1 then
     redis.call('RENAME', tmp, key)
     redis.call('PERSIST', key)
   end
 end
-holders_all('SADD', blk_key(inc), inc)
 redis.call(count > 0 and 'SADD' or 'SREM', BLKSETS, inc)
 return 1
