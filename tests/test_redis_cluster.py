@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from gateway.errors import StateUnavailable
 from gateway.ledger import Ledger
 from gateway.responses_store import ResponseNotFound, ResponseStore, StoredResponse
 from gateway.sessions import SessionStore
@@ -192,6 +193,10 @@ def test_killing_the_index_primary_under_load_recovers_and_a_resync_converges(cl
         ops: list[tuple[float, float, bool]] = []  # (start, end, ok)
         killed_at: float | None = None
 
+        sessions = SessionStore(rc, "akv", default_ttl_s=300, max_ttl_s=600, unpin=None)
+        session_ops: list[tuple[float, float, bool]] = []  # sessions live on every primary, the victim's too
+        stats = RouteStats(decode_node="n0", prompt_tokens=64, cached_tokens=48)
+
         async def one_op() -> None:
             chain = _chain(rng, 4)
             pool.append(chain)
@@ -204,6 +209,13 @@ def test_killing_the_index_primary_under_load_recovers_and_a_resync_converges(cl
             except RedisError:
                 ops.append((start, time.monotonic(), False))
                 await asyncio.sleep(0.01)
+            start = time.monotonic()
+            try:
+                session = await sessions.open("tenant-f", f"s{len(session_ops) % 24}")
+                await sessions.record_turn(session, stats, completion_tokens=4, ledger=LEDGER)
+                session_ops.append((start, time.monotonic(), True))
+            except (RedisError, StateUnavailable):
+                session_ops.append((start, time.monotonic(), False))
 
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:  # steady load first
@@ -214,8 +226,9 @@ def test_killing_the_index_primary_under_load_recovers_and_a_resync_converges(cl
         last_failure = killed_at
         while time.monotonic() - last_failure < 2.0 and time.monotonic() - killed_at < 30.0:
             await one_op()
-            if not ops[-1][2]:
-                last_failure = ops[-1][1]
+            for op in (ops[-1], session_ops[-1]):
+                if not op[2]:
+                    last_failure = op[1]
         assert time.monotonic() - killed_at < 30.0, "operations never recovered"
         after = [op for op in ops if op[0] >= killed_at]
         failed = [op for op in after if not op[2]]
@@ -225,7 +238,13 @@ def test_killing_the_index_primary_under_load_recovers_and_a_resync_converges(cl
         print(f"\nfailover: {len(after)} ops after the kill, {len(failed)} failed; failures end {window_s:.2f} s "
               f"after the kill; slowest op {slowest_s:.2f} s; new primary {cluster.primary_of('{akv}:nodes').port} "
               f"(was {victim.port})")  # fmt: skip
-        assert window_s <= RECOVERY_BOUND_S
+        session_failures = [op for op in session_ops if op[0] >= killed_at and not op[2]]
+        session_window_s = (session_failures[-1][1] - killed_at) if session_failures else 0.0
+        print(f"sessions: {sum(1 for op in session_ops if op[0] >= killed_at)} turns recorded after the kill, "
+              f"{len(session_failures)} failed; failures end {session_window_s:.2f} s after the kill; slowest "
+              f"{max(end - start for start, end, _ in session_ops if start >= killed_at):.2f} s")  # fmt: skip
+        assert window_s <= RECOVERY_BOUND_S and session_window_s <= RECOVERY_BOUND_S
+        assert (await sessions.get("tenant-f", "s1")).turns >= 1
         assert cluster.primary_of("{akv}:nodes") is not victim
         # The worker's recovery: register again (a no-op if the record survived) and resync its pool.
         await registry.register(record, ttl_s=300)
