@@ -311,10 +311,12 @@ def test_step_costs_size_the_prompt_share_of_a_mixed_step():
 
     cpu = StepCosts()
     assert cpu.prompt_tokens_within(1.5, 16, 512) == 16  # nothing measured yet: the floor
-    cpu.observe(8, 0, 0.080)  # a decode-only step
-    cpu.observe(8, 64, 0.080 + 64 * 0.0015)  # + 64 prompt tokens at 1.5 ms each
+    cpu.observe(0, 1024, 1024 * 0.0015)  # a prompt alone: 1.5 ms a token
+    cpu.observe(8, 16, 0.080 + 16 * 0.0015)  # decodes with a prompt chunk: the decode part is 80 ms
     assert cpu.prompt_tokens_within(1.5, 16, 512) == 26  # 0.5 x 80 ms / 1.5 ms
+    cpu.observe(8, 0, 0.080)  # a decode-only step agrees
+    assert cpu.prompt_tokens_within(1.5, 16, 512) == 26
     gpu = StepCosts()
+    gpu.observe(0, 2048, 0.015)
     gpu.observe(8, 0, 0.010)
-    gpu.observe(8, 256, 0.011)
     assert gpu.prompt_tokens_within(1.5, 16, 512) == 512

@@ -33,17 +33,22 @@ class StepCosts:
     weight: float = 0.3  # of the newest observation (an exponential moving average)
 
     def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float) -> None:
+        """A step's duration: decode-only and prompt-only steps measure one term each; a mixed step
+        updates the decode term from the known token cost (decodes rarely run alone while a burst
+        of prompts is pending, and the decode term grows with their batch and contexts)."""
         if num_prompt_tokens == 0:
             self.decode_step_s = self._mix(self.decode_step_s, seconds)
-        elif num_decodes == 0 or self.decode_step_s:
-            extra = seconds - (self.decode_step_s if num_decodes else 0.0)
-            self.prompt_token_s = self._mix(self.prompt_token_s, max(extra, 0.0) / num_prompt_tokens)
+        elif num_decodes == 0:
+            self.prompt_token_s = self._mix(self.prompt_token_s, seconds / num_prompt_tokens)
+        elif self.prompt_token_s:
+            rest = seconds - num_prompt_tokens * self.prompt_token_s
+            self.decode_step_s = self._mix(self.decode_step_s, max(rest, seconds / 2))
 
     def prompt_tokens_within(self, slowdown: float, floor: int, cap: int) -> int:
         """Prompt tokens a mixed step may carry to cost at most `slowdown` decode-only steps."""
         if not (self.decode_step_s and self.prompt_token_s):
             return min(floor, cap)  # not measured yet: a small safe chunk
-        return max(floor, min(cap, int((slowdown - 1.0) * self.decode_step_s / self.prompt_token_s)))
+        return max(floor, int(min(cap, (slowdown - 1.0) * self.decode_step_s / self.prompt_token_s)))
 
     def _mix(self, old: float, new: float) -> float:
         return new if not old else (1 - self.weight) * old + self.weight * new
