@@ -87,6 +87,11 @@ class SessionStore:
         self.prefix = f"{namespace}:gw:"
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
+        # Each multi-key write is one script over one session's keys (one slot): atomic on a plain Redis
+        # and a cluster alike. Not MULTI/EXEC: redis-py 8.1's async cluster transactions reload the
+        # slot map on a thread with another event loop after a failover, and fail (found by
+        # tests/test_redis_cluster.py killing a primary under real traffic).
+        self._record_turn, self._end, self._create_script = (redis.register_script(x) for x in (_RECORD_TURN, _END, _CREATE))
 
     def ttl(self, requested: float | None, current: float | None = None) -> float:
         ttl = requested if requested is not None else (current or self.default_ttl_s)
@@ -120,22 +125,11 @@ class SessionStore:
         keys = self._keys(session.tenant, session.id)
         now = time.time()
         ttl_ms = int(session.ttl_s * 1000)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(keys.hash, "turns", 1)
-        pipe.hincrby(keys.hash, "completion_tokens", completion_tokens)
-        for name in COUNTERS:
-            if name not in ("turns", "completion_tokens"):
-                pipe.hincrby(keys.hash, name, getattr(stats, name))
-        pipe.hset(keys.hash, mapping={"last_used": repr(now), "node": node_id, "ttl": repr(session.ttl_s)})
-        pipe.hsetnx(keys.hash, "created", repr(now))
-        pipe.sadd(keys.nodes, node_id)
-        if ledger is not None:
-            pipe.set(keys.ledger, _encode_ledger(ledger), px=ttl_ms)
-        else:
-            pipe.delete(keys.ledger)
-        pipe.pexpire(keys.hash, ttl_ms)
-        pipe.pexpire(keys.nodes, ttl_ms)
-        await guarded(asyncio.gather(pipe.execute(), self.redis.zadd(keys.index, {session.id: now + session.ttl_s})))
+        counters = [x for name in COUNTERS for x in (name, 1 if name == "turns" else completion_tokens if name == "completion_tokens"
+                                                    else getattr(stats, name))]  # fmt: skip
+        turn = self._record_turn(keys=[keys.hash, keys.nodes, keys.ledger],
+                                 args=[ttl_ms, repr(now), node_id, repr(session.ttl_s), _encode_ledger(ledger) if ledger is not None else b"", *counters])  # fmt: skip
+        await guarded(asyncio.gather(turn, self.redis.zadd(keys.index, {session.id: now + session.ttl_s})))
 
     # -- the sessions API -----------------------------------------------------------------
     async def create(self, tenant: str, session_id: str | None, ttl_s: float | None) -> tuple[SessionOut, bool]:
@@ -165,11 +159,8 @@ class SessionStore:
     async def end(self, tenant: str, session_id: str) -> SessionDeleted:
         """Forget the session and release its pinned blocks on the nodes that served it."""
         keys = self._keys(tenant, session_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.exists(keys.hash)
-        pipe.execute_command("SMEMBERS", keys.nodes)  # not .smembers(): redis-py 8.1's cluster transaction breaks on its keys= hint
-        pipe.delete(keys.hash, keys.nodes, keys.ledger)
-        (exists, nodes, _), _ = await guarded(asyncio.gather(pipe.execute(), self.redis.zrem(keys.index, session_id)))
+        ended = self._end(keys=[keys.hash, keys.nodes, keys.ledger])
+        (exists, nodes), _ = await guarded(asyncio.gather(ended, self.redis.zrem(keys.index, session_id)))
         if not exists:
             raise SessionNotFound(f"no session {session_id!r} (it expired, was deleted, or belongs to another API key)")
         unpinned = await self.unpin(sorted(n.decode() for n in nodes), worker_session_key(tenant, session_id))
@@ -179,19 +170,43 @@ class SessionStore:
     async def _create(self, tenant: str, session_id: str, ttl: float) -> tuple[bool, dict[bytes, bytes]]:
         keys = self._keys(tenant, session_id)
         now = time.time()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hsetnx(keys.hash, "created", repr(now))
-        pipe.hsetnx(keys.hash, "last_used", repr(now))
-        pipe.hsetnx(keys.hash, "ttl", repr(ttl))
-        pipe.pexpire(keys.hash, int(ttl * 1000))
-        pipe.hgetall(keys.hash)
-        (created, *_, raw), _ = await guarded(asyncio.gather(pipe.execute(), self.redis.zadd(keys.index, {session_id: now + ttl})))
-        return bool(created), raw
+        made = self._create_script(keys=[keys.hash], args=[repr(now), repr(ttl), int(ttl * 1000)])
+        (created, flat), _ = await guarded(asyncio.gather(made, self.redis.zadd(keys.index, {session_id: now + ttl})))
+        return bool(created), dict(zip(flat[::2], flat[1::2]))
 
     def _keys(self, tenant: str, session_id: str) -> _Keys:
         p, tag = self.prefix, "{" + worker_session_key(tenant, session_id) + "}"
         return _Keys(f"{p}sess:{tag}:{tenant}:{session_id}", f"{p}nodes:{tag}:{tenant}:{session_id}",
                      f"{p}ledger:{tag}:{tenant}:{session_id}", f"{p}sessions:{tenant}")  # fmt: skip
+
+
+_RECORD_TURN = """
+-- KEYS: hash, nodes, ledger. ARGV: ttl_ms, now, node, ttl_s, msgpack ledger or '', then counter name/increment pairs.
+local h, nodes, ledger, ttl_ms = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+for i = 6, #ARGV, 2 do redis.call('HINCRBY', h, ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', h, 'last_used', ARGV[2], 'node', ARGV[3], 'ttl', ARGV[4])
+redis.call('HSETNX', h, 'created', ARGV[2])
+redis.call('SADD', nodes, ARGV[3])
+if ARGV[5] ~= '' then redis.call('SET', ledger, ARGV[5], 'PX', ttl_ms) else redis.call('DEL', ledger) end
+redis.call('PEXPIRE', h, ttl_ms)
+redis.call('PEXPIRE', nodes, ttl_ms)
+return 1
+"""
+_CREATE = """
+-- KEYS: hash. ARGV: now, ttl_s, ttl_ms. Returns {1 if created now, the hash's fields and values}.
+local created = redis.call('HSETNX', KEYS[1], 'created', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'last_used', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'ttl', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {created, redis.call('HGETALL', KEYS[1])}
+"""
+_END = """
+-- KEYS: hash, nodes, ledger. Returns {1 if the session existed, the nodes that served it}.
+local exists = redis.call('EXISTS', KEYS[1])
+local nodes = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return {exists, nodes}
+"""
 
 
 async def guarded(awaitable, what: str = "session store"):

@@ -324,6 +324,24 @@ class EmbeddedValkeyCluster:
                 raise EmbeddedValkeyError(f"the embedded cluster timed out waiting for {what}")
             time.sleep(0.05)
 
+    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+        """Until every live node sees the cluster ok, `primaries` primaries serve the slots and every live
+        replica is in sync (e.g. after a failover and a restart of the killed node, before killing again)."""
+        def healthy() -> bool:
+            clients = [redis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0) for port in self.live_ports()]
+            try:
+                infos = [c.info("replication") for c in clients]
+                return (sum(i["role"] == "master" for i in infos) == self.primaries
+                        and all(i.get("master_link_status") == "up" for i in infos if i["role"] == "slave")
+                        and all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO") for c in clients))  # fmt: skip
+            except (redis.RedisError, OSError):
+                return False
+            finally:
+                for c in clients:
+                    c.close()
+
+        self._wait(healthy, "the cluster to be healthy", timeout_s)
+
     def primary_of(self, key: str) -> EmbeddedValkey:
         """The node serving `key`'s slot now."""
         client = redis.Redis(host="127.0.0.1", port=self.live_ports()[0], socket_timeout=5.0)

@@ -47,6 +47,7 @@ def rc(cluster, aio):
     assert isinstance(client, RedisCluster)
     aio.run(client.flushall())  # every primary
     yield client
+    aio.run(client.flushall())  # nodes a test registered must not refuse the next test's workers
     aio.run(client.aclose())
 
 
@@ -290,3 +291,31 @@ def test_a_real_gateway_and_workers_on_the_cluster_serve_a_cached_session(cluste
             print(f"{turn + 1:>4}  {prompt:>6}  {cached:>6}  {ledger or '-'}")
         for (prompt, cached, _), (previous, _, _) in zip(rows[1:], rows):
             assert cached >= 0.9 * previous, f"{cached} of the previous turn's {previous} prompt tokens cached"
+
+        # Failover under real traffic: the primary holding the index, registry (and perhaps this
+        # session) is killed -9 after the first of 8 more turns. No request may fail.
+        cluster.wait_healthy()
+        victim = cluster.primary_of("{akv}:nodes")
+        outcomes = []
+        for turn in range(8):
+            if turn == 1:
+                os.kill(victim.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+            start = time.monotonic()
+            try:
+                reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8, temperature=0,
+                                                       extra_headers={"x-session-id": session})  # fmt: skip
+                stats = reply.usage.model_extra["agentkv"]
+                outcomes.append((start, time.monotonic(), "ok", stats["mode"], reply.usage.prompt_tokens_details.cached_tokens))
+                messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                             {"role": "user", "content": f"One more, number {turn + 5}."}]  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - a failed request is what is measured
+                outcomes.append((start, time.monotonic(), type(exc).__name__, "-", 0))
+                print(f"turn {turn + 4} failed: {str(exc)[:300]}")
+        print("\nturn  start after kill  took   outcome  mode      cached")
+        for n, (start, end, outcome, mode, cached) in enumerate(outcomes):
+            print(f"{n + 4:>4}  {start - killed_at:>15.2f}  {end - start:>5.2f}  {outcome:<7}  {mode:<8}  {cached:>6}")
+        assert cluster.primary_of("{akv}:nodes") is not victim
+        assert all(outcome == "ok" for _, _, outcome, _, _ in outcomes), "a request failed during the failover"
+        assert outcomes[-1][4] > 0, "the session's cache hits did not come back after the failover"
+        victim.restart()
