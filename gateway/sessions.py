@@ -14,9 +14,10 @@ Layout (prefix `{namespace}:gw:`), all keys expiring `ttl_s` after the last turn
     sessions:{tenant}          ZSET   id -> expires_at (listing; expired members pruned on read)
 
 `{K}`, braces included literally, holds the session's worker key, a digest of (tenant, id): the hash tag that puts
-one session's three keys in one Redis Cluster slot (its transactions stay single-slot) while sessions
-spread over every primary. The tenant's listing ZSET lives elsewhere, so it is written next to each
-transaction, concurrently, not inside it (a listing is pruned and re-checked on read anyway).
+one session's three keys in one Redis Cluster slot (each multi-key write is one script over them)
+while sessions spread over every primary. The tenant's listing ZSET lives elsewhere, so it is
+written next to each script call, concurrently, not inside it (a listing is pruned and re-checked on
+read anyway).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class SessionStore:
         session_id = validate_session_id(session_id) if session_id else "sess_" + secrets.token_hex(12)
         ttl = self.ttl(ttl_s)
         created, raw = await self._create(tenant, session_id, ttl)
-        return _session_out(tenant, session_id, raw), created  # read in the same transaction: a 1 ms TTL may be over now
+        return _session_out(tenant, session_id, raw), created  # read in the same script: a 1 ms TTL may be over now
 
     async def get(self, tenant: str, session_id: str) -> SessionOut:
         raw = await guarded(self.redis.hgetall(self._keys(tenant, session_id).hash))
