@@ -6,11 +6,13 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config import RouterConfig
 from gateway.errors import ClusterMisconfigured, NoWorkers
-from gateway.router import Candidate, RouteMode, Router, choose_route
+from gateway.router import FULL_PENALTY_SEQS, Candidate, Route, RouteMode, Router, check_compatible, choose_route
 from kvstore.nodes import NodeLoad, NodeRecord, Role
 
 CFG = RouterConfig(prefill_threshold_tokens=64, load_tokens=128, affinity_tokens=256, prefill_worth=2.0, max_prefill_queue=8)
@@ -191,3 +193,137 @@ def test_baseline_policies_for_benchmarks():
     sticky = choose_baseline(cands, 500, "sticky", 0, affinity="b2")
     assert sticky.decode.node_id == "b2" and sticky.prefill is None and sticky.decode_cached_tokens == 480
     assert choose_baseline(cands, 500, "sticky", 1, affinity="gone").decode.node_id == "b2"
+
+
+def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mode=RouteMode.EXACT, affinity=None):
+    """choose_route as it was before the shortlist of gateway.router._representatives (git dbe6d30):
+    every candidate through the cost function. The property test below holds the new one to it."""
+    if not candidates:
+        raise NoWorkers("no worker is registered")
+    check_compatible([c.record for c in candidates])
+    bs = candidates[0].record.block_size
+
+    def cached(c):
+        return min(c.cached_blocks * bs, prompt_tokens)
+
+    def busy(c, need_tokens):
+        cost = config.load_tokens * (c.load.running + c.load.waiting)
+        need_blocks = -(-need_tokens // bs)
+        if c.load.total_blocks and c.load.free_blocks < need_blocks:
+            cost += config.load_tokens * FULL_PENALTY_SEQS
+        return cost
+
+    def prefill_cost(c):
+        miss = prompt_tokens - cached(c)
+        full = c.load.total_blocks and c.load.free_blocks < -(-miss // bs)
+        return miss + config.load_tokens * (c.load.waiting + (FULL_PENALTY_SEQS if full else 0))
+
+    sources = [c for c in candidates if c.record.role in (Role.PREFILL, Role.BOTH) and c.load.waiting <= config.max_prefill_queue]
+    source = max(sources, key=lambda c: (cached(c), -prefill_cost(c)), default=None)
+
+    def obtain(c):
+        miss = prompt_tokens - cached(c)
+        if source is None or cached(source) <= cached(c) or miss <= config.prefill_threshold_tokens:
+            return miss
+        lacking_blocks = -(-prompt_tokens // bs) - cached(c) // bs
+        return min(miss, prefill_cost(source) + config.transfer_tokens_per_block * lacking_blocks)
+
+    def decode_cost(c):
+        miss = prompt_tokens - cached(c)
+        return obtain(c) + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
+
+    decoders = [c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)] or list(candidates)
+    d = min(decoders, key=lambda c: (decode_cost(c), c.node_id))
+    d_miss = prompt_tokens - cached(d)
+    route = Route(mode, d.record, None, prompt_tokens, bs, cached(d))
+    if d_miss <= config.prefill_threshold_tokens:
+        return route
+    prefillers = [c for c in sources if c.node_id != d.node_id and prompt_tokens - cached(c) <= d_miss + bs]
+    p = min(prefillers, key=lambda c: (prefill_cost(c), c.node_id), default=None)
+    if p is not None and prefill_cost(p) <= config.prefill_worth * d_miss:
+        route.prefill, route.prefill_cached_tokens = p.record, cached(p)
+    return route
+
+
+# A cluster drawn from a few load profiles, so that many nodes tie on everything but their id (the
+# case the shortlist collapses); ids are shuffled so that list order is not id order.
+profiles = st.tuples(
+    st.sampled_from([Role.DECODE, Role.PREFILL, Role.BOTH]),
+    st.sampled_from([0, 0, 0, 1, 2, 5, 9]),  # cached blocks, mostly none
+    st.sampled_from([0, 1, 2, 3, 9, 10]), st.sampled_from([0, 1, 2, 9]),  # running + waiting; waiting (if <= the sum)
+    st.integers(0, 4), st.sampled_from([0, 10_000]),  # free blocks around what it lacks (below); total 0 = never full
+)
+
+
+@st.composite
+def near_profiles(draw):
+    """A few profiles that differ from one another in one field (or not at all): the nodes that the
+    shortlist must not confuse."""
+    base = draw(profiles)
+    pool = [base]
+    for _ in range(draw(st.integers(0, 5))):
+        field, other = draw(st.integers(0, len(base) - 1)), draw(profiles)
+        pool.append(base[:field] + (other[field],) + base[field + 1 :])
+    return pool
+
+
+@st.composite
+def clusters(draw):
+    pool = draw(st.one_of(near_profiles(), st.lists(profiles, min_size=1, max_size=6)))
+    n = draw(st.integers(1, 40))
+    ids = draw(st.permutations([f"n{i:02d}" for i in range(n)]))
+    bs = draw(st.sampled_from([1, 4, 16]))
+    prompt_tokens, max_tokens = draw(st.integers(0, 160)), draw(st.integers(0, 64))
+    cands = []
+    for node_id in ids:
+        role, cached_blocks, busy, waiting, near, total = draw(st.sampled_from(pool))
+        miss = prompt_tokens - min(cached_blocks * bs, prompt_tokens)  # free on either side of both "full" thresholds
+        free = [max(0, -(-miss // bs) - 1), -(-miss // bs), -(-(miss + max_tokens) // bs) - 1, -(-(miss + max_tokens) // bs), 10_000][near]
+        waiting = min(waiting, busy)
+        running = busy - waiting
+        record = node(node_id, role, block_size=bs).record
+        cands.append(Candidate(record, NodeLoad(running, waiting, free, total), cached_blocks))
+    affinity = draw(st.sampled_from([None, "gone", *ids]))
+    return cands, affinity, prompt_tokens, max_tokens
+
+
+configs = st.builds(
+    RouterConfig,
+    prefill_threshold_tokens=st.sampled_from([0, 8, 64]),
+    load_tokens=st.sampled_from([0.0, 1.0, 0.5, 16.0, 128.0]),  # 0: load ignored, every node ties
+    affinity_tokens=st.sampled_from([0.0, 16.0, 256.0]),
+    prefill_worth=st.sampled_from([0.5, 1.0, 2.0]),
+    max_prefill_queue=st.sampled_from([0, 1, 2, 8]),
+    transfer_tokens_per_block=st.sampled_from([0.0, 0.1, 1.0, 40.0]),
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), configs)
+def test_the_shortlist_routes_exactly_as_evaluating_every_node(cluster, config):
+    cands, affinity, prompt_tokens, max_tokens = cluster
+    new = choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity)
+    old = reference_choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity)
+    assert outcome(new) == outcome(old)
+
+
+def outcome(route: Route) -> tuple:
+    prefill = route.prefill.node_id if route.prefill else None
+    return route.mode, route.decode.node_id, prefill, route.decode_cached_tokens, route.prefill_cached_tokens
+
+
+def test_the_shortlist_keeps_the_two_lowest_ids_of_nodes_the_cost_function_cannot_tell_apart():
+    from gateway.router import _representatives
+
+    same = [node(f"d{i}") for i in (5, 3, 9, 1, 7)] + [node("h", cached_blocks=2), node("d8", running=1), node("d6")]
+    kept = [c.node_id for c in _representatives(same, 100, 16, 16, affinity="d6")]
+    assert kept == ["d3", "d1", "h", "d8", "d6"]  # in list order; d6 is the affinity node: its own group
+
+
+def test_the_shortlist_tells_apart_nodes_that_differ_only_in_room_for_the_prompt():
+    """p0 and p1 lack room for the prompt's 32 blocks, p2 has it (all three lack room for 33, the
+    decode reservation): only p2's prefill is worth it, though its id is the highest."""
+    cands = [node("d1"), node("p0", Role.PREFILL, free=10), node("p1", Role.PREFILL, free=10), node("p2", Role.PREFILL, free=32)]
+    route = choose_route(cands, 500, 16, CFG)
+    assert route.prefill.node_id == "p2"
+    assert reference_choose_route(cands, 500, 16, CFG).prefill.node_id == "p2"
