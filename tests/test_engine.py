@@ -132,7 +132,7 @@ def test_chunked_prefill_equals_one_shot(smollm2, prompts):
 def test_a_prompt_arriving_mid_decode_shares_steps_with_the_decodes(smollm2, prompts):
     """Mixed steps: while a long prompt is prefilled in chunks, every running decode advances in the
     same steps (none waits for the prompt), and every output equals its solo run."""
-    engine = Engine(smollm2, EngineConfig(num_blocks=400, mixed_prefill_tokens=16))
+    engine = Engine(smollm2, EngineConfig(num_blocks=400, mixed_prefill_tokens=16, short_prompt_tokens=32))
     steps = []
     run = engine.runner.run
     engine.runner.run = lambda batch: steps.append(list(batch.query_lens)) or run(batch)
@@ -320,3 +320,23 @@ def test_step_costs_size_the_prompt_share_of_a_mixed_step():
     gpu.observe(0, 2048, 0.015)
     gpu.observe(8, 0, 0.010)
     assert gpu.prompt_tokens_within(1.5, 16, 512) == 512
+
+
+def test_a_short_new_turn_is_prefilled_whole_beside_decodes_and_a_long_prompt_in_chunks(smollm2, prompts):
+    """An agent's next turn (a few hundred uncached tokens) gets its prompt in one step even while
+    decodes run; a long prompt is chunked by the ITL rule."""
+    engine = Engine(smollm2, EngineConfig(num_blocks=400, mixed_prefill_tokens=16, short_prompt_tokens=64))
+    steps = []
+    run = engine.runner.run
+    engine.runner.run = lambda batch: steps.append({s.request_id: n for s, n in zip(batch.seqs, batch.query_lens)}) or run(batch)
+    engine.add_request("decoding", prompts[0], greedy(30))
+    while not any(s.get("decoding") == 1 for s in steps):
+        engine.step()
+    engine.add_request("short", prompts[1], greedy(4))  # ~40 tokens <= 64
+    engine.add_request("long", prompts[3] * 3, greedy(4))  # ~120 tokens > 64
+    while engine.has_work():
+        engine.step()
+    short = [s["short"] for s in steps if "short" in s and s["short"] > 1]
+    long = [s["long"] for s in steps if "long" in s and s["long"] > 1]
+    assert len(short) == 1 and short[0] >= len(prompts[1]) - 16  # one step beside the decode (a template block may be cached)
+    assert len(long) >= 3 and max(long) <= 16

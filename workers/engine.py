@@ -34,6 +34,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     mixed_prefill_tokens: int = 512  # at most this many prompt tokens in a step with decodes (workers/scheduler.py)
     itl_slowdown: float = 1.5  # a step with prompt tokens costs at most this many decode-only steps
+    short_prompt_tokens: int = 256  # a new sequence with at most this many uncached prompt tokens is computed whole
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, config.block_size, layout)
         self.kv_cache = KVCacheManager(self.pool)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, config.mixed_prefill_tokens,
-                                   config.itl_slowdown)
+                                   config.itl_slowdown, config.short_prompt_tokens)
         self.runner = ModelRunner(self.paged_model, self.pool.kv, config.block_size)
         self.eos_token_ids = self._eos_ids()
         self.grammars = GrammarCompiler(self.tokenizer, self.paged_model.lm_head.out_features)

@@ -10,6 +10,11 @@ sized from measured step times (StepCosts): as many prompt tokens as keep a mixe
 dozen tokens on a CPU core (a prompt token costs ~1.5 ms next to a ~80 ms decode step) and whole
 prompts on a GPU (where the decode step is weight-bound and extra tokens are nearly free).
 
+One exception: a newly admitted sequence whose prompt, past its cached prefix, fits in
+`short_prompt_tokens` (256) is computed whole in its first step. That is an agent's next turn (the
+history is cached; the new tool output and message are a few hundred tokens), and its TTFT is what
+the agent waits for; the decodes pay one longer step. A long prompt is chunked to the end.
+
 When decode runs out of blocks, the youngest running sequence is preempted: its blocks are
 released (its full blocks stay cached) and it is recomputed later, mostly from the prefix cache.
 """
@@ -68,12 +73,13 @@ class Scheduler:
     MIN_MIXED_PROMPT_TOKENS = 16  # a prompt always advances at least this much per step
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, mixed_prefill_tokens: int | None = None,
-                 itl_slowdown: float = 1.5):  # fmt: skip
+                 itl_slowdown: float = 1.5, short_prompt_tokens: int = 256):  # fmt: skip
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.mixed_prefill_tokens = max_num_batched_tokens if mixed_prefill_tokens is None else mixed_prefill_tokens
         self.itl_slowdown = itl_slowdown
+        self.short_prompt_tokens = short_prompt_tokens
         self.costs = StepCosts()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -90,11 +96,12 @@ class Scheduler:
         preemptions = self.num_preemptions
         self._schedule_decodes(batch)
         admit = self.num_preemptions == preemptions  # a step that had to preempt admits nobody (no thrash)
-        budget = self.max_num_batched_tokens - len(batch.seqs)
+        room = self.max_num_batched_tokens - len(batch.seqs)
+        budget = room
         if batch.seqs:
             floor = min(self.MIN_MIXED_PROMPT_TOKENS, self.mixed_prefill_tokens)
-            budget = min(budget, self.costs.prompt_tokens_within(self.itl_slowdown, floor, self.mixed_prefill_tokens))
-        self._schedule_prompts(batch, max(budget, 0), admit)
+            budget = min(room, self.costs.prompt_tokens_within(self.itl_slowdown, floor, self.mixed_prefill_tokens))
+        self._schedule_prompts(batch, max(budget, 0), max(room, 0), admit)
         return batch if batch.seqs else None
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> None:
@@ -115,27 +122,36 @@ class Scheduler:
                     if victim is seq:
                         break
 
-    def _schedule_prompts(self, batch: ScheduledBatch, budget: int, admit: bool) -> None:
-        """Prompt chunks up to `budget` tokens: unfinished prompts first, then newly admitted sequences.
+    def _schedule_prompts(self, batch: ScheduledBatch, budget: int, room: int, admit: bool) -> None:
+        """Prompt chunks up to `budget` tokens: unfinished prompts first, then newly admitted sequences
+        (the first short one whole, within `room`).
 
         Admission keeps one free block per running sequence, the most a decode step can take: a
         sequence admitted into the last free blocks would be the next one preempted, over and over.
         """
 
-        def take(seq: Sequence) -> None:
-            nonlocal budget
-            n = min(seq.num_uncomputed, budget)
+        short_taken = False
+
+        def take(seq: Sequence, whole: bool = False) -> None:
+            nonlocal budget, room
+            n = min(seq.num_uncomputed, room if whole else budget)
             self.kv.ensure_slots(seq, seq.num_computed + n)
             batch.add(seq, n)
-            budget -= n
+            budget, room = budget - n, room - n
 
         for seq in self.running:
             if seq.num_uncomputed > 1 and budget > 0:
                 take(seq)
-        while (admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+        while (admit and self.waiting and len(self.running) < self.max_num_seqs
+               and (budget > 0 or (not short_taken and room > 0))
                and self.kv.try_admit(self.waiting[0], reserve=len(self.running))):  # fmt: skip
-            self.running.append(self.waiting.popleft())
-            take(self.running[-1])
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            whole = not short_taken and seq.num_uncomputed <= min(self.short_prompt_tokens, room)
+            short_taken |= whole
+            if not (whole or budget > 0):
+                break  # admitted (its blocks are held); its chunks start next step
+            take(seq, whole)
 
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
         """The measured duration of `batch`'s forward, for sizing the next mixed steps."""
