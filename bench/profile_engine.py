@@ -20,8 +20,9 @@ from workers.engine import Engine, EngineConfig
 from workers.loader import load_model
 
 
-def steps_of(engine: Engine, batch: int, context: int, prompt: list[int] | None, n: int) -> tuple[float, float]:
-    """Run `n` steps once `batch` sequences decode (a prompt joining first if given): (step s, forward s) medians."""
+def steps_of(engine: Engine, batch: int, context: int, prompt: list[int] | None, n: int, prof=None) -> tuple[float, float]:
+    """Run `n` steps once `batch` sequences decode (a prompt joining first if given), profiled by
+    `prof` if given: (step s, forward s) medians."""
     vocab = engine.paged_model.lm_head.out_features
     for i, p in enumerate(_prompts(batch, context, vocab, seed=7)):
         engine.add_request(f"p{i}-{time.monotonic_ns()}", p, SamplingParams(max_tokens=4 * n, ignore_eos=True))
@@ -39,10 +40,14 @@ def steps_of(engine: Engine, batch: int, context: int, prompt: list[int] | None,
         return out
 
     engine.runner.run = timed
+    if prof is not None:
+        prof.start()
     for _ in range(n):
         start = time.perf_counter()
         engine.step()
         step_s.append(time.perf_counter() - start)
+    if prof is not None:
+        prof.stop()
     engine.runner.run = run
     for rid in list(engine._seqs):
         engine.abort(rid)
@@ -63,9 +68,9 @@ def main() -> None:
     vocab = engine.paged_model.lm_head.out_features
     steps_of(engine, 2, 32, None, 2)  # warm-up
     long = _prompts(1, 2048, vocab, seed=9)[0]
-    for label, prompt in (("decode", None), ("mixed (decodes + a 64-token prompt chunk)", long)):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step, forward = steps_of(engine, args.batch, args.context, prompt, args.steps)
+    for label, prompt in (("decode", None), ("mixed (the same decodes + chunks of a 2048-token prompt)", long)):
+        prof = profile(activities=[ProfilerActivity.CPU])
+        step, forward = steps_of(engine, args.batch, args.context, prompt, args.steps, prof)
         print(f"\n== {label}: batch {args.batch}, context {args.context}: step {step * 1000:.1f} ms median, "
               f"forward {forward * 1000:.1f} ms ({forward / step:.0%} of the step)")  # fmt: skip
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40))
