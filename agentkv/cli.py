@@ -176,6 +176,7 @@ def bench_engine(
     """The built-in engine against vLLM's CPU build (same core, same tokens) and plain transformers:
     decode tok/s at batch 1/8/32, prefill tok/s, ITL under a concurrent prefill."""
     _require(*SERVER)
+    _require("httpx_sse", extra="bench")  # the vLLM column streams from vLLM's server
     from bench.engine import run
     from workers.loader import ModelNotFound
 
