@@ -279,8 +279,8 @@ def _index_blocks(cluster, node_id: str) -> set[int]:
     import redis
 
     r = redis.Redis.from_url(cluster.stack.redis_url)
-    generation = r.get(f"akv:gen:{node_id}").decode()
-    return {int.from_bytes(h, "little") for h in r.hkeys(f"akv:blk:{node_id}:{generation}")}
+    generation = r.get(f"{{akv}}:gen:{node_id}").decode()
+    return {int.from_bytes(h, "little") for h in r.hkeys(f"{{akv}}:blk:{node_id}:{generation}")}
 
 
 def _routed_nodes(cluster) -> set[str]:
