@@ -141,9 +141,10 @@ def test_metadata_for_another_node_or_generation_is_rejected(pair):
 
 # -- failures and restarts --------------------------------------------------------------------------
 def test_a_read_from_a_stalled_peer_ends_by_its_deadline(pair):
-    """SIGSTOP: the peer is alive but its CPU does nothing. ucxx needs the peer to send, so the read
-    times out, cancelled (not in flight); a one-sided NIXL read may still complete (the kernel copies
-    from a stopped process). Either way nothing hangs, and the peer works again once it continues."""
+    """SIGSTOP: the peer is alive but its CPU does nothing. The read either times out, cancelled (not
+    in flight), or completes: a one-sided NIXL read copies from a stopped process through the kernel,
+    and ucxx did too once in CI (its transfer had already been handed to UCX's shared-memory path).
+    Either way nothing hangs, and the peer works again once it continues."""
     backend, a, _ = pair
     stalled = PeerProcess(backend, "S", seed=7, num_blocks=NUM_BLOCKS).ready()
     try:
@@ -158,7 +159,7 @@ def test_a_read_from_a_stalled_peer_ends_by_its_deadline(pair):
             outcome = err.kind
             assert "within 1.0s" in str(err) and "keep the blocks referenced" not in str(err)
             assert a.call("counters")["failures"] == failures + 1
-        assert outcome == "TransferTimeout" or (backend, outcome) == ("nixl", "completed")
+        assert outcome in ("TransferTimeout", "completed")
         assert time.monotonic() - t0 < 1.0 + 1.5
         os.kill(stalled.proc.pid, signal.SIGCONT)
         a.call("read", "S", [3], [3], b"continued", 10.0)
