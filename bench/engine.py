@@ -173,8 +173,9 @@ def run(
         os.sched_setaffinity(0, cores)
     result["settings"].update(core=core, threads=1)
     python = default_vllm_python() if vllm_python is None else vllm_python
+    vocab = result.pop("vocab")
     if python:
-        result["vllm"] = _vllm(python, model, core, context, new_tokens, long_prompt)
+        result["vllm"] = _vllm(python, model, vocab, core, context, new_tokens, long_prompt)
         result["vs_vllm"] = _versus(result, result["vllm"])
     if measure_load:
         result["model_load_s"] = model_load_s(model)
@@ -224,14 +225,14 @@ def _builtin(model: str, context: int, new_tokens: int, long_prompt: int, repeat
     result.update(itl_under_prefill(engine, 8, ITL_CONTEXT, ITL_TOKENS, ITL_ALONE_TOKENS, long, vocab))
     result["settings"] = {"context": context, "new_tokens": new_tokens, "long_prompt": long_prompt, "repeats": repeats,
                           "short_prompt": short_prompt, "itl_batch": 8, "itl_context": ITL_CONTEXT}  # fmt: skip
+    result["vocab"] = vocab  # the vLLM column draws the same token ids
     return result
 
 
-def _vllm(python: str, model: str, core: int, context: int, new_tokens: int, long_prompt: int) -> dict:
+def _vllm(python: str, model: str, vocab: int, core: int, context: int, new_tokens: int, long_prompt: int) -> dict:
     """vLLM's figures on the same core and token ids, or why there are none."""
     from workers.loader import resolve_model_path
 
-    vocab = load_model(model).hf_model.config.vocab_size
     try:
         with tempfile.TemporaryDirectory(prefix="agentkv-bench-vllm-") as logs:
             return measure_vllm(python, Path(resolve_model_path(model)[0]), core=core, log_dir=Path(logs), context=context,

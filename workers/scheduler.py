@@ -115,10 +115,8 @@ class Scheduler:
                     batch.add(seq, 1)
                     break
                 except OutOfBlocks:
-                    victim = self.running[-1]
+                    victim = self.running[-1]  # not scheduled yet: running is walked front to back
                     self.preempt(victim)
-                    if victim in batch.seqs:
-                        self._unschedule(batch, victim)
                     if victim is seq:
                         break
 
@@ -157,11 +155,6 @@ class Scheduler:
         """The measured duration of `batch`'s forward, for sizing the next mixed steps."""
         decodes = sum(1 for n in batch.query_lens if n == 1)
         self.costs.observe(decodes, sum(batch.query_lens) - decodes, seconds)
-
-    @staticmethod
-    def _unschedule(batch: ScheduledBatch, seq: Sequence) -> None:
-        i = batch.seqs.index(seq)
-        del batch.seqs[i], batch.query_lens[i]
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
