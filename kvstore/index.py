@@ -23,8 +23,8 @@ from kvstore.nodes import NodeLoad, NodeRecord
 from kvstore.registry import NodeRegistry, scripts
 
 # The lookup's reply: server time (ms), every node's live entry [id, gen, expires_at_ms, load], and the
-# match of each incarnation ('{id}:{gen}') holding the prompt's first block.
-_decode_lookup = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, int, NodeLoad | None]], dict[str, int]]).decode
+# match of each incarnation ('{id}:{gen}') holding the prompt's first block, as runs [matched, [incarnations]].
+_decode_lookup = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, int, NodeLoad | None]], list[tuple[int, list[str]]]]).decode
 _RESYNC_CHUNK = 8192
 _HOLDERS_CHUNK = 2048  # blocks per holders_sync call after a resync (~1-2 ms of Redis each)
 _GC_CHUNK = 2048  # retired entries swept per gc_step call
@@ -148,7 +148,8 @@ class BlockIndex:
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def _matches(self, block_hashes: list[int]) -> list[tuple[str, int, int, NodeLoad]]:
-        now_ms, live, matched = _decode_lookup(await self._lookup(args=[self.prefix, _pack(block_hashes)]))
+        now_ms, live, runs = _decode_lookup(await self._lookup(args=[self.prefix, _pack(block_hashes)]))
+        matched = {inc: blocks for blocks, incarnations in runs for inc in incarnations}  # later runs win
         return [(node_id, int(gen), matched.get(f"{node_id}:{gen}", 0), load or NodeLoad())
                 for node_id, gen, expires_ms, load in live if expires_ms > now_ms]  # fmt: skip
 

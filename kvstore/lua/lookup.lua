@@ -1,6 +1,7 @@
 -- ARGV: prefix, packed hashes. Returns one msgpack string (one bulk reply parses far faster in the
 -- client than an array of 4 x nodes): the server time, every node's LIVE entry as stored (one HVALS,
--- no call per node), and the match of every incarnation that holds the prompt's first block.
+-- no call per node), and the match of every incarnation that holds the prompt's first block, as runs
+-- [matched, [incarnations]] (a set operation's reply packed whole: no per-member work in Lua).
 --
 -- A node holds blocks 1..i of the prompt exactly when block i is F on it, so with S(i) the holder set
 -- of block i (incarnations holding it in state F), S(1) >= S(2) >= ... >= S(n), and a node's match is
@@ -14,7 +15,11 @@ local packed = ARGV[2]
 local n = #packed / 8
 local function at(i) return string.sub(packed, 8 * i - 7, 8 * i) end
 local function card(i) return redis.call('SCARD', holders_key(at(i))) end
-local matched = {}  -- incarnation -> matched blocks
+local function array(k) return k < 16 and string.char(0x90 + k) or string.char(0xdc) .. struct.pack('>H', k) end
+local runs = {}  -- msgpack [matched blocks, [incarnations]]; a later run overrides an earlier one
+local function run(matched, incarnations)
+  if #incarnations > 0 then runs[#runs + 1] = array(2) .. cmsgpack.pack(matched, incarnations) end
+end
 if n > 0 then
   local i, c = 1, card(1)
   while c > 0 do
@@ -33,7 +38,7 @@ if n > 0 then
     end
     local members = lo == n and redis.call('SMEMBERS', holders_key(at(n)))
       or redis.call('SDIFF', holders_key(at(lo)), holders_key(at(lo + 1)))
-    for _, inc in ipairs(members) do matched[inc] = lo end
+    run(lo, members)
     if lo > i then
       -- Members of S(i) missing from S(lo): none while every set is nested, but a retired blk hash
       -- being swept (or a node mid-resync) can leave any pattern. A live incarnation's entries
@@ -44,15 +49,13 @@ if n > 0 then
           local mid = math.floor((a + b) / 2)
           if redis.call('SISMEMBER', holders_key(at(mid)), inc) == 1 then a = mid else b = mid end
         end
-        matched[inc] = a
+        run(a, {inc})
       end
     end
     if lo == n then break end
     i, c = lo + 1, chi
   end
 end
--- Reply: msgpack [now_ms, [every LIVE entry], {incarnation: matched}]; the client drops expired entries.
-local function array(k) return k < 16 and string.char(0x90 + k) or string.char(0xdc) .. struct.pack('>H', k) end
+-- Reply: msgpack [now_ms, [every LIVE entry], [runs]]; the client drops expired entries.
 local live = redis.call('HVALS', LIVE)
-local holders = next(matched) == nil and string.char(0x80) or cmsgpack.pack(matched)
-return array(3) .. cmsgpack.pack(now_ms()) .. array(#live) .. table.concat(live) .. holders
+return array(3) .. cmsgpack.pack(now_ms()) .. array(#live) .. table.concat(live) .. array(#runs) .. table.concat(runs)
