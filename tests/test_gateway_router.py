@@ -38,7 +38,9 @@ def test_a_much_busier_node_loses_its_cache_advantage():
 
 def test_affinity_breaks_near_ties_but_does_not_pin():
     tie = [node("d1", cached_blocks=10), node("d2", cached_blocks=10)]
-    assert choose_route(tie, 500, 16, CFG).decode.node_id == "d1"  # node id breaks exact ties
+    assert choose_route(tie, 500, 16, CFG).decode.node_id == "d1"  # node id breaks exact ties ...
+    assert choose_route(tie, 500, 16, CFG, after="d1").decode.node_id == "d2"  # ... taking turns past the last choice
+    assert choose_route(tie, 500, 16, CFG, after="d2").decode.node_id == "d1"  # (wrapping around)
     assert choose_route(tie, 500, 16, CFG, affinity="d2").decode.node_id == "d2"
     far = [node("d1", cached_blocks=30), node("d2", cached_blocks=0)]  # 480 tokens > the 256 bonus
     assert choose_route(far, 500, 16, CFG, affinity="d2").decode.node_id == "d1"
@@ -168,6 +170,15 @@ def test_turns_that_arrive_together_do_not_herd_onto_one_node(aio):
     assert sorted(chosen) == ["d1", "d1", "d2", "d2"]
 
 
+def test_new_sessions_take_turns_over_nodes_that_look_alike(aio):
+    """Idle-looking nodes (their sessions between calls) tie: each decision's tie goes to the node
+    after the last one chosen, round robin, not always to the lowest id."""
+    nodes = [node(f"d{i}", cached_blocks=30) for i in range(3)]
+    router = Router(FakeIndex([(n.record, n.load, 30) for n in nodes]), lambda: [], CFG)
+    chosen = [aio.run(router.choose(ask([1, 2, 3], 500, 16, None))).decode.node_id for _ in range(6)]
+    assert chosen == ["d0", "d1", "d2", "d0", "d1", "d2"]
+
+
 def test_a_stale_report_of_the_gateways_own_finished_turns_does_not_repel_the_next_turn(aio):
     """d1 still reports the 4 turns that just finished there; the session's next turn goes back to it."""
     now = [100.0]
@@ -195,9 +206,14 @@ def test_baseline_policies_for_benchmarks():
     assert choose_baseline(cands, 500, "sticky", 1, affinity="gone").decode.node_id == "b2"
 
 
-def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mode=RouteMode.EXACT, affinity=None):
+def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mode=RouteMode.EXACT, affinity=None, after=None):
     """choose_route as it was before the shortlist of gateway.router._representatives (git dbe6d30):
-    every candidate through the cost function. The property test below holds the new one to it."""
+    every candidate through the cost function; ties in rotated id order (the ids after `after` first).
+    The property test below holds the new one to it."""
+
+    def tie(node_id):
+        return (after is not None and node_id <= after, node_id)
+
     if not candidates:
         raise NoWorkers("no worker is registered")
     check_compatible([c.record for c in candidates])
@@ -233,13 +249,13 @@ def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mod
         return obtain(c) + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
 
     decoders = [c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)] or list(candidates)
-    d = min(decoders, key=lambda c: (decode_cost(c), c.node_id))
+    d = min(decoders, key=lambda c: (decode_cost(c), tie(c.node_id)))
     d_miss = prompt_tokens - cached(d)
     route = Route(mode, d.record, None, prompt_tokens, bs, cached(d))
     if d_miss <= config.prefill_threshold_tokens:
         return route
     prefillers = [c for c in sources if c.node_id != d.node_id and prompt_tokens - cached(c) <= d_miss + bs]
-    p = min(prefillers, key=lambda c: (prefill_cost(c), c.node_id), default=None)
+    p = min(prefillers, key=lambda c: (prefill_cost(c), tie(c.node_id)), default=None)
     if p is not None and prefill_cost(p) <= config.prefill_worth * d_miss:
         route.prefill, route.prefill_cached_tokens = p.record, cached(p)
     return route
@@ -284,7 +300,8 @@ def clusters(draw):
         record = node(node_id, role, block_size=bs).record
         cands.append(Candidate(record, NodeLoad(running, waiting, free, total), cached_blocks))
     affinity = draw(st.sampled_from([None, "gone", *ids]))
-    return cands, affinity, prompt_tokens, max_tokens
+    after = draw(st.sampled_from([None, "n", "zz", *ids]))  # the last decision's node: ties rotate past it
+    return cands, affinity, after, prompt_tokens, max_tokens
 
 
 configs = st.builds(
@@ -301,9 +318,9 @@ configs = st.builds(
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), configs)
 def test_the_shortlist_routes_exactly_as_evaluating_every_node(cluster, config):
-    cands, affinity, prompt_tokens, max_tokens = cluster
-    new = choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity)
-    old = reference_choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity)
+    cands, affinity, after, prompt_tokens, max_tokens = cluster
+    new = choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity, after=after)
+    old = reference_choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity, after=after)
     assert outcome(new) == outcome(old)
 
 
