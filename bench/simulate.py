@@ -37,7 +37,7 @@ from bench.agent.mooncake import TraceRecord
 from bench.simworkload import agent_sessions, reuse_ceiling, trace_sessions
 from bench.workersim import Calibration, Call, Cluster, Placement, SimSession, Worker
 from gateway.config import RouterConfig
-from gateway.router import Candidate, choose_route
+from gateway.router import Candidate, LoadTracker, Route, choose_route
 from kvstore.events import BlockRemoved, BlockStored, KVEventBatch
 from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord, Role
@@ -108,6 +108,7 @@ class Policy:
     moved_blocks: int = 0
     last_node: dict[str, int] = field(default_factory=dict)
     last_decode: str | None = None  # the last decision's decode node: ties go to the ids after it, as in the Router
+    now: float = 0.0  # simulated time of the event being handled
     prompts: list[list[int]] = field(default_factory=list)  # the first calls' block hashes (to time the lookup alone)
 
     def __post_init__(self) -> None:
@@ -115,8 +116,12 @@ class Policy:
         self.rng = np.random.default_rng(self.seed)
         self.turns = itertools.count()
         self.position = {r.node_id: i for i, r in enumerate(self.nodes)}
+        # The gateway's own accounting of sessions between calls (the loads themselves are exact here).
+        self.loads = LoadTracker(0.0, clock=lambda: self.now, session_idle_s=self.config.session_idle_s)
+        self.routes: dict[str, Route] = {}  # session -> the route of its call in flight
 
     def place(self, session: SimSession, call: Call, workers: list[Worker], now: float) -> Placement:
+        self.now = now
         prefill, decode = self._choose(session, call, workers)
         self.last_node[session.id] = decode
         bs = self.cal.block_size
@@ -130,6 +135,11 @@ class Policy:
             self._store(prefill, call.block_hashes)
         self._store(decode, call.block_hashes)
         return Placement(prefill, decode, new_tokens, moved)
+
+    def finished(self, session: SimSession, now: float) -> None:
+        if (route := self.routes.pop(session.id, None)) is not None:
+            self.now = now
+            self.loads.finished(route, session.id)
 
     def _choose(self, session: SimSession, call: Call, workers: list[Worker]) -> tuple[int, int]:
         n = len(self.nodes)
@@ -153,10 +163,11 @@ class Policy:
         t0 = time.perf_counter()
         matched = await self.index.lookup(call.block_hashes)
         self.lookup_s.append(time.perf_counter() - t0)
-        capacity = self.scale.capacity_blocks
+        capacity, idle = self.scale.capacity_blocks, self.loads.idle
         candidates = [
             Candidate(r, NodeLoad(running=len(w.running) + len(w.joining), waiting=w.waiting,
-                                  free_blocks=capacity - len(pool.blocks), total_blocks=capacity), matched.get(r.node_id, 0))
+                                  free_blocks=capacity - len(pool.blocks), total_blocks=capacity),
+                      matched.get(r.node_id, 0), idle(r.node_id, session.id))
             for r, w, pool in zip(self.nodes, workers, self.pools)
         ]  # fmt: skip
         affinity = self.nodes[self.last_node[session.id]].node_id if session.id in self.last_node else None
@@ -164,6 +175,8 @@ class Policy:
                              after=self.last_decode)  # fmt: skip
         self.decision_s.append(time.perf_counter() - t0)
         self.last_decode = route.decode.node_id
+        self.loads.started(route, session.id)
+        self.routes[session.id] = route
         d = self.position[route.decode.node_id]
         return (self.position[route.prefill.node_id] if route.prefill else d), d
 

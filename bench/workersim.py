@@ -120,6 +120,9 @@ class Worker:
 class RoutePolicy(Protocol):
     def place(self, session: SimSession, call: Call, workers: list[Worker], now: float) -> Placement: ...
 
+    def finished(self, session: SimSession, now: float) -> None:
+        """The session's call placed last has emitted its last token."""
+
 
 @dataclass
 class Split:
@@ -136,6 +139,9 @@ class Split:
             prefill = min(workers[: self.prefill], key=lambda w: w.backlog_s(self.cal, now)).index
             return Placement(prefill, decode, call.new_tokens, -(-call.new_tokens // self.cal.block_size))
         return Placement(decode, decode, call.new_tokens)
+
+    def finished(self, session: SimSession, now: float) -> None:
+        pass
 
 
 @dataclass
@@ -183,6 +189,7 @@ class Cluster:
 
             def done(t: float) -> None:
                 out.e2e_s = t - now
+                self.policy.finished(s, t)
                 if k + 1 < len(s.calls):
                     self.at(t + s.think_s[k], self._call_starter(s, k + 1, outcomes))
 

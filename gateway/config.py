@@ -18,6 +18,11 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     policy: Literal["prefix", "sticky", "round_robin"] = "prefix"
     prefill_threshold_tokens: int = 64  # D lacking more than this may hand the prefill to a P node
     load_tokens: float = 128.0  # cost of one running or waiting sequence on a node
+    # An agent session between calls (running a tool) whose last turn ran on a node counts there as
+    # this many running sequences: it will be back. Without it, new sessions pile onto the nodes
+    # whose sessions happen to be between calls (docs/simulate.md measured the tail it costs).
+    idle_session_weight: float = 1.0
+    session_idle_s: float = 60.0  # ... for this long after its last turn ended
     affinity_tokens: float = 256.0  # bonus for the node that served the session's last turn
     prefill_worth: float = 2.0  # P is used only if its cost <= prefill_worth x what D lacks
     max_prefill_queue: int = 8  # a P node with more waiting prefills than this is skipped

@@ -3,7 +3,8 @@
 Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; docs/gateway.md):
 
     miss(n)    = prompt_tokens - cached_tokens(n)            tokens node n lacks
-    busy(n)    = load_tokens * (running(n) + waiting(n))     + full_penalty if n lacks free blocks
+    busy(n)    = load_tokens * (running(n) + waiting(n)      + full_penalty if n lacks free blocks
+                 + idle_session_weight * idle_sessions(n))   (sessions between calls whose last turn ran on n)
     prefill(p) = miss(p) + load_tokens * waiting(p)          + full_penalty: what p's prefill waits for
                                                              and computes (its decodes barely delay it)
     S          = the prefill-capable node holding the longest prefix (waiting(S) <= max_prefill_queue)
@@ -36,7 +37,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
@@ -68,6 +69,7 @@ class Candidate:
     record: NodeRecord
     load: NodeLoad
     cached_blocks: int = 0
+    idle_sessions: int = 0  # this gateway's sessions between calls whose last turn ran here (LoadTracker.idle)
 
     @property
     def node_id(self) -> str:
@@ -137,7 +139,7 @@ def choose_route(
         return min(c.cached_blocks * bs, prompt_tokens)
 
     def busy(c: Candidate, need_tokens: int) -> float:
-        cost = config.load_tokens * (c.load.running + c.load.waiting)
+        cost = config.load_tokens * (c.load.running + c.load.waiting + config.idle_session_weight * c.idle_sessions)
         need_blocks = -(-need_tokens // bs)
         if c.load.total_blocks and c.load.free_blocks < need_blocks:
             cost += config.load_tokens * FULL_PENALTY_SEQS
@@ -189,7 +191,7 @@ def _representatives(candidates: list[Candidate], prompt_tokens: int, max_tokens
     most nodes hold the same few prefixes under the same few loads).
 
     Why it is exact: choose_route reads a node only through its cached_blocks, its role, running +
-    waiting, waiting, whether its free blocks cover what it lacks (+ max_tokens for decode; a node
+    waiting, waiting, its idle sessions, whether its free blocks cover what it lacks (+ max_tokens for decode; a node
     without total_blocks is never full), whether it is the affinity node, and its node id. Nodes
     equal in all but the id (one group) get identical costs and eligibilities, so
     - D = argmin (decode cost, tie(node id)): only a group's first id can win;
@@ -210,7 +212,7 @@ def _representatives(candidates: list[Candidate], prompt_tokens: int, max_tokens
         load = c.load
         full = (load.free_blocks < needs[0], load.free_blocks < needs[1]) if load.total_blocks else (False, False)
         record = c.record
-        key = (c.cached_blocks, record.role, load.running + load.waiting, load.waiting, full, record.node_id == affinity)
+        key = (c.cached_blocks, record.role, load.running + load.waiting, load.waiting, c.idle_sessions, full, record.node_id == affinity)
         group = kept.setdefault(key, [])  # its first two ids so far, in tie order
         if len(group) < 2 or tie(record.node_id) < tie(group[1].record.node_id):
             group[1:] = [c]
@@ -246,23 +248,45 @@ def choose_baseline(candidates: list[Candidate], prompt_tokens: int, policy: str
 class LoadTracker:
     """This gateway's own turns per node, to correct the nodes' reported loads, which lag by up to
     one heartbeat: a reported count includes turns that have finished since, and misses turns sent
-    since. Call `started` when a route is taken and `finished` when its turn ends."""
+    since; and its sessions between calls, per node of their last turn. Call `started` when a route
+    is taken and `finished` when its turn ends."""
 
-    def __init__(self, report_age_s: float, clock=time.monotonic) -> None:
+    def __init__(self, report_age_s: float, clock=time.monotonic, session_idle_s: float = 60.0) -> None:
         self.report_age_s = report_age_s
         self.clock = clock
+        self.session_idle_s = session_idle_s
         self.in_flight: Counter[str] = Counter()
         self._finished: dict[str, deque[float]] = {}
+        self._homes: OrderedDict[str, tuple[str, float]] = OrderedDict()  # idle session -> (node, ended at), oldest first
+        self._idle: Counter[str] = Counter()  # node -> idle sessions in _homes
 
-    def started(self, route: Route) -> None:
+    def started(self, route: Route, session: str | None = None) -> None:
         for record in route.nodes():
             self.in_flight[record.node_id] += 1
+        self._leave(session)
 
-    def finished(self, route: Route) -> None:
+    def finished(self, route: Route, session: str | None = None) -> None:
         now = self.clock()
         for record in route.nodes():
             self.in_flight[record.node_id] -= 1
             self._finished.setdefault(record.node_id, deque()).append(now)
+        if session is not None:
+            self._leave(session)
+            self._homes[session] = (route.decode.node_id, now)
+            self._idle[route.decode.node_id] += 1
+
+    def idle(self, node_id: str, excluding: str | None = None) -> int:
+        """Sessions whose last turn (through this gateway) ran on the node, ended within
+        session_idle_s, and that have no turn in flight, `excluding` one (the session being routed)."""
+        horizon = self.clock() - self.session_idle_s
+        while self._homes and next(iter(self._homes.values()))[1] < horizon:
+            self._idle[self._homes.popitem(last=False)[1][0]] -= 1
+        own = excluding is not None and self._homes.get(excluding, ("",))[0] == node_id
+        return self._idle[node_id] - own
+
+    def _leave(self, session: str | None) -> None:
+        if session is not None and (home := self._homes.pop(session, None)) is not None:
+            self._idle[home[0]] -= 1
 
     def corrected(self, node_id: str, load: NodeLoad) -> NodeLoad:
         """`load` with running + waiting = max(own turns in flight, reported - own turns finished
@@ -285,6 +309,7 @@ class RouteLease:
         self.turn = turn
         self.route = route
         self.rerouted = False
+        self.session = turn.session.worker_key if turn.session else None
 
     async def reroute(self, unreachable_node: str) -> Route | None:
         """A new route without that node, or None if this lease already moved once."""
@@ -304,18 +329,18 @@ class Router:
         self.index = index
         self.snapshot = snapshot  # () -> list[(NodeRecord, NodeLoad)]: the cluster's last view
         self.config = config
-        self.loads = LoadTracker(config.load_report_age_s)
+        self.loads = LoadTracker(config.load_report_age_s, session_idle_s=config.session_idle_s)
         self._turns = itertools.count()  # round-robin position of the baseline policies
         self._last_decode: str | None = None  # ties go to the node ids after it (choose_route's `after`)
 
     @contextlib.asynccontextmanager
     async def lease(self, turn: Turn) -> AsyncIterator[RouteLease]:
         lease = RouteLease(self, turn, await self.choose(turn))
-        self.loads.started(lease.route)
+        self.loads.started(lease.route, lease.session)
         try:
             yield lease
         finally:
-            self.loads.finished(lease.route)
+            self.loads.finished(lease.route, lease.session)
 
     async def choose(self, turn: Turn, exclude: frozenset[str] = frozenset()) -> Route:
         prompt_tokens, affinity = len(turn.prompt_ids), turn.affinity
@@ -329,7 +354,8 @@ class Router:
         if not candidates:  # index down, or emptied by a Redis restart until the workers re-register
             candidates = [Candidate(rec, load, 0) for rec, load in self.snapshot()]
             mode = RouteMode.DEGRADED
-        candidates = [Candidate(c.record, self.loads.corrected(c.node_id, c.load), c.cached_blocks)
+        session = turn.session.worker_key if turn.session else None
+        candidates = [Candidate(c.record, self.loads.corrected(c.node_id, c.load), c.cached_blocks, self.loads.idle(c.node_id, session))
                       for c in candidates if c.node_id not in exclude]  # fmt: skip
         if self.config.policy != "prefix":
             return choose_baseline(candidates, prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)

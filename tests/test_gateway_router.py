@@ -123,9 +123,10 @@ class FakeIndex:
         return self.result
 
 
-def ask(hashes: list[int], prompt_tokens: int, max_tokens: int, affinity: str | None) -> SimpleNamespace:
+def ask(hashes: list[int], prompt_tokens: int, max_tokens: int, affinity: str | None, session: str | None = None) -> SimpleNamespace:
     """What the router reads of a turn."""
-    return SimpleNamespace(block_hashes=hashes, prompt_ids=[0] * prompt_tokens, max_tokens=max_tokens, affinity=affinity)
+    return SimpleNamespace(block_hashes=hashes, prompt_ids=[0] * prompt_tokens, max_tokens=max_tokens, affinity=affinity,
+                           session=SimpleNamespace(worker_key=session) if session else None)  # fmt: skip
 
 
 def test_a_lease_counts_its_nodes_busy_until_it_ends_and_reroutes_once(aio):
@@ -179,6 +180,24 @@ def test_new_sessions_take_turns_over_nodes_that_look_alike(aio):
     assert chosen == ["d0", "d1", "d2", "d0", "d1", "d2"]
 
 
+def test_sessions_between_calls_count_on_their_node_so_new_sessions_spread(aio):
+    """s1 and s2 ran on d0 and are running tools: a new session goes to d1, though d0 reports nothing
+    running. s1's own next turn still goes back to d0 (it does not count against itself)."""
+    now = [100.0]
+    nodes = [node(f"d{i}", cached_blocks=30) for i in range(2)]
+    router = Router(FakeIndex([(n.record, n.load, 30) for n in nodes]), lambda: [], CFG)
+    router.loads.clock = lambda: now[0]
+    on_d0 = Route(RouteMode.EXACT, nodes[0].record, None, 500, 16, 480)
+    for session in ("s1", "s2"):
+        router.loads.started(on_d0, session)
+        router.loads.finished(on_d0, session)
+    assert router.loads.idle("d0") == 2 and router.loads.idle("d0", excluding="s1") == 1
+    assert aio.run(router.choose(ask([1, 2, 3], 500, 16, None, "s3"))).decode.node_id == "d1"
+    assert aio.run(router.choose(ask([1, 2, 3], 500, 16, "d0", "s1"))).decode.node_id == "d0"
+    now[0] += CFG.session_idle_s + 1  # gone quiet: no longer counted
+    assert router.loads.idle("d0") == 0
+
+
 def test_a_stale_report_of_the_gateways_own_finished_turns_does_not_repel_the_next_turn(aio):
     """d1 still reports the 4 turns that just finished there; the session's next turn goes back to it."""
     now = [100.0]
@@ -223,7 +242,7 @@ def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mod
         return min(c.cached_blocks * bs, prompt_tokens)
 
     def busy(c, need_tokens):
-        cost = config.load_tokens * (c.load.running + c.load.waiting)
+        cost = config.load_tokens * (c.load.running + c.load.waiting + config.idle_session_weight * c.idle_sessions)
         need_blocks = -(-need_tokens // bs)
         if c.load.total_blocks and c.load.free_blocks < need_blocks:
             cost += config.load_tokens * FULL_PENALTY_SEQS
@@ -268,6 +287,7 @@ profiles = st.tuples(
     st.sampled_from([0, 0, 0, 1, 2, 5, 9]),  # cached blocks, mostly none
     st.sampled_from([0, 1, 2, 3, 9, 10]), st.sampled_from([0, 1, 2, 9]),  # running + waiting; waiting (if <= the sum)
     st.integers(0, 4), st.sampled_from([0, 10_000]),  # free blocks around what it lacks (below); total 0 = never full
+    st.sampled_from([0, 0, 1, 3]),  # idle sessions
 )
 
 
@@ -292,13 +312,13 @@ def clusters(draw):
     prompt_tokens, max_tokens = draw(st.integers(0, 160)), draw(st.integers(0, 64))
     cands = []
     for node_id in ids:
-        role, cached_blocks, busy, waiting, near, total = draw(st.sampled_from(pool))
+        role, cached_blocks, busy, waiting, near, total, idle = draw(st.sampled_from(pool))
         miss = prompt_tokens - min(cached_blocks * bs, prompt_tokens)  # free on either side of both "full" thresholds
         free = [max(0, -(-miss // bs) - 1), -(-miss // bs), -(-(miss + max_tokens) // bs) - 1, -(-(miss + max_tokens) // bs), 10_000][near]
         waiting = min(waiting, busy)
         running = busy - waiting
         record = node(node_id, role, block_size=bs).record
-        cands.append(Candidate(record, NodeLoad(running, waiting, free, total), cached_blocks))
+        cands.append(Candidate(record, NodeLoad(running, waiting, free, total), cached_blocks, idle))
     affinity = draw(st.sampled_from([None, "gone", *ids]))
     after = draw(st.sampled_from([None, "n", "zz", *ids]))  # the last decision's node: ties rotate past it
     return cands, affinity, after, prompt_tokens, max_tokens
@@ -312,6 +332,7 @@ configs = st.builds(
     prefill_worth=st.sampled_from([0.5, 1.0, 2.0]),
     max_prefill_queue=st.sampled_from([0, 1, 2, 8]),
     transfer_tokens_per_block=st.sampled_from([0.0, 0.1, 1.0, 40.0]),
+    idle_session_weight=st.sampled_from([0.0, 0.5, 1.0]),
 )
 
 
