@@ -163,11 +163,11 @@ class Policy:
         t0 = time.perf_counter()
         matched = await self.index.lookup(call.block_hashes)
         self.lookup_s.append(time.perf_counter() - t0)
-        capacity, idle = self.scale.capacity_blocks, self.loads.idle
+        capacity, idle = self.scale.capacity_blocks, self.loads.idle(session.id)
         candidates = [
             Candidate(r, NodeLoad(running=len(w.running) + len(w.joining), waiting=w.waiting,
                                   free_blocks=capacity - len(pool.blocks), total_blocks=capacity),
-                      matched.get(r.node_id, 0), idle(r.node_id, session.id))
+                      matched.get(r.node_id, 0), idle(r.node_id))
             for r, w, pool in zip(self.nodes, workers, self.pools)
         ]  # fmt: skip
         affinity = self.nodes[self.last_node[session.id]].node_id if session.id in self.last_node else None

@@ -38,7 +38,7 @@ import itertools
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -275,14 +275,14 @@ class LoadTracker:
             self._homes[session] = (route.decode.node_id, now)
             self._idle[route.decode.node_id] += 1
 
-    def idle(self, node_id: str, excluding: str | None = None) -> int:
-        """Sessions whose last turn (through this gateway) ran on the node, ended within
-        session_idle_s, and that have no turn in flight, `excluding` one (the session being routed)."""
+    def idle(self, excluding: str | None = None) -> Callable[[str], int]:
+        """node id -> sessions whose last turn (through this gateway) ran there, ended within
+        session_idle_s, and that have no turn in flight, but `excluding` (the session being routed)."""
         horizon = self.clock() - self.session_idle_s
         while self._homes and next(iter(self._homes.values()))[1] < horizon:
             self._idle[self._homes.popitem(last=False)[1][0]] -= 1
-        own = excluding is not None and self._homes.get(excluding, ("",))[0] == node_id
-        return self._idle[node_id] - own
+        own, counts = self._homes.get(excluding, ("",))[0] if excluding is not None else "", self._idle
+        return lambda node_id: counts.get(node_id, 0) - (node_id == own)
 
     def _leave(self, session: str | None) -> None:
         if session is not None and (home := self._homes.pop(session, None)) is not None:
@@ -354,8 +354,8 @@ class Router:
         if not candidates:  # index down, or emptied by a Redis restart until the workers re-register
             candidates = [Candidate(rec, load, 0) for rec, load in self.snapshot()]
             mode = RouteMode.DEGRADED
-        session = turn.session.worker_key if turn.session else None
-        candidates = [Candidate(c.record, self.loads.corrected(c.node_id, c.load), c.cached_blocks, self.loads.idle(c.node_id, session))
+        idle = self.loads.idle(turn.session.worker_key if turn.session else None)
+        candidates = [Candidate(c.record, self.loads.corrected(c.node_id, c.load), c.cached_blocks, idle(c.node_id))
                       for c in candidates if c.node_id not in exclude]  # fmt: skip
         if self.config.policy != "prefix":
             return choose_baseline(candidates, prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)

@@ -191,11 +191,11 @@ def test_sessions_between_calls_count_on_their_node_so_new_sessions_spread(aio):
     for session in ("s1", "s2"):
         router.loads.started(on_d0, session)
         router.loads.finished(on_d0, session)
-    assert router.loads.idle("d0") == 2 and router.loads.idle("d0", excluding="s1") == 1
+    assert router.loads.idle()("d0") == 2 and router.loads.idle(excluding="s1")("d0") == 1
     assert aio.run(router.choose(ask([1, 2, 3], 500, 16, None, "s3"))).decode.node_id == "d1"
     assert aio.run(router.choose(ask([1, 2, 3], 500, 16, "d0", "s1"))).decode.node_id == "d0"
     now[0] += CFG.session_idle_s + 1  # gone quiet: no longer counted
-    assert router.loads.idle("d0") == 0
+    assert router.loads.idle()("d0") == 0
 
 
 def test_a_stale_report_of_the_gateways_own_finished_turns_does_not_repel_the_next_turn(aio):
