@@ -192,13 +192,14 @@ def _tie_order(after: str | None):
 
 def _representatives(candidates: list[Candidate], prompt_tokens: int, max_tokens: int, bs: int,
                      affinity: str | None, tie=_tie_order(None)) -> list[Candidate]:  # fmt: skip
-    """The first two node ids (in `tie` order) of each group of candidates that the cost function cannot tell apart,
-    in their original order: the same route as all of them, at a fraction of the cost (at 256 nodes
-    most nodes hold the same few prefixes under the same few loads).
+    """The first two node ids (in `tie` order) of each group of candidates that the cost function
+    cannot tell apart, in their original order: the same route as all of them, at a fraction of the
+    cost (at 256 nodes most nodes hold the same few prefixes under the same few loads).
 
     Why it is exact: choose_route reads a node only through its cached_blocks, its role, running +
-    waiting, waiting, its idle sessions, whether its free blocks cover what it lacks (+ max_tokens for decode; a node
-    without total_blocks is never full), whether it is the affinity node, and its node id. Nodes
+    waiting, waiting, its idle sessions, whether its free blocks cover what it lacks (+ max_tokens for
+    decode; a node without total_blocks is never full), whether it is the affinity node, and its node
+    id. Nodes
     equal in all but the id (one group) get identical costs and eligibilities, so
     - D = argmin (decode cost, tie(node id)): only a group's first id can win;
     - P = argmin (prefill cost, tie(node id)) over a group-wise filter, minus D: a group's first id,
