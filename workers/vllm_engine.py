@@ -90,8 +90,9 @@ class _Call:
 
 class VllmEngine:
     def __init__(self, config: WorkerConfig, server: VllmServer, record: NodeRecord, sub: zmq.asyncio.Socket,
-                 replay: str, bytes_per_block: int) -> None:  # fmt: skip
+                 replay: str, bytes_per_block: int, served_name: str) -> None:  # fmt: skip
         self.config, self.server, self.record, self.sub, self.replay = config, server, record, sub, replay
+        self.served_name = served_name  # what vLLM calls the model: ours when we start it, its own when attached
         self.bytes_per_block = bytes_per_block
         self.http = httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(10.0, read=None))
         self.events: asyncio.Queue[list[KVEvent] | CacheSnapshot] = asyncio.Queue()
@@ -110,9 +111,8 @@ class VllmEngine:
         token_bytes = _kv_bytes_per_token(model_config)
         sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"kv")
-        if config.vllm_url:
-            server = VllmServer(config.vllm_url.rstrip("/"))
-            replay = await _attach_events(server.url, sub)
+        if config.vllm_url:  # its events are announced once it serves: subscribe after it is ready (below)
+            server, replay = VllmServer(config.vllm_url.rstrip("/")), ""
         else:
             events, replay = (f"tcp://127.0.0.1:{spare_port()}" for _ in range(2))
             kv_bytes, bs = int(config.kv_cache_gb * (1 << 30)), config.block_size
@@ -128,6 +128,8 @@ class VllmEngine:
             started = time.monotonic()
             info = await _wait_ready(server, start_timeout_s)
             log.info("vLLM at %s ready in %.0f s", server.url, time.monotonic() - started)
+            if config.vllm_url:
+                replay = await _attach_events(server.url, sub)
         except BaseException:
             server.stop()
             sub.close(0)
@@ -138,7 +140,7 @@ class VllmEngine:
             transfer_backend="vllm-nixl", started_at=time.time(), model_name=config.model, model_path=str(model_dir),
             max_model_len=info["max_model_len"], engine="vllm", features=[],  # no session pinning in vLLM
         )  # fmt: skip
-        return cls(config, server, record, sub, replay, token_bytes * info["block_size"])
+        return cls(config, server, record, sub, replay, token_bytes * info["block_size"], info["served_name"])
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._consume_events(), name="vllm-events"),
@@ -177,7 +179,7 @@ class VllmEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def _body(self, ids: list[int], s: SamplingParams, salt: str, **extra: Any) -> dict[str, Any]:
-        body = {"model": self.record.model_name, "prompt": ids, "max_tokens": s.max_tokens, "temperature": s.temperature,
+        body = {"model": self.served_name, "prompt": ids, "max_tokens": s.max_tokens, "temperature": s.temperature,
                 "top_p": s.top_p, "top_k": s.top_k or -1, "seed": s.seed, "stop": s.stop, "stop_token_ids": s.stop_token_ids,
                 "ignore_eos": s.ignore_eos, "return_token_ids": True, **extra}  # fmt: skip
         if s.logprobs:
@@ -325,7 +327,7 @@ class VllmEngine:
 
 
 async def _wait_ready(server: VllmServer, timeout_s: float) -> dict[str, Any]:
-    """Poll /health; then the block size, KV capacity, dtype and context length vLLM settled on."""
+    """Poll /health; then the block size, KV capacity, context length and model name vLLM settled on."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as http:
         while True:
@@ -342,7 +344,7 @@ async def _wait_ready(server: VllmServer, timeout_s: float) -> dict[str, Any]:
     cache = next(s.labels for f in text_string_to_metric_families(metrics) if f.name == "vllm:cache_config_info" for s in f.samples)
     log.info("vLLM cache config: %s", cache)
     return {"block_size": int(cache["block_size"]), "num_blocks": int(cache["num_gpu_blocks"]),
-            "max_model_len": int(model.get("max_model_len") or 0)}
+            "max_model_len": int(model.get("max_model_len") or 0), "served_name": model["id"]}
 
 
 def _kv_bytes_per_token(cfg: dict[str, Any]) -> int:
