@@ -309,3 +309,22 @@ def _replayed_blocks(endpoint: str, fp: str) -> set[int]:
                     held[h] = (held[h][0], held[h][1] - 1)
     sock.close(0)
     return {h for h, copies in held.values() if copies > 0}
+
+
+def test_a_hugging_face_id_is_described_without_a_local_directory(monkeypatch):
+    """An attached GPU vLLM serving `org/name`: the worker reads the config through transformers and
+    fingerprints the id by name, as the built-in engine does without a local directory."""
+    import transformers
+    import xxhash
+
+    from workers.vllm_engine import _kv_bytes_per_token, model_source
+
+    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    asked = []
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda spec: asked.append(spec) or config)
+    source, cfg, fingerprint = model_source("Qwen/Qwen2.5-7B-Instruct")
+    assert (source, asked, fingerprint) == ("Qwen/Qwen2.5-7B-Instruct", ["Qwen/Qwen2.5-7B-Instruct"],
+                                            xxhash.xxh3_64_hexdigest(b"Qwen/Qwen2.5-7B-Instruct"))  # fmt: skip
+    assert _kv_bytes_per_token(cfg) == 2 * 2 * 2 * 16 * 4  # layers x K,V x kv heads x head dim x fp32
+    local, _, local_fp = model_source("smollm2")  # a directory: read and fingerprinted from its files
+    assert Path(local).is_dir() and local_fp != fingerprint

@@ -163,5 +163,5 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None) -> LoadedMo
     except OSError as exc:
         raise ModelNotFound(f"model {spec!r} could not be loaded (offline, or not in the local cache): {exc}") from exc
     path = Path(source) if Path(str(source)).exists() else Path(hf_model.config.name_or_path or str(source))
-    fingerprint = fingerprint_of(path) if path.exists() else xxhash.xxh3_64_hexdigest(str(source))
+    fingerprint = fingerprint_of(path) if path.exists() else xxhash.xxh3_64_hexdigest(str(source).encode())
     return LoadedModel(hf_model, tokenizer, spec, path, fingerprint, dev, dtype, load_s=time.perf_counter() - start)

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import msgspec
+import xxhash
 import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
@@ -106,8 +107,7 @@ class VllmEngine:
     @classmethod
     async def launch(cls, config: WorkerConfig, generation: int, start_timeout_s: float = 900.0) -> VllmEngine:
         """Spawn vLLM (or attach to `config.vllm_url`), wait for /health, and describe it as a node."""
-        model_dir = Path(resolve_model_path(config.model)[0])
-        model_config = json.loads((model_dir / "config.json").read_text())
+        model, model_config, fingerprint = model_source(config.model)  # a directory, or a Hugging Face id
         token_bytes = _kv_bytes_per_token(model_config)
         sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"kv")
@@ -117,7 +117,7 @@ class VllmEngine:
             events, replay = (f"tcp://127.0.0.1:{spare_port()}" for _ in range(2))
             kv_bytes, bs = int(config.kv_cache_gb * (1 << 30)), config.block_size
             sub.bind(events)  # with a host in the endpoint, vLLM's publisher connects
-            server = VllmServer.spawn(config.vllm_python or default_python(), model_dir, config.model, spare_port(),
+            server = VllmServer.spawn(config.vllm_python or default_python(), model, config.model, spare_port(),
                                       block_size=bs, kv_cache_bytes=kv_bytes, max_num_seqs=config.max_num_seqs,
                                       max_model_len=min(model_config.get("max_position_embeddings", 1 << 20),
                                                         (kv_bytes // (token_bytes * bs) - 1) * bs),  # vLLM keeps a block back
@@ -136,8 +136,8 @@ class VllmEngine:
             raise
         record = NodeRecord(
             node_id=config.node_id, role=config.role, address=config.address, block_size=info["block_size"],
-            model_fingerprint=fingerprint_of(model_dir), capacity_blocks=info["num_blocks"], generation=generation,
-            transfer_backend="vllm-nixl", started_at=time.time(), model_name=config.model, model_path=str(model_dir),
+            model_fingerprint=fingerprint, capacity_blocks=info["num_blocks"], generation=generation,
+            transfer_backend="vllm-nixl", started_at=time.time(), model_name=config.model, model_path=model,
             max_model_len=info["max_model_len"], engine="vllm", features=[],  # no session pinning in vLLM
         )  # fmt: skip
         return cls(config, server, record, sub, replay, token_bytes * info["block_size"], info["served_name"])
@@ -345,6 +345,18 @@ async def _wait_ready(server: VllmServer, timeout_s: float) -> dict[str, Any]:
     log.info("vLLM cache config: %s", cache)
     return {"block_size": int(cache["block_size"]), "num_blocks": int(cache["num_gpu_blocks"]),
             "max_model_len": int(model.get("max_model_len") or 0), "served_name": model["id"]}
+
+
+def model_source(spec: str) -> tuple[str, dict[str, Any], str]:
+    """(what vLLM and the gateway load the model from: a directory or a Hugging Face id, its config,
+    its fingerprint). An id (an attached GPU vLLM serving `org/name`) is fingerprinted by its name, as
+    the built-in engine does without a local directory, so both engines' nodes agree."""
+    source = str(resolve_model_path(spec)[0])
+    if Path(source).is_dir():
+        return source, json.loads((Path(source) / "config.json").read_text()), fingerprint_of(Path(source))
+    from transformers import AutoConfig
+
+    return source, AutoConfig.from_pretrained(source).to_dict(), xxhash.xxh3_64_hexdigest(source.encode())
 
 
 def _kv_bytes_per_token(cfg: dict[str, Any]) -> int:

@@ -40,7 +40,7 @@ class VllmServer:
     process: subprocess.Popen | None = None  # None: attached to a server someone else runs
 
     @classmethod
-    def spawn(cls, python: str, model_dir: Path, served_name: str, port: int, *, block_size: int, kv_cache_bytes: int,
+    def spawn(cls, python: str, model_dir: Path | str, served_name: str, port: int, *, block_size: int, kv_cache_bytes: int,
               max_num_seqs: int, max_model_len: int, events: str, replay: str, side_channel_port: int, side_channel_host: str = "127.0.0.1",
               extra_args: str = "") -> VllmServer:  # fmt: skip
         cores = sorted(os.sched_getaffinity(0))
