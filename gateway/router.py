@@ -193,24 +193,24 @@ def _tie_order(after: str | None):
 def _representatives(candidates: list[Candidate], prompt_tokens: int, max_tokens: int, bs: int,
                      affinity: str | None, tie=_tie_order(None)) -> list[Candidate]:  # fmt: skip
     """The first two node ids (in `tie` order) of each group of candidates that the cost function
-    cannot tell apart, in their original order: the same route as all of them, at a fraction of the
-    cost (at 256 nodes most nodes hold the same few prefixes under the same few loads).
+    cannot tell apart: the same route as all of them, at a fraction of the cost (at 256 nodes most
+    nodes hold the same few prefixes under the same few loads).
 
     Why it is exact: choose_route reads a node only through its cached_blocks, its role, running +
     waiting, waiting, its idle sessions, whether its free blocks cover what it lacks (+ max_tokens for
     decode; a node without total_blocks is never full), whether it is the affinity node, and its node
-    id. Nodes
-    equal in all but the id (one group) get identical costs and eligibilities, so
+    id. Nodes equal in all but the id (one group) get identical costs and eligibilities, so
     - D = argmin (decode cost, tie(node id)): only a group's first id can win;
     - P = argmin (prefill cost, tie(node id)) over a group-wise filter, minus D: a group's first id,
       or its second when the first is D;
     - S (the source) is used only through its (cached, prefill cost), which every member shares,
       and each group keeps a member, so max over the groups' members is the same value;
     - the role is in the key, so the no-decoder fallback of _decoders sees the same roles.
-    Node ids are unique (the registry is keyed by them). tests/test_gateway_router.py holds this
-    to the full evaluation (the code before the shortlist) on random clusters full of ties."""
+    Node ids are unique (the registry is keyed by them), so no two tie keys are equal.
+    tests/test_gateway_router.py holds this to the full evaluation (the code before the shortlist)
+    on random clusters full of ties."""
     need_by_cached: dict[int, tuple[int, int]] = {}
-    kept: dict[tuple, list[Candidate]] = {}
+    kept: dict[tuple, list[tuple[tuple, Candidate]]] = {}  # group -> its first two (tie key, candidate) so far, in order
     for c in candidates:
         needs = need_by_cached.get(c.cached_blocks)
         if needs is None:
@@ -220,13 +220,17 @@ def _representatives(candidates: list[Candidate], prompt_tokens: int, max_tokens
         full = (load.free_blocks < needs[0], load.free_blocks < needs[1]) if load.total_blocks else (False, False)
         record = c.record
         key = (c.cached_blocks, record.role, load.running + load.waiting, load.waiting, c.idle_sessions, full, record.node_id == affinity)
-        group = kept.setdefault(key, [])  # its first two ids so far, in tie order
-        if len(group) < 2 or tie(record.node_id) < tie(group[1].record.node_id):
-            group[1:] = [c]
-            if len(group) == 2 and tie(group[1].record.node_id) < tie(group[0].record.node_id):
+        t = tie(record.node_id)
+        group = kept.get(key)
+        if group is None:
+            kept[key] = [(t, c)]
+        elif len(group) == 1:
+            group.insert(t > group[0][0], (t, c))
+        elif t < group[1][0]:
+            group[1] = (t, c)
+            if t < group[0][0]:
                 group.reverse()
-    chosen = {id(c) for group in kept.values() for c in group}
-    return [c for c in candidates if id(c) in chosen]
+    return [c for group in kept.values() for _, c in group]
 
 
 def _decoders(candidates: list[Candidate]) -> list[Candidate]:

@@ -355,7 +355,7 @@ def test_the_shortlist_keeps_the_two_lowest_ids_of_nodes_the_cost_function_canno
 
     same = [node(f"d{i}") for i in (5, 3, 9, 1, 7)] + [node("h", cached_blocks=2), node("d8", running=1), node("d6")]
     kept = [c.node_id for c in _representatives(same, 100, 16, 16, affinity="d6")]
-    assert kept == ["d3", "d1", "h", "d8", "d6"]  # in list order; d6 is the affinity node: its own group
+    assert kept == ["d1", "d3", "h", "d8", "d6"]  # groups by first appearance, each in tie order; d6 (affinity): its own group
 
 
 def test_the_shortlist_tells_apart_nodes_that_differ_only_in_room_for_the_prompt():
