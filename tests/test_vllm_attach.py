@@ -29,10 +29,10 @@ KV_CACHE_BYTES = 1 << 28  # 0.25 GiB: ~180 blocks of 32 tokens of SmolLM2-135M i
 
 def _max_model_len(model_dir: Path) -> int:
     """The longest context that fits the cache (vLLM refuses to start otherwise; it keeps a block back)."""
+    from workers.vllm_engine import _kv_bytes_per_token
+
     cfg = json.loads((model_dir / "config.json").read_text())
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    token_bytes = cfg["num_hidden_layers"] * 2 * heads * head_dim * 4  # K and V, fp32
+    token_bytes = _kv_bytes_per_token(cfg)  # K and V of every layer, fp32
     return min(cfg.get("max_position_embeddings", 1 << 20), (KV_CACHE_BYTES // (token_bytes * BS) - 1) * BS)
 
 

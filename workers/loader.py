@@ -134,6 +134,11 @@ def resolve_model_path(spec: str) -> tuple[Path | str, bool]:
     return spec, False
 
 
+def fingerprint_of_name(source: str) -> str:
+    """The fingerprint of a model known only by its Hugging Face id (no local directory to read)."""
+    return xxhash.xxh3_64_hexdigest(source.encode())
+
+
 def fingerprint_of(path: Path) -> str:
     """Stable id of weights + tokenizer from the directory's files (configs, tokenizer, weight
     headers and sizes), so every node that loads the same files agrees without reading GBs."""
@@ -163,5 +168,5 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None) -> LoadedMo
     except OSError as exc:
         raise ModelNotFound(f"model {spec!r} could not be loaded (offline, or not in the local cache): {exc}") from exc
     path = Path(source) if Path(str(source)).exists() else Path(hf_model.config.name_or_path or str(source))
-    fingerprint = fingerprint_of(path) if path.exists() else xxhash.xxh3_64_hexdigest(str(source).encode())
+    fingerprint = fingerprint_of(path) if path.exists() else fingerprint_of_name(str(source))
     return LoadedModel(hf_model, tokenizer, spec, path, fingerprint, dev, dtype, load_s=time.perf_counter() - start)

@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import msgspec
-import xxhash
 import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,7 +40,7 @@ from kvstore.nodes import NodeLoad, NodeRecord
 from kvstore.wire import GenerateRequest, PrefillRequest, PrefillResult, SamplingParams, TokenChunk
 from workers.backend import CacheSnapshot, InvalidRequest, Unavailable
 from workers.config import WorkerConfig
-from workers.loader import fingerprint_of, resolve_model_path
+from workers.loader import fingerprint_of, fingerprint_of_name, resolve_model_path
 from workers.vllm_events import EventMirror, decode_batch
 from workers.vllm_server import VllmError, VllmServer, default_python, spare_port
 
@@ -356,7 +355,7 @@ def model_source(spec: str) -> tuple[str, dict[str, Any], str]:
         return source, json.loads((Path(source) / "config.json").read_text()), fingerprint_of(Path(source))
     from transformers import AutoConfig
 
-    return source, AutoConfig.from_pretrained(source).to_dict(), xxhash.xxh3_64_hexdigest(source.encode())
+    return source, AutoConfig.from_pretrained(source).to_dict(), fingerprint_of_name(source)
 
 
 def _kv_bytes_per_token(cfg: dict[str, Any]) -> int:
