@@ -3,7 +3,8 @@ simulated workers.
 
 What is real: the block hashes (kvstore.hashing over the workload's token ids), the index (a
 private Valkey, `BlockIndex.apply` / `lookup`, the same Lua the gateway and workers run), the
-node registry and the router's cost function (`gateway.router.choose_route`). What is modelled:
+node registry and the gateway's router (`gateway.router.Router.choose`, on simulated time, with
+nodes heartbeating their loads as workers do). What is modelled:
 the workers (bench/workersim.py: prefill seconds per token, decode step by batch, transfer seconds
 per block, calibrated from this machine's benches) and their pools, an LRU of `capacity_blocks`
 block hashes per node whose stores and evictions reach the index as the KV events real workers
@@ -21,12 +22,13 @@ any earlier prompt had.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -37,7 +39,7 @@ from bench.agent.mooncake import TraceRecord
 from bench.simworkload import agent_sessions, reuse_ceiling, trace_sessions
 from bench.workersim import Calibration, Call, Cluster, Placement, SimSession, Worker
 from gateway.config import RouterConfig
-from gateway.router import Candidate, LoadTracker, Route, choose_route
+from gateway.router import Route, Router
 from kvstore.events import BlockRemoved, BlockStored, KVEventBatch
 from kvstore.index import BlockIndex
 from kvstore.nodes import NodeLoad, NodeRecord, Role
@@ -45,6 +47,7 @@ from kvstore.registry import NodeRegistry
 from kvstore.valkey import EmbeddedValkey, connect
 
 POLICIES = ("prefix_aware", "prefix_aware_full", "sticky", "round_robin", "random")
+HEARTBEAT_S = 0.5  # each simulated node's heartbeat period, as a worker's (workers/publisher.py)
 FILL_CHAIN = 512  # blocks per stored chain when filling the index to a size
 FILL_EVENTS_PER_BATCH = 32
 SERVER_TIMED_LOOKUPS = 500  # lookups replayed alone to measure Redis's own time per lookup
@@ -90,6 +93,34 @@ class Pool:
         return held, evicted
 
 
+class _SessionKey(NamedTuple):
+    worker_key: str
+
+
+class _SimTurn(NamedTuple):
+    """What Router.choose reads of a gateway Turn."""
+
+    prompt_ids: range  # only its length is read
+    block_hashes: list[int]
+    max_tokens: int
+    affinity: str | None
+    session: _SessionKey
+
+
+class _TimedIndex:
+    """The index as the Router calls it, timing each lookup (the decision's one Redis round trip)."""
+
+    def __init__(self, index: BlockIndex | None, times: list[float]) -> None:
+        self.index, self.times = index, times
+
+    async def lookup_with_nodes(self, block_hashes: list[int]):
+        t0 = time.perf_counter()
+        try:
+            return await self.index.lookup_with_nodes(block_hashes)
+        finally:
+            self.times.append(time.perf_counter() - t0)
+
+
 @dataclass
 class Policy:
     """One routing policy over the simulated nodes, their pools and (for prefix_aware*) the index."""
@@ -107,21 +138,28 @@ class Policy:
     lookup_s: list[float] = field(default_factory=list)  # of which the index lookup (one Redis round trip)
     moved_blocks: int = 0
     last_node: dict[str, int] = field(default_factory=dict)
-    last_decode: str | None = None  # the last decision's decode node: ties go to the ids after it, as in the Router
     now: float = 0.0  # simulated time of the event being handled
     prompts: list[list[int]] = field(default_factory=list)  # the first calls' block hashes (to time the lookup alone)
 
     def __post_init__(self) -> None:
         self.pools = [Pool(self.scale.capacity_blocks) for _ in self.nodes]
+        # Every node heartbeats its load every HEARTBEAT_S of simulated time, phases spread, as workers
+        # do: LIVE changes as often as in a real cluster, and lookups bring those changes back.
+        self.beats = [(i * HEARTBEAT_S / len(self.nodes), i) for i in range(len(self.nodes))]
         self.rng = np.random.default_rng(self.seed)
         self.turns = itertools.count()
         self.position = {r.node_id: i for i, r in enumerate(self.nodes)}
-        # The gateway's own accounting of sessions between calls (the loads themselves are exact here).
-        self.loads = LoadTracker(0.0, clock=lambda: self.now, session_idle_s=self.config.session_idle_s)
+        # prefix_aware*: the gateway's Router itself, on simulated time. It sees the nodes' loads as a
+        # gateway does (their last heartbeat, corrected by its own turns in flight) and its snapshot,
+        # used only if a lookup fails, is every node with no load.
+        self.router = Router(_TimedIndex(self.index, self.lookup_s), lambda: [(r, NodeLoad()) for r in self.nodes],
+                             self.config, clock=lambda: self.now) if self.index is not None else None  # fmt: skip
         self.routes: dict[str, Route] = {}  # session -> the route of its call in flight
 
     def place(self, session: SimSession, call: Call, workers: list[Worker], now: float) -> Placement:
         self.now = now
+        if self.index is not None:
+            self.runner.run(self._heartbeat(workers, now))
         prefill, decode = self._choose(session, call, workers)
         self.last_node[session.id] = decode
         bs = self.cal.block_size
@@ -139,7 +177,7 @@ class Policy:
     def finished(self, session: SimSession, now: float) -> None:
         if (route := self.routes.pop(session.id, None)) is not None:
             self.now = now
-            self.loads.finished(route, session.id)
+            self.router.loads.finished(route, session.id)
 
     def _choose(self, session: SimSession, call: Call, workers: list[Worker]) -> tuple[int, int]:
         n = len(self.nodes)
@@ -156,29 +194,30 @@ class Policy:
         return d, d
 
     async def _decide(self, session: SimSession, call: Call, workers: list[Worker]) -> tuple[int, int]:
-        """The gateway's decision, timed inside the event loop as the gateway runs it: the index
-        lookup, one candidate per node with its load, the cost function."""
+        """The gateway's decision, `Router.choose` itself, timed inside the event loop as the gateway
+        runs it: the index lookup, one candidate per node with its load, the cost function."""
         if len(self.prompts) < SERVER_TIMED_LOOKUPS:
             self.prompts.append(call.block_hashes)
-        t0 = time.perf_counter()
-        matched = await self.index.lookup(call.block_hashes)
-        self.lookup_s.append(time.perf_counter() - t0)
-        capacity, idle = self.scale.capacity_blocks, self.loads.idle(session.id)
-        candidates = [
-            Candidate(r, NodeLoad(running=len(w.running) + len(w.joining), waiting=w.waiting,
-                                  free_blocks=capacity - len(pool.blocks), total_blocks=capacity),
-                      matched.get(r.node_id, 0), idle(r.node_id))
-            for r, w, pool in zip(self.nodes, workers, self.pools)
-        ]  # fmt: skip
         affinity = self.nodes[self.last_node[session.id]].node_id if session.id in self.last_node else None
-        route = choose_route(candidates, call.prompt_tokens, call.output_tokens, self.config, affinity=affinity,
-                             after=self.last_decode)  # fmt: skip
+        turn = _SimTurn(range(call.prompt_tokens), call.block_hashes, call.output_tokens, affinity, _SessionKey(session.id))
+        t0 = time.perf_counter()
+        route = await self.router.choose(turn)
         self.decision_s.append(time.perf_counter() - t0)
-        self.last_decode = route.decode.node_id
-        self.loads.started(route, session.id)
+        self.router.loads.started(route, session.id)
         self.routes[session.id] = route
         d = self.position[route.decode.node_id]
         return (self.position[route.prefill.node_id] if route.prefill else d), d
+
+    async def _heartbeat(self, workers: list[Worker], now: float) -> None:
+        """The heartbeats due by `now` (untimed: workers send them, not the gateway)."""
+        registry, capacity = self.index.registry, self.scale.capacity_blocks
+        while self.beats[0][0] <= now:
+            due, i = self.beats[0]
+            w, record = workers[i], self.nodes[i]
+            load = NodeLoad(running=len(w.running) + len(w.joining), waiting=w.waiting,
+                            free_blocks=capacity - len(self.pools[i].blocks), total_blocks=capacity)  # fmt: skip
+            await registry.heartbeat(record.node_id, record.generation, load, ttl_s=3600)
+            heapq.heapreplace(self.beats, (due + HEARTBEAT_S * (1 + (now - due) // HEARTBEAT_S), i))  # none owed for a lull
 
     def _store(self, node: int, hashes: list[int]) -> None:
         held, evicted = self.pools[node].store(hashes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+import time
 
 import msgspec
 import redis.asyncio as aredis
@@ -22,9 +23,23 @@ from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 from kvstore.nodes import NodeLoad, NodeRecord
 from kvstore.registry import NodeRegistry, scripts
 
-# The lookup's reply: server time (ms), every node's live entry [id, gen, expires_at_ms, load], and the
-# match of each incarnation ('{id}:{gen}') holding the prompt's first block, as runs [matched, [incarnations]].
-_decode_lookup = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, int, NodeLoad | None]], list[tuple[int, list[str]]]]).decode
+LiveEntry = tuple[str, str, int, NodeLoad | None]  # a node's LIVE entry: id, generation, expires_at_ms, load
+
+
+class LiveChanges(msgspec.Struct, array_like=True):
+    """LIVE since the version a lookup named: its epoch and version now, and either the whole table
+    (`whole`) or the entries changed and the node ids removed since."""
+
+    epoch: str
+    version: int
+    whole: bool
+    entries: list[LiveEntry]
+    removed: list[str]
+
+
+# The lookup's reply: server time (ms), LIVE's changes, and the match of each incarnation ('{id}:{gen}')
+# holding the prompt's first block, as runs [matched, [incarnations]].
+_decode_lookup = msgspec.msgpack.Decoder(tuple[int, LiveChanges, list[tuple[int, list[str]]]]).decode
 _RESYNC_CHUNK = 8192
 _HOLDERS_CHUNK = 2048  # blocks per holders_sync call after a resync (~1-2 ms of Redis each)
 _GC_CHUNK = 2048  # retired entries swept per gc_step call
@@ -46,6 +61,7 @@ class BlockIndex:
          self._holders_sync) = scripts(redis, "apply", "lookup", "resync_commit", "purge_dead", "purge_node", "sizes",
                                        "gc_step", "holders_sync")  # fmt: skip
         self._records: dict[str, NodeRecord] = {}  # node_id -> record of the generation last seen
+        self.live = LiveTable()
 
     async def apply(self, batch: KVEventBatch) -> bool:
         """Apply the batch's events in order, atomically, in one round trip.
@@ -77,20 +93,17 @@ class BlockIndex:
         return {node_id: matched for node_id, _, matched, _ in await self._matches(block_hashes)}
 
     async def lookup_with_nodes(self, block_hashes: list[int]) -> list[tuple[NodeRecord, NodeLoad, int]]:
-        """`lookup` plus each live node's record and current load, longest match first.
+        """`lookup` plus each live node's record and current load, in no particular order.
 
         One round trip, plus one the first time a node incarnation is seen (records are immutable per
         generation, so they are cached).
         """
-        def known(node_id: str, gen: int) -> bool:
-            return (rec := self._records.get(node_id)) is not None and rec.generation == gen
-
-        matches = await self._matches(block_hashes)
-        if missing := [node_id for node_id, gen, _, _ in matches if not known(node_id, gen)]:
-            self._records.update(await self.registry.get_many(missing))
+        matches, records = await self._matches(block_hashes), self._records
+        if missing := [node_id for node_id, gen, _, _ in matches if (rec := records.get(node_id)) is None or rec.generation != gen]:
+            records.update(await self.registry.get_many(missing))
         # A node still unknown restarted between the two calls: skip it.
-        found = [(self._records[node_id], load, matched) for node_id, gen, matched, load in matches if known(node_id, gen)]
-        return sorted(found, key=lambda r: (-r[2], r[0].node_id))
+        return [(rec, load, matched) for node_id, gen, matched, load in matches
+                if (rec := records.get(node_id)) is not None and rec.generation == gen]  # fmt: skip
 
     async def resync(self, node_id: str, generation: int, blocks: list[tuple[int, int | None]]) -> bool:
         """Replace the node's whole entry set with `blocks`, (hash, parent hash) pairs, atomically
@@ -148,10 +161,52 @@ class BlockIndex:
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def _matches(self, block_hashes: list[int]) -> list[tuple[str, int, int, NodeLoad]]:
-        now_ms, live, runs = _decode_lookup(await self._lookup(args=[self.prefix, _pack(block_hashes)]))
+        epoch, version = self.live.held()
+        now_ms, changes, runs = _decode_lookup(await self._lookup(args=[self.prefix, _pack(block_hashes), epoch, version]))
+        self.live.update(changes)
         matched = {inc: blocks for blocks, incarnations in runs for inc in incarnations}  # later runs win
-        return [(node_id, int(gen), matched.get(f"{node_id}:{gen}", 0), load or NodeLoad())
-                for node_id, gen, expires_ms, load in live if expires_ms > now_ms]  # fmt: skip
+        return [(node_id, gen, matched.get(inc, 0), load)
+                for node_id, gen, inc, expires_ms, load in self.live.entries.values() if expires_ms > now_ms]  # fmt: skip
+
+
+class LiveTable:
+    """This client's copy of LIVE (every registered node's generation, expiry and load), kept current by
+    the changes each lookup brings back: a lookup carries the few entries whose heartbeats landed since
+    the previous one, not all of them (at 256 nodes the whole table was 27 KB a lookup).
+
+    Lookups in flight together can come back out of order: a reply no newer than the copy is skipped
+    (the copy already holds what it carries). A whole table is asked for again every `whole_every_s`:
+    a primary that failed over may have lost a few writes (replication is asynchronous), and counting
+    on from an older version would miss them for good.
+    """
+
+    def __init__(self, whole_every_s: float = 5.0, clock=time.monotonic) -> None:
+        self.whole_every_s = whole_every_s
+        self.clock = clock
+        self.epoch = ""
+        self.version = -1
+        self.whole_at = float("-inf")
+        self.entries: dict[str, tuple[str, int, str, int, NodeLoad]] = {}  # id -> (id, gen, '{id}:{gen}', expires_at_ms, load)
+
+    def held(self) -> tuple[str, str]:
+        """(epoch, version) to send: ('', '') asks for the whole table."""
+        if self.version < 0 or self.clock() - self.whole_at > self.whole_every_s:
+            return "", ""
+        return self.epoch, str(self.version)
+
+    def update(self, changes: LiveChanges) -> None:
+        if changes.whole:
+            if changes.epoch == self.epoch and changes.version < self.version:
+                return  # an older whole table than the copy (replies out of order)
+            self.entries = {}
+            self.whole_at = self.clock()
+        elif changes.epoch != self.epoch or changes.version <= self.version:
+            return
+        for node_id, gen, expires_ms, load in changes.entries:
+            self.entries[node_id] = (node_id, int(gen), f"{node_id}:{gen}", expires_ms, load or NodeLoad())
+        for node_id in changes.removed:
+            self.entries.pop(node_id, None)
+        self.epoch, self.version = changes.epoch, changes.version
 
 
 def block_entries(blocks: list[tuple[int, int | None]]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:

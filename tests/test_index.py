@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore.events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
-from kvstore.index import BlockIndex, ResyncExpired, block_entries
+from kvstore.index import BlockIndex, LiveChanges, LiveTable, ResyncExpired, block_entries
 from kvstore.nodes import NodeLoad, NodeRecord, Role
 from kvstore.registry import NodeRegistry
 
@@ -368,7 +368,88 @@ def test_a_resync_whose_upload_expired_changes_nothing_and_says_so(aio, redis_cl
     aio.run(body())
 
 
-def test_lookup_with_nodes_returns_record_load_and_match_longest_first(aio, redis_client):
+# ------------------------------------------------------------------ LIVE: only what changed comes back
+
+
+def spy_on_live(index: BlockIndex) -> list[LiveChanges]:
+    """Record the LIVE changes every lookup of `index` brings back."""
+    seen: list[LiveChanges] = []
+    update = index.live.update
+    index.live.update = lambda changes: (seen.append(changes), update(changes))[1]
+    return seen
+
+
+def test_a_lookup_brings_back_only_the_live_entries_changed_since_the_last_one(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        gens = {f"n{i:02d}": await join(registry, f"n{i:02d}") for i in range(20)}
+        seen = spy_on_live(index)
+        await index.lookup(CHAIN_A)
+        assert seen[-1].whole and len(seen[-1].entries) == 20
+        await index.lookup(CHAIN_A)
+        assert not seen[-1].whole and seen[-1].entries == [] and seen[-1].removed == []
+
+        await registry.heartbeat("n07", gens["n07"], NodeLoad(running=3, waiting=1, free_blocks=5, total_blocks=9), 60.0)
+        found = {rec.node_id: load for rec, load, _ in await index.lookup_with_nodes(CHAIN_A)}
+        assert not seen[-1].whole and [e[0] for e in seen[-1].entries] == ["n07"]
+        assert found["n07"] == NodeLoad(running=3, waiting=1, free_blocks=5, total_blocks=9) and len(found) == 20
+
+        await registry.deregister("n03", gens["n03"])
+        new = await join(registry, "n20")
+        assert set(await index.lookup(CHAIN_A)) == set(gens) - {"n03"} | {"n20"}
+        assert seen[-1].removed == ["n03"] and [e[0] for e in seen[-1].entries] == ["n20"]
+        assert {rec.node_id: rec.generation for rec, _, _ in await index.lookup_with_nodes(CHAIN_A)}["n20"] == new
+
+    aio.run(body())
+
+
+def test_a_client_far_behind_or_on_a_flushed_redis_reads_the_whole_table(aio, redis_client):
+    async def body():
+        registry = NodeRegistry(redis_client)
+        index = BlockIndex(redis_client, registry=registry)
+        g0 = await join(registry, "n0")
+        await join(registry, "n1")
+        seen = spy_on_live(index)
+        assert await index.lookup(CHAIN_A) == {"n0": 0, "n1": 0}
+        many = [f"m{i:04d}" for i in range(1001)]  # more nodes changed than a lookup lists one by one
+        for node_id in many:
+            await join(registry, node_id)
+        await registry.heartbeat("n0", g0, NodeLoad(running=2), 60.0)
+        found = {rec.node_id: load for rec, load, _ in await index.lookup_with_nodes(CHAIN_A)}
+        assert seen[-1].whole and set(found) == {"n0", "n1", *many} and found["n0"].running == 2
+
+        # A flushed (or restarted) Redis counts versions again from 1, under a new epoch: the old
+        # copy must go even once the new count passes the version the client held.
+        held = index.live.version
+        await redis_client.flushall()
+        g2 = await join(registry, "n2")
+        for _ in range(held + 5):
+            await registry.heartbeat("n2", g2, NodeLoad(), 60.0)
+        await index.apply(stored("n2", g2, CHAIN_A, 0, 4))
+        assert await index.lookup(CHAIN_A) == {"n2": 4} and seen[-1].whole
+
+    aio.run(body())
+
+
+def test_the_live_copy_never_goes_back_to_an_older_reply_and_rereads_everything_now_and_then():
+    now = [0.0]
+    live = LiveTable(whole_every_s=5.0, clock=lambda: now[0])
+    entry = lambda node_id, running: (node_id, "1", 10**15, NodeLoad(running=running))
+    assert live.held() == ("", "")
+    live.update(LiveChanges("e1", 10, True, [entry("a", 0), entry("b", 0)], []))
+    assert live.held() == ("e1", "10")
+    live.update(LiveChanges("e1", 12, False, [entry("a", 2)], ["b"]))
+    live.update(LiveChanges("e1", 11, False, [entry("a", 1), entry("b", 1)], []))  # older, arrived later
+    live.update(LiveChanges("e1", 9, True, [entry("b", 0)], []))  # an older whole table
+    assert live.version == 12 and list(live.entries) == ["a"] and live.entries["a"][4].running == 2
+    live.update(LiveChanges("e2", 3, True, [entry("c", 0)], []))  # a new epoch: its first whole table wins
+    assert list(live.entries) == ["c"] and live.held() == ("e2", "3")
+    now[0] = 5.1
+    assert live.held() == ("", "")
+
+
+def test_lookup_with_nodes_returns_each_nodes_record_load_and_match(aio, redis_client):
     async def body():
         registry = NodeRegistry(redis_client)
         index = BlockIndex(redis_client, registry=registry)
@@ -379,7 +460,7 @@ def test_lookup_with_nodes_returns_record_load_and_match_longest_first(aio, redi
         load = NodeLoad(running=3, waiting=1, free_blocks=10, total_blocks=1000)
         await registry.heartbeat("n1", g1, load, ttl_s=60)
 
-        result = await index.lookup_with_nodes(CHAIN_A)
+        result = sorted(await index.lookup_with_nodes(CHAIN_A), key=lambda r: -r[2])
         assert [(rec.node_id, rec.role, matched) for rec, _, matched in result] == [
             ("n1", Role.DECODE, 7),
             ("n0", Role.PREFILL, 3),
@@ -387,7 +468,7 @@ def test_lookup_with_nodes_returns_record_load_and_match_longest_first(aio, redi
         assert result[0][1] == load
         # A restarted node is reported with its new record, not the cached one.
         await join(registry, "n1", role=Role.BOTH)
-        result = await index.lookup_with_nodes(CHAIN_A)
+        result = sorted(await index.lookup_with_nodes(CHAIN_A), key=lambda r: -r[2])
         assert [(rec.node_id, rec.role, matched) for rec, _, matched in result] == [
             ("n0", Role.PREFILL, 3),
             ("n1", Role.BOTH, 0),

@@ -9,6 +9,10 @@
 --   {p}live            HASH    id -> msgpack [id, gen, expires_at_ms, load] of every registered node, kept by
 --                              register/heartbeat/deregister/purge_dead: the lookup reads all nodes in one
 --                              call (an entry past expires_at is a dead node the client skips)
+--   {p}livelog         ZSET    node id -> the LIVE version of its entry's last change (set or removed): a
+--                              lookup names the version its client holds and gets only what changed since
+--   {p}livever         STRING  the newest LIVE version; {p}liveepoch: when that count started (a flushed or
+--                              restarted Redis starts a new count, and every client re-reads all of LIVE)
 --   {p}blk:{id}:{gen}  HASH    block hash -> parent hash (empty for a root) .. state byte: F = the node
 --                              holds the block's whole prefix, h = held but an ancestor is missing
 --   {p}kid:{id}:{gen}  HASH    parent hash -> the node's blocks naming it as parent, concatenated
@@ -21,6 +25,7 @@
 -- (Lua numbers are doubles). A resync uploads into temporary keys the caller names and passes in.
 local P = ARGV[1]
 local NODES, BLKSETS, LIVE = P .. 'nodes', P .. 'blksets', P .. 'live'
+local LIVELOG, LIVEVER, LIVEEPOCH = P .. 'livelog', P .. 'livever', P .. 'liveepoch'
 local function node_key(id) return P .. 'node:' .. id end
 local function gen_key(id) return P .. 'gen:' .. id end
 local function incarnation(id, gen) return id .. ':' .. gen end
@@ -43,7 +48,20 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Every change of a LIVE entry gets the next version, logged against the node id.
+local function live_changed(id)
+  local version = redis.call('INCR', LIVEVER)
+  if version == 1 then
+    local t = redis.call('TIME')
+    redis.call('SET', LIVEEPOCH, t[1] .. '.' .. t[2])
+  end
+  redis.call('ZADD', LIVELOG, version, id)
+end
 -- The node's entry in LIVE: a msgpack [id, gen, expires_at_ms, load] (load is msgpack already).
 local function set_live(id, gen, load, ttl_ms)
   redis.call('HSET', LIVE, id, string.char(0x94) .. cmsgpack.pack(id, gen, now_ms() + tonumber(ttl_ms)) .. load)
+  live_changed(id)
+end
+local function drop_live(id)
+  if redis.call('HDEL', LIVE, id) == 1 then live_changed(id) end
 end

@@ -14,7 +14,7 @@ end
 for _, id in ipairs(redis.call('SMEMBERS', NODES)) do
   if redis.call('EXISTS', node_key(id)) == 0 then
     redis.call('SREM', NODES, id)
-    redis.call('HDEL', LIVE, id)
+    drop_live(id)
   end
 end
 return purged
