@@ -277,15 +277,21 @@ class LoadTracker:
             self.in_flight[record.node_id] += 1
         self._leave(session)
 
-    def finished(self, route: Route, session: str | None = None) -> None:
-        now = self.clock()
+    def finished(self, route: Route, session: str | None = None, released: frozenset[str] = frozenset()) -> None:
+        """The turn ended; `released`: its nodes already let go with `release`."""
         for record in route.nodes():
-            self.in_flight[record.node_id] -= 1
-            self._finished.setdefault(record.node_id, deque()).append(now)
+            if record.node_id not in released:
+                self.release(record.node_id)
+        now = self.clock()
         if session is not None:
             self._leave(session)
             self._homes[session] = (route.decode.node_id, now)
             self._idle[route.decode.node_id] += 1
+
+    def release(self, node_id: str) -> None:
+        """One node's part of a turn in flight is over (a prefill node's, once D has the prompt)."""
+        self.in_flight[node_id] -= 1
+        self._finished.setdefault(node_id, deque()).append(self.clock())
 
     def idle(self, excluding: str | None = None) -> Callable[[str], int]:
         """node id -> sessions whose last turn (through this gateway) ran there, ended within
@@ -324,13 +330,22 @@ class RouteLease:
         self.route = route
         self.rerouted = False
         self.session = turn.session.worker_key if turn.session else None
+        self.released: frozenset[str] = frozenset()  # nodes whose part of the turn is over
+
+    def prefill_done(self) -> None:
+        """P's part is over (D pulls the blocks or computes them): P stops counting the turn as load,
+        so a prefill node is not priced busy while the turns it prefilled decode elsewhere."""
+        if self.route.prefill is not None and self.route.prefill.node_id not in self.released:
+            self.released |= {self.route.prefill.node_id}
+            self.router.loads.release(self.route.prefill.node_id)
 
     async def reroute(self, unreachable_node: str) -> Route | None:
         """A new route without that node, or None if this lease already moved once."""
         if self.rerouted:
             return None
         self.rerouted = True
-        self.router.loads.finished(self.route)
+        self.router.loads.finished(self.route, released=self.released)
+        self.released = frozenset()
         self.route = await self.router.choose(self.turn, exclude=frozenset({unreachable_node}))
         self.router.loads.started(self.route)
         return self.route
@@ -354,7 +369,7 @@ class Router:
         try:
             yield lease
         finally:
-            self.loads.finished(lease.route, lease.session)
+            self.loads.finished(lease.route, lease.session, lease.released)
 
     async def choose(self, turn: Turn, exclude: frozenset[str] = frozenset()) -> Route:
         prompt_tokens, affinity = len(turn.prompt_ids), turn.affinity

@@ -28,7 +28,7 @@ from gateway.grammar import reply_grammar
 from gateway.ledger import ChatPrompt, build_chat_prompt, next_ledger
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import ChatCompletionRequest, CompletionRequest, Delta, PromptTokensDetails, ToolCallFunction, ToolCallOut, Usage
-from gateway.router import Route, Router
+from gateway.router import Route, RouteLease, Router
 from gateway.sessions import Session, SessionStore
 from gateway.tenants import Tenant
 from gateway.tool_calls import CallDelta, ContentDelta, ParsedCall, ToolCallParser
@@ -165,7 +165,7 @@ class TurnPipeline:
             attempt = 0
             while True:
                 try:
-                    chunks = self._on_workers(turn, lease.route, outcome, f"{turn.request_id}-r{attempt}" if attempt else turn.request_id)
+                    chunks = self._on_workers(turn, lease, outcome, f"{turn.request_id}-r{attempt}" if attempt else turn.request_id)
                     async with contextlib.aclosing(chunks) as chunks:
                         async for chunk in chunks:
                             deltas = assembler.push(chunk)
@@ -181,13 +181,14 @@ class TurnPipeline:
                     log.warning("%s; re-routing", exc.message)
                     outcome.route, attempt = lease.route, attempt + 1
 
-    async def _on_workers(self, turn: Turn, route: Route, outcome: Outcome, request_id: str) -> AsyncIterator[TokenChunk]:
+    async def _on_workers(self, turn: Turn, lease: RouteLease, outcome: Outcome, request_id: str) -> AsyncIterator[TokenChunk]:
         """P (if routed there) then D; every node touched gets an abort if the turn ends unfinished."""
-        request = turn.request(request_id)
+        request, route = turn.request(request_id), lease.route
         finished = False
         try:
             if route.prefill is not None:
                 outcome.prefill = request.remote_kv = await self.workers.prefill(route.prefill, request)
+                lease.prefill_done()
             async for chunk in self.workers.generate(route.decode, request):
                 finished = chunk.finished
                 yield chunk

@@ -144,6 +144,25 @@ def test_a_lease_counts_its_nodes_busy_until_it_ends_and_reroutes_once(aio):
     aio.run(main())
 
 
+def test_a_prefill_node_is_free_again_once_its_prefill_is_done(aio):
+    """P's share of a disaggregated turn ends with its prefill; D's with the turn: a `both` node that
+    prefilled a turn decoding elsewhere does not count it as its own running sequence any more."""
+    d, p = node("d1", Role.DECODE), node("p1", Role.PREFILL)
+    router = Router(FakeIndex([(d.record, d.load, 0), (p.record, p.load, 0)]), lambda: [], CFG)
+
+    async def main():
+        async with router.lease(ask([1, 2, 3], 500, 16, None)) as first:
+            assert first.route.prefill.node_id == "p1" and router.loads.in_flight == {"d1": 1, "p1": 1}
+            first.prefill_done()
+            first.prefill_done()  # once only
+            assert router.loads.in_flight == {"d1": 1, "p1": 0}
+            second = await router.choose(ask([4, 5, 6], 500, 16, None))
+            assert second.prefill is not None and second.prefill.node_id == "p1"
+        assert router.loads.in_flight == {"d1": 0, "p1": 0}
+
+    aio.run(main())
+
+
 def test_router_is_exact_when_the_index_answers_and_degraded_when_it_does_not(aio):
     d1, d2 = node("d1"), node("d2")
     snapshot = lambda: [(d1.record, d1.load), (d2.record, d2.load)]  # noqa: E731
