@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ def create_app(
             turns = TurnPipeline(config, cluster, rend, router, workers, sessions, gateway_metrics)
             app.state.services = Services(cluster, rend, sessions, turns)
             await cluster.refresh()
+            gc.collect()  # the startup heap (litestar, transformers, the tokenizer's Python side) stays for
+            gc.freeze()  # the process's life: keep it out of the collector's full passes (workers/service.py)
             for task in (asyncio.create_task(cluster.run(), name="agentkv-cluster-refresh"),
                          asyncio.create_task(purge_dead_index_entries(index, config.index_purge_s), name="agentkv-index-purge"),
                          asyncio.create_task(_warm_tokenizer(cluster, rend), name="agentkv-tokenizer")):  # fmt: skip

@@ -101,7 +101,8 @@ def test_bad_requests_get_an_error_body(worker):
 def test_internal_endpoints_require_the_cluster_token(worker):
     resp = httpx.post(f"{worker.url}/internal/generate", json={"request_id": "z", "prompt_token_ids": [1]})
     assert resp.status_code == 401
-    assert httpx.get(f"{worker.url}/internal/health").status_code == 200
+    health = httpx.get(f"{worker.url}/internal/health")
+    assert health.status_code == 200 and health.json()["gc_frozen_objects"] > 100_000  # the startup heap, frozen
 
 
 def test_disconnect_mid_stream_frees_every_block(worker):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -60,7 +61,8 @@ def health(worker: Worker) -> dict:
     return {
         "status": "draining" if worker.draining else "ok", "node_id": engine.record.node_id,
         "generation": engine.record.generation, "role": engine.record.role.value,
-        "load": msgspec.to_builtins(engine.load()), "redis_connected": worker.publisher.connected, **engine.stats(),
+        "load": msgspec.to_builtins(engine.load()), "redis_connected": worker.publisher.connected,
+        "gc_frozen_objects": gc.get_freeze_count(), **engine.stats(),
     }
 
 
@@ -127,6 +129,11 @@ def create_app(worker: Worker) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await worker.engine.start()
+        # Everything loaded so far (torch, transformers, the model, litestar: ~500 k objects) lives
+        # as long as the process: leave it out of the collector's full passes, each of which took
+        # ~250 ms here, a stall of every running decode (vLLM freezes its startup heap the same way).
+        gc.collect()
+        gc.freeze()
         publishing = asyncio.create_task(worker.publisher.run(), name="kv-publisher")
         try:
             yield
