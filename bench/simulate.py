@@ -110,7 +110,7 @@ class _SimTurn(NamedTuple):
 class _TimedIndex:
     """The index as the Router calls it, timing each lookup (the decision's one Redis round trip)."""
 
-    def __init__(self, index: BlockIndex | None, times: list[float]) -> None:
+    def __init__(self, index: BlockIndex, times: list[float]) -> None:
         self.index, self.times = index, times
 
     async def lookup_with_nodes(self, block_hashes: list[int]):

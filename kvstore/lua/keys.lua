@@ -7,8 +7,8 @@
 --                              load (msgpack NodeLoad); expires ttl after the last heartbeat: existing is being live
 --   {p}gen:{id}        STRING  the node's newest generation, issued or registered (no expiry)
 --   {p}live            HASH    id -> msgpack [id, gen, expires_at_ms, load] of every registered node, kept by
---                              register/heartbeat/deregister/purge_dead: the lookup reads all nodes in one
---                              call (an entry past expires_at is a dead node the client skips)
+--                              register/heartbeat/deregister/purge_dead: a lookup returns the entries changed
+--                              since its client's copy (an entry past expires_at is a dead node the client skips)
 --   {p}livelog         ZSET    node id -> the LIVE version of its entry's last change (set or removed): a
 --                              lookup names the version its client holds and gets only what changed since
 --   {p}livever         STRING  the newest LIVE version; {p}liveepoch: when that count started (a flushed or
