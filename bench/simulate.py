@@ -113,10 +113,10 @@ class _TimedIndex:
     def __init__(self, index: BlockIndex, times: list[float]) -> None:
         self.index, self.times = index, times
 
-    async def lookup_with_nodes(self, block_hashes: list[int]):
+    async def lookup_matches(self, block_hashes: list[int]):
         t0 = time.perf_counter()
         try:
-            return await self.index.lookup_with_nodes(block_hashes)
+            return await self.index.lookup_matches(block_hashes)
         finally:
             self.times.append(time.perf_counter() - t0)
 

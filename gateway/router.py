@@ -38,18 +38,19 @@ import itertools
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-import msgspec
+import numpy as np
 from redis.exceptions import RedisError
 
+from gateway.candidates import Candidate, Candidates
 from gateway.config import RouterConfig
 from gateway.errors import ClusterMisconfigured, NoWorkers
-from kvstore.index import BlockIndex
-from kvstore.nodes import NodeLoad, NodeRecord, Role
+from kvstore.index import BlockIndex, LiveRows, Matches
+from kvstore.nodes import NodeRecord, Role
 
 if TYPE_CHECKING:  # routing reads a turn's block_hashes, prompt_ids, affinity and max_tokens
     from gateway.turn import Turn
@@ -62,21 +63,6 @@ FULL_PENALTY_SEQS = 4  # a node without room for the request costs like 4 more q
 class RouteMode(str, Enum):
     EXACT = "exact"
     DEGRADED = "degraded"
-
-
-class Candidate(msgspec.Struct, frozen=True, gc=False):
-    """A node as one decision sees it. A Struct: a decision builds one per node (256 frozen
-    dataclasses took 250 us to build here, these 31 us). Untracked by the garbage collector (it
-    cannot be part of a cycle): 256 a decision otherwise bring its collections on sooner."""
-
-    record: NodeRecord
-    load: NodeLoad
-    cached_blocks: int = 0
-    idle_sessions: int = 0  # this gateway's sessions between calls whose last turn ran here (LoadTracker.idle)
-
-    @property
-    def node_id(self) -> str:
-        return self.record.node_id
 
 
 @dataclass
@@ -116,7 +102,7 @@ def check_compatible(records: list[NodeRecord]) -> None:
 
 
 def choose_route(
-    candidates: list[Candidate],
+    candidates: Candidates | list[Candidate],
     prompt_tokens: int,
     max_tokens: int,
     config: RouterConfig,
@@ -125,113 +111,62 @@ def choose_route(
     affinity: str | None = None,
     after: str | None = None,
 ) -> Route:
-    """The cost function itself: pure, so it is tested without Redis or workers.
+    """The cost function itself: pure, so it is tested without Redis or workers. Every node is
+    priced at once, an array operation per term of the formula above.
 
     Equal costs go to the first node id after `after` (wrapping around). The Router passes the last
     decision's decode node, so nodes that look alike take turns: otherwise every new session lands
     on the lowest id among the idle-looking nodes (those whose sessions are between calls), and
     `agentkv bench simulate` measured 1.7-2.2x load imbalance and twice sticky routing's TTFT p90."""
-    if not candidates:
+    c = candidates if isinstance(candidates, Candidates) else Candidates.of(candidates)
+    if not len(c):
         raise NoWorkers("no worker is registered: start one with `agentkv worker` (or use `agentkv up`)")
-    check_compatible([c.record for c in candidates])
-    bs = candidates[0].record.block_size
-    tie = _tie_order(after)
-    candidates = _representatives(candidates, prompt_tokens, max_tokens, bs, affinity, tie)
+    if len(c.kinds) > 1:
+        check_compatible([c.record(i) for i in range(len(c))])
+    bs, lt = c.record(0).block_size, config.load_tokens
+    cached = np.minimum(c.cached_blocks * bs, prompt_tokens)
+    miss = prompt_tokens - cached
+    reports_room = c.total_blocks > 0  # a node without total_blocks is never full
+    full_decode = reports_room & (c.free_blocks < -(-(miss + max_tokens) // bs))
+    full_prefill = reports_room & (c.free_blocks < -(-miss // bs))
+    busy = lt * (c.seqs + config.idle_session_weight * c.idle) + np.where(full_decode, lt * FULL_PENALTY_SEQS, 0.0)
+    prefill = miss + lt * (c.waiting + FULL_PENALTY_SEQS * full_prefill)
 
-    def cached(c: Candidate) -> int:
-        return min(c.cached_blocks * bs, prompt_tokens)
-
-    def busy(c: Candidate, need_tokens: int) -> float:
-        cost = config.load_tokens * (c.load.running + c.load.waiting + config.idle_session_weight * c.idle_sessions)
-        need_blocks = -(-need_tokens // bs)
-        if c.load.total_blocks and c.load.free_blocks < need_blocks:
-            cost += config.load_tokens * FULL_PENALTY_SEQS
-        return cost
-
-    def prefill_cost(c: Candidate) -> float:
-        miss = prompt_tokens - cached(c)
-        full = c.load.total_blocks and c.load.free_blocks < -(-miss // bs)
-        return miss + config.load_tokens * (c.load.waiting + (FULL_PENALTY_SEQS if full else 0))
-
-    sources = [c for c in candidates if c.record.role in (Role.PREFILL, Role.BOTH) and c.load.waiting <= config.max_prefill_queue]
-    source = max(sources, key=lambda c: (cached(c), -prefill_cost(c)), default=None)
-
-    source_cached = cached(source) if source is not None else -1
-    source_cost = prefill_cost(source) if source is not None else 0.0
+    sources = c.prefill_capable & (c.waiting <= config.max_prefill_queue)
+    source_cached, source_cost = -1, 0.0  # S: the longest prefix, then the cheapest prefill
+    if sources.any():
+        source_cached = cached[sources].max()
+        source_cost = prefill[sources & (cached == source_cached)].min()
     prompt_blocks = -(-prompt_tokens // bs)
+    pulled = np.minimum(miss, source_cost + config.transfer_tokens_per_block * (prompt_blocks - cached // bs))
+    obtain = np.where((source_cached <= cached) | (miss <= config.prefill_threshold_tokens), miss, pulled)
+    decode = obtain + busy
+    if (a := c.index_of(affinity)) >= 0:
+        decode[a] -= config.affinity_tokens
 
-    def obtain(c: Candidate) -> float:
-        held = cached(c)
-        miss = prompt_tokens - held
-        if source_cached <= held or miss <= config.prefill_threshold_tokens:
-            return miss
-        return min(miss, source_cost + config.transfer_tokens_per_block * (prompt_blocks - held // bs))
-
-    def decode_cost(c: Candidate) -> float:
-        miss = prompt_tokens - cached(c)
-        return obtain(c) + busy(c, miss + max_tokens) - (config.affinity_tokens if c.node_id == affinity else 0.0)
-
-    decoders = _decoders(candidates)
-    d = min(decoders, key=lambda c: (decode_cost(c), tie(c.node_id)))
-    d_miss = prompt_tokens - cached(d)
-    route = Route(mode, d.record, None, prompt_tokens, bs, cached(d))
+    rank = c.tie_rank(after)
+    decoders = c.decode_capable
+    if not decoders.any():
+        log.warning("no decode node is live: prefill nodes decode too until one is back")
+        decoders = np.ones(len(c), dtype=bool)
+    d = _cheapest(decode, rank, decoders)
+    d_miss = int(miss[d])
+    route = Route(mode, c.record(d), None, prompt_tokens, bs, int(cached[d]))
     if d_miss <= config.prefill_threshold_tokens:
         return route
-    prefillers = [c for c in sources if c.node_id != d.node_id and prompt_tokens - cached(c) <= d_miss + bs]
-    p = min(prefillers, key=lambda c: (prefill_cost(c), tie(c.node_id)), default=None)
-    if p is not None and prefill_cost(p) <= config.prefill_worth * d_miss:
-        route.prefill, route.prefill_cached_tokens = p.record, cached(p)
+    prefillers = sources & (miss <= d_miss + bs)  # P never recomputes what D already holds
+    prefillers[d] = False
+    if prefillers.any() and prefill[p := _cheapest(prefill, rank, prefillers)] <= config.prefill_worth * d_miss:
+        route.prefill, route.prefill_cached_tokens = c.record(p), int(cached[p])
     return route
 
 
-def _tie_order(after: str | None):
-    """The key that orders node ids for ties: ids after `after` first, then the rest, each ascending."""
-    if after is None:
-        return lambda node_id: (False, node_id)
-    return lambda node_id: (node_id <= after, node_id)
-
-
-def _representatives(candidates: list[Candidate], prompt_tokens: int, max_tokens: int, bs: int,
-                     affinity: str | None, tie=_tie_order(None)) -> list[Candidate]:  # fmt: skip
-    """The first two node ids (in `tie` order) of each group of candidates that the cost function
-    cannot tell apart: the same route as all of them, at a fraction of the cost (at 256 nodes most
-    nodes hold the same few prefixes under the same few loads).
-
-    Why it is exact: choose_route reads a node only through its cached_blocks, its role, running +
-    waiting, waiting, its idle sessions, whether its free blocks cover what it lacks (+ max_tokens for
-    decode; a node without total_blocks is never full), whether it is the affinity node, and its node
-    id. Nodes equal in all but the id (one group) get identical costs and eligibilities, so
-    - D = argmin (decode cost, tie(node id)): only a group's first id can win;
-    - P = argmin (prefill cost, tie(node id)) over a group-wise filter, minus D: a group's first id,
-      or its second when the first is D;
-    - S (the source) is used only through its (cached, prefill cost), which every member shares,
-      and each group keeps a member, so max over the groups' members is the same value;
-    - the role is in the key, so the no-decoder fallback of _decoders sees the same roles.
-    Node ids are unique (the registry is keyed by them), so no two tie keys are equal.
-    tests/test_gateway_router.py holds this to the full evaluation (the code before the shortlist)
-    on random clusters full of ties."""
-    need_by_cached: dict[int, tuple[int, int]] = {}
-    kept: dict[tuple, list[tuple[tuple, Candidate]]] = {}  # group -> its first two (tie key, candidate) so far, in order
-    for c in candidates:
-        needs = need_by_cached.get(c.cached_blocks)
-        if needs is None:
-            miss = prompt_tokens - min(c.cached_blocks * bs, prompt_tokens)
-            needs = need_by_cached[c.cached_blocks] = (-(-(miss + max_tokens) // bs), -(-miss // bs))
-        load = c.load
-        full = (load.free_blocks < needs[0], load.free_blocks < needs[1]) if load.total_blocks else (False, False)
-        record = c.record
-        key = (c.cached_blocks, record.role, load.running + load.waiting, load.waiting, c.idle_sessions, full, record.node_id == affinity)
-        t = tie(record.node_id)
-        group = kept.get(key)
-        if group is None:
-            kept[key] = [(t, c)]
-        elif len(group) == 1:
-            group.insert(t > group[0][0], (t, c))
-        elif t < group[1][0]:
-            group[1] = (t, c)
-            if t < group[0][0]:
-                group.reverse()
-    return [c for group in kept.values() for _, c in group]
+def _cheapest(cost: np.ndarray, rank: np.ndarray, eligible: np.ndarray) -> int:
+    """argmin of (cost, tie rank) over the eligible candidates."""
+    at = np.flatnonzero(eligible)
+    costs = cost[at]
+    tied = at[costs == costs.min()]
+    return int(tied[np.argmin(rank[tied])])
 
 
 def _decoders(candidates: list[Candidate]) -> list[Candidate]:
@@ -259,22 +194,35 @@ def choose_baseline(candidates: list[Candidate], prompt_tokens: int, policy: str
 
 class LoadTracker:
     """This gateway's own turns per node, to correct the nodes' reported loads, which lag by up to
-    one heartbeat: a reported count includes turns that have finished since, and misses turns sent
-    since; and its sessions between calls, per node of their last turn. Call `started` when a route
-    is taken and `finished` when its turn ends."""
+    one heartbeat (gateway.candidates.Candidates.from_matches): its turns in flight, those ended
+    within a report's possible age, and its sessions between calls, per node of their last turn.
+    Call `started` when a route is taken and `finished` when its turn ends.
+
+    Counts live in numpy columns, a slot per node id ever seen (slot 0 stays empty, for ids never
+    seen), so a decision reads them for every node with one gather (`columns`) instead of a dict
+    lookup per node."""
 
     def __init__(self, report_age_s: float, clock=time.monotonic, session_idle_s: float = 60.0) -> None:
         self.report_age_s = report_age_s
         self.clock = clock
         self.session_idle_s = session_idle_s
-        self.in_flight: Counter[str] = Counter()
-        self._finished: dict[str, deque[float]] = {}
-        self._homes: OrderedDict[str, tuple[str, float]] = OrderedDict()  # idle session -> (node, ended at), oldest first
-        self._idle: Counter[str] = Counter()  # node -> idle sessions in _homes
+        self._slots: dict[str, int] = {}
+        self._flying = np.zeros(16, dtype=np.int64)  # turns in flight
+        self._ended = np.zeros(16, dtype=np.int64)  # turns released within report_age_s (entries of _ends)
+        self._idle = np.zeros(16, dtype=np.int64)  # idle sessions (entries of _homes)
+        self._ends: deque[tuple[float, int]] = deque()  # (when, slot) of each release, oldest first
+        self._homes: OrderedDict[str, tuple[int, float]] = OrderedDict()  # idle session -> (slot, ended at), oldest first
+        self._gather: tuple[object, int, np.ndarray] | None = None  # (rows, slots known, each row's slot)
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        """node id -> this gateway's turns in flight there, for every node it has routed to."""
+        return {node_id: int(self._flying[slot]) for node_id, slot in self._slots.items()}
 
     def started(self, route: Route, session: str | None = None) -> None:
         for record in route.nodes():
-            self.in_flight[record.node_id] += 1
+            slot = self._slot(record.node_id)  # first: a new slot may grow the columns
+            self._flying[slot] += 1
         self._leave(session)
 
     def finished(self, route: Route, session: str | None = None, released: frozenset[str] = frozenset()) -> None:
@@ -282,42 +230,64 @@ class LoadTracker:
         for record in route.nodes():
             if record.node_id not in released:
                 self.release(record.node_id)
-        now = self.clock()
         if session is not None:
             self._leave(session)
-            self._homes[session] = (route.decode.node_id, now)
-            self._idle[route.decode.node_id] += 1
+            slot = self._slot(route.decode.node_id)
+            self._homes[session] = (slot, self.clock())
+            self._idle[slot] += 1
 
     def release(self, node_id: str) -> None:
         """One node's part of a turn in flight is over (a prefill node's, once D has the prompt)."""
-        self.in_flight[node_id] -= 1
-        self._finished.setdefault(node_id, deque()).append(self.clock())
+        slot = self._slot(node_id)
+        self._flying[slot] -= 1
+        self._ends.append((self.clock(), slot))
+        self._ended[slot] += 1
 
-    def idle(self, excluding: str | None = None) -> Callable[[str], int]:
+    def idle(self, excluding: str | None = None) -> dict[str, int]:
         """node id -> sessions whose last turn (through this gateway) ran there, ended within
         session_idle_s, and that have no turn in flight, but `excluding` (the session being routed)."""
-        horizon = self.clock() - self.session_idle_s
+        self._expire()
+        own = self._homes[excluding][0] if excluding in self._homes else 0
+        return {node_id: int(self._idle[slot]) - (slot == own) for node_id, slot in self._slots.items()}
+
+    def columns(self, rows: LiveRows, session: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Turns in flight, turns ended within report_age_s and idle sessions (but `session`'s) on
+        each node of `rows`, in row order."""
+        self._expire()
+        if self._gather is None or self._gather[0] is not rows or self._gather[1] != len(self._slots):
+            self._gather = (rows, len(self._slots), np.array([self._slots.get(node_id, 0) for node_id in rows.ids], dtype=np.intp))
+        slots = self._gather[2]
+        idle = self._idle[slots]
+        if session in self._homes:
+            idle[slots == self._homes[session][0]] -= 1
+        return self._flying[slots], self._ended[slots], idle
+
+    def _slot(self, node_id: str) -> int:
+        slot = self._slots.get(node_id)
+        if slot is None:
+            slot = self._slots[node_id] = len(self._slots) + 1
+            if slot >= len(self._flying):
+                self._flying, self._ended, self._idle = (_grown(a, 2 * slot) for a in (self._flying, self._ended, self._idle))
+        return slot
+
+    def _expire(self) -> None:
+        now = self.clock()
+        horizon = now - self.report_age_s
+        while self._ends and self._ends[0][0] < horizon:
+            self._ended[self._ends.popleft()[1]] -= 1
+        horizon = now - self.session_idle_s
         while self._homes and next(iter(self._homes.values()))[1] < horizon:
             self._idle[self._homes.popitem(last=False)[1][0]] -= 1
-        own, counts = self._homes.get(excluding, ("",))[0] if excluding is not None else "", self._idle
-        return lambda node_id: counts.get(node_id, 0) - (node_id == own)
 
     def _leave(self, session: str | None) -> None:
         if session is not None and (home := self._homes.pop(session, None)) is not None:
             self._idle[home[0]] -= 1
 
-    def corrected(self, node_id: str, load: NodeLoad) -> NodeLoad:
-        """`load` with running + waiting = max(own turns in flight, reported - own turns finished
-        within the report's possible age). Other gateways' turns stay in the reported part."""
-        done = self._finished.get(node_id)
-        if not (done or self.in_flight.get(node_id)):
-            return load  # nothing of ours there, the common case at hundreds of nodes
-        horizon = self.clock() - self.report_age_s
-        while done and done[0] < horizon:
-            done.popleft()
-        total = max(self.in_flight[node_id], load.running + load.waiting - len(done or ()))
-        waiting = min(load.waiting, total)
-        return msgspec.structs.replace(load, running=total - waiting, waiting=waiting)
+
+def _grown(column: np.ndarray, size: int) -> np.ndarray:
+    grown = np.zeros(size, dtype=column.dtype)
+    grown[: len(column)] = column
+    return grown
 
 
 class RouteLease:
@@ -373,20 +343,19 @@ class Router:
 
     async def choose(self, turn: Turn, exclude: frozenset[str] = frozenset()) -> Route:
         prompt_tokens, affinity = len(turn.prompt_ids), turn.affinity
-        found: list[tuple[NodeRecord, NodeLoad, int]] = []
+        found: Matches | None = None
         try:
             async with asyncio.timeout(self.config.index_timeout_s):  # no task per call, unlike wait_for
-                found = await self.index.lookup_with_nodes(turn.block_hashes)
+                found = await self.index.lookup_matches(turn.block_hashes)
             mode = RouteMode.EXACT
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("block index unavailable (%s): routing DEGRADED on load and affinity", exc or type(exc).__name__)
-        if not found:  # index down, or emptied by a Redis restart until the workers re-register
-            found, mode = [(rec, load, 0) for rec, load in self.snapshot()], RouteMode.DEGRADED
-        idle, corrected = self.loads.idle(turn.session.worker_key if turn.session else None), self.loads.corrected
-        candidates = [Candidate(rec, corrected(rec.node_id, load), matched, idle(rec.node_id))
-                      for rec, load, matched in found if rec.node_id not in exclude]  # fmt: skip
+        if found is None or not found.usable.any():  # index down, or emptied by a Redis restart until the workers re-register
+            found, mode = Matches.of((rec, load, 0) for rec, load in self.snapshot()), RouteMode.DEGRADED
+        flying, ended, idle = self.loads.columns(found.rows, turn.session.worker_key if turn.session else None)
+        candidates = Candidates.from_matches(found, exclude=exclude, flying=flying, ended=ended, idle=idle)
         if self.config.policy != "prefix":
-            return choose_baseline(candidates, prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)
+            return choose_baseline(candidates.as_list(), prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)
         route = choose_route(candidates, prompt_tokens, turn.max_tokens, self.config, mode=mode, affinity=affinity,
                              after=self._last_decode)  # fmt: skip
         self._last_decode = route.decode.node_id

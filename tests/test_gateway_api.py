@@ -310,7 +310,7 @@ def test_index_failure_routes_degraded_visible_in_header_and_metrics(gateway, wo
         raise ConnectionError("index down")
 
     async def scenario(client, cluster):
-        monkeypatch.setattr(BlockIndex, "lookup_with_nodes", broken)
+        monkeypatch.setattr(BlockIndex, "lookup_matches", broken)
         r = await client.post("/v1/chat/completions", json=chat(), headers=A)
         assert r.status_code == 200 and route_of(r).mode == "degraded"
         metrics = (await client.get("/metrics")).text

@@ -12,7 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config import RouterConfig
 from gateway.errors import ClusterMisconfigured, NoWorkers
-from gateway.router import FULL_PENALTY_SEQS, Candidate, Route, RouteMode, Router, check_compatible, choose_route
+from gateway.router import FULL_PENALTY_SEQS, Candidate, LoadTracker, Route, RouteMode, Router, check_compatible, choose_route
+from kvstore.index import Matches
 from kvstore.nodes import NodeLoad, NodeRecord, Role
 
 CFG = RouterConfig(prefill_threshold_tokens=64, load_tokens=128, affinity_tokens=256, prefill_worth=2.0, max_prefill_queue=8)
@@ -116,11 +117,11 @@ class FakeIndex:
     def __init__(self, result=None, error: Exception | None = None, delay_s: float = 0.0):
         self.result, self.error, self.delay_s = result, error, delay_s
 
-    async def lookup_with_nodes(self, hashes):
+    async def lookup_matches(self, hashes):
         await asyncio.sleep(self.delay_s)
         if self.error:
             raise self.error
-        return self.result
+        return Matches.of(self.result)
 
 
 def ask(hashes: list[int], prompt_tokens: int, max_tokens: int, affinity: str | None, session: str | None = None) -> SimpleNamespace:
@@ -210,11 +211,11 @@ def test_sessions_between_calls_count_on_their_node_so_new_sessions_spread(aio):
     for session in ("s1", "s2"):
         router.loads.started(on_d0, session)
         router.loads.finished(on_d0, session)
-    assert router.loads.idle()("d0") == 2 and router.loads.idle(excluding="s1")("d0") == 1
+    assert router.loads.idle()["d0"] == 2 and router.loads.idle(excluding="s1")["d0"] == 1
     assert aio.run(router.choose(ask([1, 2, 3], 500, 16, None, "s3"))).decode.node_id == "d1"
     assert aio.run(router.choose(ask([1, 2, 3], 500, 16, "d0", "s1"))).decode.node_id == "d0"
     now[0] += CFG.session_idle_s + 1  # gone quiet: no longer counted
-    assert router.loads.idle()("d0") == 0
+    assert router.loads.idle()["d0"] == 0
 
 
 def test_a_stale_report_of_the_gateways_own_finished_turns_does_not_repel_the_next_turn(aio):
@@ -245,9 +246,9 @@ def test_baseline_policies_for_benchmarks():
 
 
 def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mode=RouteMode.EXACT, affinity=None, after=None):
-    """choose_route as it was before the shortlist of gateway.router._representatives (git dbe6d30):
-    every candidate through the cost function; ties in rotated id order (the ids after `after` first).
-    The property test below holds the new one to it."""
+    """choose_route as it was before it priced nodes as arrays (and before the shortlist of git
+    dbe6d30): every candidate through the cost function in Python, one at a time; ties in rotated id
+    order (the ids after `after` first). The property test below holds choose_route to it."""
 
     def tie(node_id):
         return (after is not None and node_id <= after, node_id)
@@ -357,7 +358,7 @@ configs = st.builds(
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), configs)
-def test_the_shortlist_routes_exactly_as_evaluating_every_node(cluster, config):
+def test_pricing_every_node_at_once_routes_exactly_as_pricing_them_one_by_one(cluster, config):
     cands, affinity, after, prompt_tokens, max_tokens = cluster
     new = choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity, after=after)
     old = reference_choose_route(cands, prompt_tokens, max_tokens, config, affinity=affinity, after=after)
@@ -369,18 +370,30 @@ def outcome(route: Route) -> tuple:
     return route.mode, route.decode.node_id, prefill, route.decode_cached_tokens, route.prefill_cached_tokens
 
 
-def test_the_shortlist_keeps_the_two_lowest_ids_of_nodes_the_cost_function_cannot_tell_apart():
-    from gateway.router import _representatives
-
-    same = [node(f"d{i}") for i in (5, 3, 9, 1, 7)] + [node("h", cached_blocks=2), node("d8", running=1), node("d6")]
-    kept = [c.node_id for c in _representatives(same, 100, 16, 16, affinity="d6")]
-    assert kept == ["d1", "d3", "h", "d8", "d6"]  # groups by first appearance, each in tie order; d6 (affinity): its own group
-
-
-def test_the_shortlist_tells_apart_nodes_that_differ_only_in_room_for_the_prompt():
+def test_the_router_tells_apart_nodes_that_differ_only_in_room_for_the_prompt():
     """p0 and p1 lack room for the prompt's 32 blocks, p2 has it (all three lack room for 33, the
     decode reservation): only p2's prefill is worth it, though its id is the highest."""
     cands = [node("d1"), node("p0", Role.PREFILL, free=10), node("p1", Role.PREFILL, free=10), node("p2", Role.PREFILL, free=32)]
     route = choose_route(cands, 500, 16, CFG)
     assert route.prefill.node_id == "p2"
     assert reference_choose_route(cands, 500, 16, CFG).prefill.node_id == "p2"
+
+
+def test_the_load_tracker_counts_per_node_however_many_nodes_it_has_seen():
+    """Its counts are columns that grow with the node ids seen; a decision reads them in row order."""
+    now = [0.0]
+    tracker = LoadTracker(report_age_s=1.0, clock=lambda: now[0])
+    nodes = [node(f"n{i:02d}") for i in range(40)]
+    for i, n in enumerate(nodes):
+        route = Route(RouteMode.EXACT, n.record, None, 100, 16, 0)
+        for _ in range(i % 3):
+            tracker.started(route)
+        if i % 3 == 2:  # one of its two turns ends, a session's
+            tracker.finished(route, session=f"s{i}")
+    rows = Matches.of([(n.record, n.load, 0) for n in reversed(nodes)]).rows  # rows come in id order
+    flying, ended, idle = tracker.columns(rows)
+    assert flying.tolist() == [min(i % 3, 1) for i in range(40)]
+    assert ended.tolist() == idle.tolist() == [int(i % 3 == 2) for i in range(40)]
+    assert tracker.columns(rows, session="s2")[2][2] == 0  # the session being routed does not count against its node
+    now[0] = 1.5  # older than a report can be: no longer subtracted from reports
+    assert tracker.columns(rows)[1].sum() == 0 and tracker.in_flight["n05"] == 1

@@ -557,3 +557,18 @@ def test_resync_purge_and_clear_leave_exact_holder_sets_and_no_garbage(aio, redi
         assert await redis_client.scard("{akv}:gcs") == 0
 
     aio.run(body())
+
+
+def test_live_rows_follow_heartbeats_in_place_and_are_rebuilt_when_a_node_joins_or_leaves():
+    live = LiveTable()
+    entry = lambda node_id, gen, running: (node_id, str(gen), 10**15, NodeLoad(running=running, free_blocks=7, total_blocks=9))
+    live.update(LiveChanges("e", 1, True, [entry("b", 1, 0), entry("a", 1, 0)], []))
+    rows = live.rows()
+    assert rows.ids == ["a", "b"] and rows.row_of_incarnation == {"a:1": 0, "b:1": 1}
+    live.update(LiveChanges("e", 2, False, [entry("b", 1, 3)], []))  # a heartbeat
+    assert live.rows() is rows and rows.running.tolist() == [0, 3] and rows.free_blocks.tolist() == [7, 7]
+    live.update(LiveChanges("e", 3, False, [entry("b", 2, 0)], []))  # b restarted: a new generation
+    assert live.rows() is not rows and live.rows().row_of_incarnation == {"a:1": 0, "b:2": 1}
+    rows = live.rows()
+    live.update(LiveChanges("e", 4, False, [entry("c", 1, 1)], ["a"]))
+    assert live.rows().ids == ["b", "c"] and live.rows().running.tolist() == [0, 1]

@@ -10,10 +10,11 @@
 -- of block i (incarnations holding it in state F), S(1) >= S(2) >= ... >= S(n), and a node's match is
 -- the last i with it in S(i). Nested sets of equal size are equal, so the prompt splits into runs of
 -- equal SCARD; each run's end is found by binary search on SCARD and its members by one SDIFF with
--- the next set. Cost: O(runs x log n) SCARDs (a run per distinct match length, usually 1-3) plus the
--- holders read, whatever the number of nodes and the size of the index. Sets that are not nested
--- (stale entries of a retired incarnation being swept) cannot make a live node's answer wrong: each
--- run also checks for members that left within it (one more SDIFF) and binary-searches those alone.
+-- the next set (or SMEMBERS, see below). Cost: O(runs x log n) SCARDs (a run per distinct match
+-- length, usually 1-3) plus the holders read, whatever the number of nodes and the size of the
+-- index. Sets that are not nested (stale entries of a retired incarnation being swept) cannot make a
+-- live node's answer wrong: each run also checks for members that left within it (one more SDIFF)
+-- and binary-searches those alone.
 local MAX_LIVE_CHANGES = 1000  -- HMGET's arguments go through unpack: keep them well under Lua's stack limit
 local packed = ARGV[2]
 local n = #packed / 8
@@ -40,7 +41,11 @@ if n > 0 then
         if cm == c then lo = mid else hi, chi = mid, cm end
       end
     end
-    local members = (lo == n or chi == 0) and redis.call('SMEMBERS', holders_key(at(lo)))  -- half SDIFF's cost
+    -- S(lo) minus S(lo + 1): the members whose match is lo. SMEMBERS when S(lo + 1) holds at most
+    -- half of S(lo): its members are listed again by a later run, which overrides this one, and
+    -- SMEMBERS costs half of SDIFF (at 256 members, 60 us against 130 here); the reply is at most
+    -- twice as long.
+    local members = (lo == n or 2 * chi <= c) and redis.call('SMEMBERS', holders_key(at(lo)))
       or redis.call('SDIFF', holders_key(at(lo)), holders_key(at(lo + 1)))
     run(lo, members)
     if lo > i then
