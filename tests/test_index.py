@@ -442,7 +442,7 @@ def test_the_live_copy_never_goes_back_to_an_older_reply_and_rereads_everything_
     live.update(LiveChanges("e1", 12, False, [entry("a", 2)], ["b"]))
     live.update(LiveChanges("e1", 11, False, [entry("a", 1), entry("b", 1)], []))  # older, arrived later
     live.update(LiveChanges("e1", 9, True, [entry("b", 0)], []))  # an older whole table
-    assert live.version == 12 and list(live.entries) == ["a"] and live.entries["a"][4].running == 2
+    assert live.version == 12 and list(live.entries) == ["a"] and live.entries["a"][3].running == 2
     live.update(LiveChanges("e2", 3, True, [entry("c", 0)], []))  # a new epoch: its first whole table wins
     assert list(live.entries) == ["c"] and live.held() == ("e2", "3")
     now[0] = 5.1
