@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from kvstore.index import Matches
-from kvstore.nodes import NodeLoad, NodeRecord, Role
+from kvstore.nodes import NodeLoad, NodeRecord
 
 
 class Candidate(msgspec.Struct, frozen=True, gc=False):
@@ -95,16 +95,10 @@ class Candidates:
 
     @classmethod
     def of(cls, candidates: list[Candidate]) -> Candidates:
-        """From one Candidate per node (tests, the cluster snapshot)."""
-        cands = sorted(candidates, key=lambda c: c.node_id)
-        column = lambda get: np.array([get(c) for c in cands], dtype=np.int64)  # noqa: E731
-        return cls([c.node_id for c in cands], [c.record for c in cands], {c.node_id: r for r, c in enumerate(cands)}, np.arange(len(cands)),
-                  {(c.record.block_size, c.record.model_fingerprint) for c in cands},
-                  cached_blocks=column(lambda c: c.cached_blocks), seqs=column(lambda c: c.load.running + c.load.waiting),
-                  waiting=column(lambda c: c.load.waiting), free_blocks=column(lambda c: c.load.free_blocks),
-                  total_blocks=column(lambda c: c.load.total_blocks), idle=column(lambda c: c.idle_sessions),
-                  prefill_capable=np.array([c.record.role in (Role.PREFILL, Role.BOTH) for c in cands], dtype=bool),
-                  decode_capable=np.array([c.record.role in (Role.DECODE, Role.BOTH) for c in cands], dtype=bool))  # fmt: skip
+        """From one Candidate per node (tests write clusters this way)."""
+        found = Matches.of((c.record, c.load, c.cached_blocks) for c in candidates)
+        idle = {c.node_id: c.idle_sessions for c in candidates}
+        return cls.from_matches(found, idle=np.array([idle[node_id] for node_id in found.rows.ids], dtype=np.int64))
 
     def as_list(self) -> list[Candidate]:
         """One Candidate per node, for the baseline policies."""

@@ -196,7 +196,7 @@ class LiveRows:
         self.row_of_id = {node_id: r for r, node_id in enumerate(self.ids)}
         self.row_of_incarnation = {f"{node_id}:{gen}": r for r, (node_id, gen, _, _) in enumerate(items)}
         self.expires_ms = np.array([expires for _, _, expires, _ in items], dtype=np.int64)
-        columns = np.array([(l.running, l.waiting, l.free_blocks, l.total_blocks) for l in self.loads], dtype=np.int64).reshape(-1, 4)
+        columns = np.array([(x.running, x.waiting, x.free_blocks, x.total_blocks) for x in self.loads], dtype=np.int64).reshape(-1, 4)
         self.running, self.waiting, self.free_blocks, self.total_blocks = (np.ascontiguousarray(c) for c in columns.T)
         # Joined by BlockIndex from the registry: the record, role and (block size, model) of each row.
         self.records: list[NodeRecord | None] = [None] * len(items)
@@ -215,7 +215,7 @@ class LiveRows:
         for row, _, load in beats:
             self.loads[row] = load
         self.expires_ms[at] = [expires for _, expires, _ in beats]
-        values = np.array([(l.running, l.waiting, l.free_blocks, l.total_blocks) for _, _, l in beats], dtype=np.int64)
+        values = np.array([(x.running, x.waiting, x.free_blocks, x.total_blocks) for _, _, x in beats], dtype=np.int64)
         self.running[at], self.waiting[at], self.free_blocks[at], self.total_blocks[at] = values.T
 
     def resolve(self, row: int, record: NodeRecord) -> None:
