@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -32,24 +33,25 @@ class Candidate(msgspec.Struct, frozen=True, gc=False):
         return self.record.node_id
 
 
+@dataclass(eq=False)
 class Candidates:
     """Columns over the candidate nodes. `rows` maps each candidate to its row in the full table
     (`ids`, `records`: every node the lookup saw, in node id order), so ties and affinity are found
     by row number without reading an id per node."""
 
-    def __init__(self, ids: list[str], records: list[NodeRecord | None], row_of_id: Mapping[str, int], rows: np.ndarray,
-                 kinds: set[tuple[int, str]], *, cached_blocks, seqs, waiting, free_blocks, total_blocks, idle, prefill_capable,
-                 decode_capable) -> None:  # fmt: skip
-        self.ids, self.records, self.row_of_id, self.rows = ids, records, row_of_id, rows
-        self.kinds = kinds  # (block size, model fingerprint) over the table: one, unless the cluster is misconfigured
-        self.cached_blocks = cached_blocks
-        self.seqs = seqs  # running + waiting
-        self.waiting = waiting
-        self.free_blocks = free_blocks
-        self.total_blocks = total_blocks
-        self.idle = idle
-        self.prefill_capable = prefill_capable
-        self.decode_capable = decode_capable
+    ids: list[str]
+    records: list[NodeRecord | None]
+    row_of_id: Mapping[str, int]
+    rows: np.ndarray
+    kinds: set[tuple[int, str]]  # (block size, model fingerprint) over the table: one, unless the cluster is misconfigured
+    cached_blocks: np.ndarray
+    seqs: np.ndarray  # running + waiting
+    waiting: np.ndarray
+    free_blocks: np.ndarray
+    total_blocks: np.ndarray
+    idle: np.ndarray
+    prefill_capable: np.ndarray
+    decode_capable: np.ndarray
 
     def __len__(self) -> int:
         return len(self.rows)
