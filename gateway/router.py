@@ -349,7 +349,7 @@ class Router:
                 found = await self.index.lookup_matches(turn.block_hashes)
             mode = RouteMode.EXACT
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("block index unavailable (%s): routing DEGRADED on load and affinity", exc or type(exc).__name__)
+            log.warning("block index unavailable (%s): routing DEGRADED on load and affinity", str(exc) or type(exc).__name__)
         if found is None or not found.usable.any():  # index down, or emptied by a Redis restart until the workers re-register
             found, mode = Matches.of((rec, load, 0) for rec, load in self.snapshot()), RouteMode.DEGRADED
         flying, ended, idle = self.loads.columns(found.rows, turn.session.worker_key if turn.session else None)
