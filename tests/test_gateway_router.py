@@ -300,8 +300,9 @@ def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mod
     return route
 
 
-# A cluster drawn from a few load profiles, so that many nodes tie on everything but their id (the
-# case the shortlist collapses); ids are shuffled so that list order is not id order.
+# A cluster drawn from a few load profiles, so that many nodes tie on everything but their id (ties
+# are where array pricing could pick another node than the reference); ids are shuffled so that
+# list order is not id order.
 profiles = st.tuples(
     st.sampled_from([Role.DECODE, Role.PREFILL, Role.BOTH]),
     st.sampled_from([0, 0, 0, 1, 2, 5, 9]),  # cached blocks, mostly none
@@ -314,7 +315,7 @@ profiles = st.tuples(
 @st.composite
 def near_profiles(draw):
     """A few profiles that differ from one another in one field (or not at all): the nodes that the
-    shortlist must not confuse."""
+    cost function must tell apart."""
     base = draw(profiles)
     pool = [base]
     for _ in range(draw(st.integers(0, 5))):
