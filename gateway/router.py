@@ -37,7 +37,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
