@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from kvstore.index import Matches
+from kvstore.index import LiveRows, Matches
 from kvstore.nodes import NodeLoad, NodeRecord
 
 
 class Candidate(msgspec.Struct, frozen=True, gc=False):
-    """One node as a decision sees it: how tests and the baseline policies write a cluster."""
+    """One node as a decision sees it: how tests write a cluster (Candidates.of)."""
 
     record: NodeRecord
     load: NodeLoad
@@ -35,15 +35,12 @@ class Candidate(msgspec.Struct, frozen=True, gc=False):
 
 @dataclass(eq=False)
 class Candidates:
-    """Columns over the candidate nodes. `rows` maps each candidate to its row in the full table
-    (`ids`, `records`: every node the lookup saw, in node id order), so ties and affinity are found
-    by row number without reading an id per node."""
+    """Columns over the candidate nodes. `rows` maps each candidate to its row in `table` (every
+    node the lookup saw, in node id order, with its record), so ties and affinity are found by row
+    number without reading an id per node."""
 
-    ids: list[str]
-    records: list[NodeRecord | None]
-    row_of_id: Mapping[str, int]
+    table: LiveRows
     rows: np.ndarray
-    kinds: set[tuple[int, str]]  # (block size, model fingerprint) over the table: one, unless the cluster is misconfigured
     cached_blocks: np.ndarray
     seqs: np.ndarray  # running + waiting
     waiting: np.ndarray
@@ -57,11 +54,11 @@ class Candidates:
         return len(self.rows)
 
     def record(self, i: int) -> NodeRecord:
-        return self.records[self.rows[i]]
+        return self.table.records[self.rows[i]]
 
     def index_of(self, node_id: str | None) -> int:
         """The candidate index of `node_id`, -1 if it is not a candidate."""
-        r = self.row_of_id.get(node_id, -1) if node_id is not None else -1
+        r = self.table.row_of_id.get(node_id, -1) if node_id is not None else -1
         i = int(np.searchsorted(self.rows, r))
         return i if r >= 0 and i < len(self.rows) and self.rows[i] == r else -1
 
@@ -70,8 +67,8 @@ class Candidates:
         ascending (rows are in id order, so the ids <= `after` are the rows below bisect's point)."""
         if after is None:
             return self.rows
-        split = bisect.bisect_right(self.ids, after)
-        return np.where(self.rows < split, self.rows + len(self.ids), self.rows)
+        split = bisect.bisect_right(self.table.ids, after)
+        return np.where(self.rows < split, self.rows + len(self.table), self.rows)
 
     @classmethod
     def from_matches(cls, found: Matches, *, exclude: Iterable[str] = (), flying: np.ndarray | None = None,
@@ -81,19 +78,19 @@ class Candidates:
         A node reports running + waiting up to a heartbeat late: it still counts turns that have
         ended since and misses turns sent since, so running + waiting = max(own in flight, reported -
         own ended); other gateways' turns stay in the reported part."""
-        rows, usable = found.rows, found.usable
-        n = len(rows)
+        table, usable = found.rows, found.usable
+        n = len(table)
         zeros = np.zeros(n, dtype=np.int64)
         flying, ended, idle = (zeros if a is None else a for a in (flying, ended, idle))
-        if exclude and (at := [r for node_id in exclude if (r := rows.row_of_id.get(node_id)) is not None]):
+        if exclude and (at := [r for node_id in exclude if (r := table.row_of_id.get(node_id)) is not None]):
             usable = usable.copy()
             usable[at] = False
-        seqs = np.maximum(flying, rows.running + rows.waiting - ended)  # untouched rows: reported as is
-        waiting = np.minimum(rows.waiting, seqs)
+        seqs = np.maximum(flying, table.running + table.waiting - ended)  # untouched rows: reported as is
+        waiting = np.minimum(table.waiting, seqs)
         sel = slice(None) if usable.all() else np.flatnonzero(usable)
-        return cls(rows.ids, rows.records, rows.row_of_id, np.arange(n)[sel], rows.kinds, cached_blocks=found.matched[sel],
-                   seqs=seqs[sel], waiting=waiting[sel], free_blocks=rows.free_blocks[sel], total_blocks=rows.total_blocks[sel],
-                   idle=idle[sel], prefill_capable=rows.prefill_capable[sel], decode_capable=rows.decode_capable[sel])  # fmt: skip
+        return cls(table, np.arange(n)[sel], cached_blocks=found.matched[sel],
+                   seqs=seqs[sel], waiting=waiting[sel], free_blocks=table.free_blocks[sel], total_blocks=table.total_blocks[sel],
+                   idle=idle[sel], prefill_capable=table.prefill_capable[sel], decode_capable=table.decode_capable[sel])  # fmt: skip
 
     @classmethod
     def of(cls, candidates: list[Candidate]) -> Candidates:
@@ -101,9 +98,3 @@ class Candidates:
         found = Matches.of((c.record, c.load, c.cached_blocks) for c in candidates)
         idle = {c.node_id: c.idle_sessions for c in candidates}
         return cls.from_matches(found, idle=np.array([idle[node_id] for node_id in found.rows.ids], dtype=np.int64))
-
-    def as_list(self) -> list[Candidate]:
-        """One Candidate per node, for the baseline policies."""
-        return [Candidate(self.record(i), NodeLoad(int(self.seqs[i] - self.waiting[i]), int(self.waiting[i]), int(self.free_blocks[i]),
-                                                   int(self.total_blocks[i])), int(self.cached_blocks[i]), int(self.idle[i]))
-                for i in range(len(self))]  # fmt: skip

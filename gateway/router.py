@@ -50,7 +50,7 @@ from gateway.candidates import Candidate, Candidates
 from gateway.config import RouterConfig
 from gateway.errors import ClusterMisconfigured, NoWorkers
 from kvstore.index import BlockIndex, LiveRows, Matches
-from kvstore.nodes import NodeRecord, Role
+from kvstore.nodes import NodeRecord
 
 if TYPE_CHECKING:  # routing reads a turn's block_hashes, prompt_ids, affinity and max_tokens
     from gateway.turn import Turn
@@ -121,8 +121,7 @@ def choose_route(
     c = candidates if isinstance(candidates, Candidates) else Candidates.of(candidates)
     if not len(c):
         raise NoWorkers("no worker is registered: start one with `agentkv worker` (or use `agentkv up`)")
-    if len(c.kinds) > 1:
-        check_compatible([c.record(i) for i in range(len(c))])
+    _check_compatible(c)
     bs, lt = c.record(0).block_size, config.load_tokens
     cached = np.minimum(c.cached_blocks * bs, prompt_tokens)
     miss = prompt_tokens - cached
@@ -145,11 +144,7 @@ def choose_route(
         decode[a] -= config.affinity_tokens
 
     rank = c.tie_rank(after)
-    decoders = c.decode_capable
-    if not decoders.any():
-        log.warning("no decode node is live: prefill nodes decode too until one is back")
-        decoders = np.ones(len(c), dtype=bool)
-    d = _cheapest(decode, rank, decoders)
+    d = _cheapest(decode, rank, _decoders(c))
     d_miss = int(miss[d])
     route = Route(mode, c.record(d), None, prompt_tokens, bs, int(cached[d]))
     if d_miss <= config.prefill_threshold_tokens:
@@ -169,27 +164,34 @@ def _cheapest(cost: np.ndarray, rank: np.ndarray, eligible: np.ndarray) -> int:
     return int(tied[np.argmin(rank[tied])])
 
 
-def _decoders(candidates: list[Candidate]) -> list[Candidate]:
+def _check_compatible(c: Candidates) -> None:
+    if len(c.table.kinds) > 1:  # the table mixes block sizes or models: do the candidates?
+        check_compatible([c.record(i) for i in range(len(c))])
+
+
+def _decoders(c: Candidates) -> np.ndarray:
     """Decode-capable nodes; while none is live (a decode worker restarting), the prefill nodes decode
     too, prefilling locally: every worker serves both calls, roles only steer the router."""
-    decoders = [c for c in candidates if c.record.role in (Role.DECODE, Role.BOTH)]
-    if not decoders:
-        log.warning("no decode node is live: prefill nodes decode too until one is back")
-    return decoders or list(candidates)
+    if c.decode_capable.any():
+        return c.decode_capable
+    log.warning("no decode node is live: prefill nodes decode too until one is back")
+    return np.ones(len(c), dtype=bool)
 
 
-def choose_baseline(candidates: list[Candidate], prompt_tokens: int, policy: str, turn: int, *,
+def choose_baseline(candidates: Candidates | list[Candidate], prompt_tokens: int, policy: str, turn: int, *,
                     mode: RouteMode = RouteMode.EXACT, affinity: str | None = None) -> Route:  # fmt: skip
     """The policies prefix-aware routing is measured against: `sticky` (the session's last node,
-    else in turn) and `round_robin` (decode nodes in turn). The chosen node always prefills locally."""
-    if not candidates:
+    else in turn) and `round_robin` (decode nodes in turn, by node id). The chosen node always
+    prefills locally."""
+    c = candidates if isinstance(candidates, Candidates) else Candidates.of(candidates)
+    if not len(c):
         raise NoWorkers("no worker is registered: start one with `agentkv worker` (or use `agentkv up`)")
-    decoders = sorted(_decoders(candidates), key=lambda c: c.node_id)
-    check_compatible([c.record for c in candidates])
-    by_id = {c.node_id: c for c in decoders}
-    d = by_id[affinity] if policy == "sticky" and affinity in by_id else decoders[turn % len(decoders)]
-    bs = d.record.block_size
-    return Route(mode, d.record, None, prompt_tokens, bs, min(d.cached_blocks * bs, prompt_tokens))
+    _check_compatible(c)
+    decoders = np.flatnonzero(_decoders(c))  # in node id order, like the rows
+    a = c.index_of(affinity)
+    d = a if policy == "sticky" and a in decoders else int(decoders[turn % len(decoders)])
+    bs = c.record(d).block_size
+    return Route(mode, c.record(d), None, prompt_tokens, bs, min(int(c.cached_blocks[d]) * bs, prompt_tokens))
 
 
 class LoadTracker:
@@ -355,7 +357,7 @@ class Router:
         flying, ended, idle = self.loads.columns(found.rows, turn.session.worker_key if turn.session else None)
         candidates = Candidates.from_matches(found, exclude=exclude, flying=flying, ended=ended, idle=idle)
         if self.config.policy != "prefix":
-            return choose_baseline(candidates.as_list(), prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)
+            return choose_baseline(candidates, prompt_tokens, self.config.policy, next(self._turns), mode=mode, affinity=affinity)
         route = choose_route(candidates, prompt_tokens, turn.max_tokens, self.config, mode=mode, affinity=affinity,
                              after=self._last_decode)  # fmt: skip
         self._last_decode = route.decode.node_id

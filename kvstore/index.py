@@ -113,7 +113,7 @@ class BlockIndex:
     async def lookup_with_nodes(self, block_hashes: list[int]) -> list[tuple[NodeRecord, NodeLoad, int]]:
         """`lookup_matches` as (record, load, matched) per live node, in node id order."""
         rows, matched, usable = await self.lookup_matches(block_hashes)
-        return [(rows.records[r], rows.loads[r], int(matched[r])) for r in np.flatnonzero(usable)]
+        return [(rows.records[r], rows.load(r), int(matched[r])) for r in np.flatnonzero(usable)]
 
     async def resync(self, node_id: str, generation: int, blocks: list[tuple[int, int | None]]) -> bool:
         """Replace the node's whole entry set with `blocks`, (hash, parent hash) pairs, atomically
@@ -192,11 +192,11 @@ class LiveRows:
         items = sorted(entries, key=lambda e: e[0])
         self.ids = [node_id for node_id, _, _, _ in items]
         self.generations = [int(gen) for _, gen, _, _ in items]
-        self.loads = [load or NodeLoad() for _, _, _, load in items]
+        loads = [load or NodeLoad() for _, _, _, load in items]
         self.row_of_id = {node_id: r for r, node_id in enumerate(self.ids)}
         self.row_of_incarnation = {f"{node_id}:{gen}": r for r, (node_id, gen, _, _) in enumerate(items)}
         self.expires_ms = np.array([expires for _, _, expires, _ in items], dtype=np.int64)
-        columns = np.array([(x.running, x.waiting, x.free_blocks, x.total_blocks) for x in self.loads], dtype=np.int64).reshape(-1, 4)
+        columns = np.array([(x.running, x.waiting, x.free_blocks, x.total_blocks) for x in loads], dtype=np.int64).reshape(-1, 4)
         self.running, self.waiting, self.free_blocks, self.total_blocks = (np.ascontiguousarray(c) for c in columns.T)
         # Joined by BlockIndex from the registry: the record, role and (block size, model) of each row.
         self.records: list[NodeRecord | None] = [None] * len(items)
@@ -212,11 +212,12 @@ class LiveRows:
         """Heartbeats, (row, expires_at_ms, load), written into the columns at once (one numpy
         assignment per column: element by element, the 256 beats a lookup can bring took ~1 ms)."""
         at = [row for row, _, _ in beats]
-        for row, _, load in beats:
-            self.loads[row] = load
         self.expires_ms[at] = [expires for _, expires, _ in beats]
         values = np.array([(x.running, x.waiting, x.free_blocks, x.total_blocks) for _, _, x in beats], dtype=np.int64)
         self.running[at], self.waiting[at], self.free_blocks[at], self.total_blocks[at] = values.T
+
+    def load(self, row: int) -> NodeLoad:
+        return NodeLoad(int(self.running[row]), int(self.waiting[row]), int(self.free_blocks[row]), int(self.total_blocks[row]))
 
     def resolve(self, row: int, record: NodeRecord) -> None:
         self.records[row], self.known[row] = record, True
