@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
+from bench import cores
 from bench.agent.metrics import percentile
 from bench.agent.workload import AgentWorkload
 from bench.agent.mooncake import TraceRecord
@@ -231,10 +232,11 @@ class Policy:
 
 def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] = POLICIES, workload: AgentWorkload | None = None,
         trace: list[TraceRecord] | None = None, scale: Scale = Scale(), cal: Calibration = Calibration(), router: RouterConfig = RouterConfig(), fill_blocks: int = 0,
-        out_dir: str | Path | None = None, log=lambda _: None) -> dict[str, Any]:  # fmt: skip
+        share_core: bool = True, out_dir: str | Path | None = None, log=lambda _: None) -> dict[str, Any]:  # fmt: skip
     """Every policy at every cluster size on one private Valkey, on the agent workload or a Mooncake
     trace; `fill_blocks`: first fill the prefix_aware index to this many entries at the largest size
-    (the router's decision latency with a production-sized index)."""
+    (the router's decision latency with a production-sized index); `share_core`: Valkey runs on the
+    simulator's core (bench/cores.py: what a second, idle vCPU adds is measured and reported apart)."""
     unknown = set(policies) - set(POLICIES)
     if unknown:
         raise ValueError(f"unknown policies {sorted(unknown)}; choose from {list(POLICIES)}")
@@ -243,33 +245,36 @@ def run(nodes: tuple[int, ...] = (4, 16, 64, 256), *, policies: tuple[str, ...] 
     with EmbeddedValkey() as valkey, asyncio.Runner() as runner:
         redis = runner.run(connect(valkey.url, timeout_s=120.0))
         try:
-            for n in nodes:
-                sessions = _sessions(w, trace, n, scale, cal.block_size)
-                ceiling = reuse_ceiling(sessions, cal.block_size)
-                for name in policies:
-                    namespace = f"sim{n}{name}"
-                    index, records = runner.run(_register(redis, namespace, n, cal, scale))
-                    uses_index = name.startswith("prefix_aware")
-                    before, filled = runner.run(_used_memory(redis)), 0
-                    if uses_index and fill_blocks and n == max(nodes) and name == "prefix_aware":
-                        log(f"filling the index to {fill_blocks:,} blocks over {n} nodes")
-                        filled = runner.run(_fill(index, records, fill_blocks))
-                    policy = Policy(name, records, cal, scale, index if uses_index else None, runner, router)
-                    cluster = Cluster(n, cal, policy)
-                    outcomes = cluster.run(sessions)
-                    indexed = sum(runner.run(index.sizes()).values()) if uses_index else 0
-                    used = runner.run(_used_memory(redis)) - before
-                    results[name][str(n)] = _summary(outcomes, ceiling, cluster, policy, scale, indexed, filled, used)
-                    if uses_index:
-                        results[name][str(n)]["lookup_server_us"] = runner.run(_lookup_server_us(redis, index, policy.prompts))
-                    log(f"{name} at {n} nodes: ttft p90 {results[name][str(n)]['ttft_p90_s']:.3f} s, "
-                        f"reuse {results[name][str(n)]['reuse_of_ceiling']:.3f}")  # fmt: skip
-                    runner.run(_drop(redis, namespace))
+            round_trips = runner.run(cores.round_trips(redis, valkey.pid))
+            with cores.sharing_a_core(valkey.pid, share_core) as core:
+                for n in nodes:
+                    sessions = _sessions(w, trace, n, scale, cal.block_size)
+                    ceiling = reuse_ceiling(sessions, cal.block_size)
+                    for name in policies:
+                        namespace = f"sim{n}{name}"
+                        index, records = runner.run(_register(redis, namespace, n, cal, scale))
+                        uses_index = name.startswith("prefix_aware")
+                        before, filled = runner.run(_used_memory(redis)), 0
+                        if uses_index and fill_blocks and n == max(nodes) and name == "prefix_aware":
+                            log(f"filling the index to {fill_blocks:,} blocks over {n} nodes")
+                            filled = runner.run(_fill(index, records, fill_blocks))
+                        policy = Policy(name, records, cal, scale, index if uses_index else None, runner, router)
+                        cluster = Cluster(n, cal, policy)
+                        outcomes = cluster.run(sessions)
+                        indexed = sum(runner.run(index.sizes()).values()) if uses_index else 0
+                        used = runner.run(_used_memory(redis)) - before
+                        results[name][str(n)] = _summary(outcomes, ceiling, cluster, policy, scale, indexed, filled, used)
+                        if uses_index:
+                            results[name][str(n)]["lookup_server_us"] = runner.run(_lookup_server_us(redis, index, policy.prompts))
+                        log(f"{name} at {n} nodes: ttft p90 {results[name][str(n)]['ttft_p90_s']:.3f} s, "
+                            f"reuse {results[name][str(n)]['reuse_of_ceiling']:.3f}")  # fmt: skip
+                        runner.run(_drop(redis, namespace))
         finally:
             runner.run(redis.aclose())
     result = {"bench": "simulate", "nodes": list(nodes), "scale": msgspec.to_builtins(scale),
               "workload": "mooncake trace" if trace is not None else msgspec.to_builtins(w),
-              "calibration": msgspec.to_builtins(cal), "router": msgspec.to_builtins(router), "policies": results}  # fmt: skip
+              "calibration": msgspec.to_builtins(cal), "router": msgspec.to_builtins(router), "policies": results,
+              "valkey": {"on_the_simulators_core": core is not None, "round_trip_after_busy": round_trips}}  # fmt: skip
     result["targets"] = targets(result)
     if out_dir is not None:
         result["plot"] = plot(result, Path(out_dir))
