@@ -267,6 +267,7 @@ def bench_simulate(
     capacity_blocks: int = typer.Option(2048, min=1, help="each simulated node's KV pool, in blocks"),
     load_tokens: float = typer.Option(128.0, min=0.0, help="the router's cost of one running or waiting sequence (RouterConfig.load_tokens)"),
     calibration: str = typer.Option("", help="`agentkv bench engine --json` output to calibrate the workers from"),
+    share_core: bool = typer.Option(True, "--share-core/--separate-cores", help="run Valkey on the simulator's core (bench/cores.py)"),
     out: str = typer.Option("", help="directory for simulate.png"),
 ) -> None:
     """The real router and Redis index at many nodes, driving simulated workers (docs/simulate.md)."""
@@ -284,7 +285,7 @@ def bench_simulate(
     result = _on_the_worker_model(calibration, lambda cal: run(
         sizes, policies=tuple(policy) or POLICIES, workload=workload, trace=load_trace(trace) if trace else None,
         scale=Scale(sessions_per_node=sessions_per_node, session_rate_per_node_s=session_rate, capacity_blocks=capacity_blocks),
-        cal=cal, router=RouterConfig(load_tokens=load_tokens), fill_blocks=fill_blocks, out_dir=out or None,
+        cal=cal, router=RouterConfig(load_tokens=load_tokens), fill_blocks=fill_blocks, share_core=share_core, out_dir=out or None,
         log=lambda line: typer.echo(line, err=True)))  # fmt: skip
     if as_json:
         _emit(result, True)
@@ -293,6 +294,9 @@ def bench_simulate(
     rows += [f"{name:<18} {n:>5} {m['ttft_p50_s']:>9.3f} {m['ttft_p90_s']:>7.3f} {m['ttft_p99_s']:>7.3f} {m['reuse_of_ceiling']:>6.3f} "
              f"{m['load_imbalance']:>9.2f} {m['bytes_moved'] / 1e9:>9.2f} {m['decision_p99_ms']:>13.3f}"
              for name, by_n in result["policies"].items() for n, m in by_n.items()]  # fmt: skip
+    if trips := result["valkey"]["round_trip_after_busy"]:
+        rows.append("a no-op Valkey round trip after 2 ms busy, ms p50/p99: " + ", ".join(
+            f"{where.replace('_', ' ')} {t['p50_ms']}/{t['p99_ms']}" for where, t in trips.items()))  # fmt: skip
     rows += [f"target {name}: {t['value'] if t['value'] is None else round(t['value'], 3)} (wanted {t['target']}) "
              f"{'-' if t['met'] is None else 'met' if t['met'] else 'MISSED'}" for name, t in result["targets"].items()]  # fmt: skip
     sys.stdout.write("\n".join(rows) + "\n")
