@@ -3,8 +3,11 @@ real Valkey index driving simulated workers (the index must mirror the simulated
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from bench import cores
 from bench.agent.workload import AgentWorkload
 from bench.simulate import POLICIES, Policy, Pool, Scale, _register, run
 from bench.simworkload import agent_sessions
@@ -49,6 +52,7 @@ def test_the_index_mirrors_the_simulated_pools_exactly(valkey_url, aio):
 
 @pytest.mark.heavy
 def test_a_small_run_of_every_policy(tmp_path):
+    affinity = os.sched_getaffinity(0)
     result = run((2, 4), workload=SMALL, scale=Scale(sessions_per_node=2, session_rate_per_node_s=1.0, capacity_blocks=64),
                  fill_blocks=20_000, out_dir=tmp_path)  # fmt: skip
     policies = result["policies"]
@@ -63,6 +67,35 @@ def test_a_small_run_of_every_policy(tmp_path):
     assert set(result["targets"]) == {"prefix_aware_reuse_of_ceiling", "random_ttft_p90_over_prefix_aware", "prefix_aware_decision_p99_ms"}
     with open(result["plot"], "rb") as f:
         assert f.read(4) == b"\x89PNG"
+    # Valkey shared the simulator's core during the run, and this process has its cores back after it.
+    assert os.sched_getaffinity(0) == affinity
+    assert result["valkey"]["on_the_simulators_core"] is cores.can_pin()
+    if cores.can_pin():
+        trips = result["valkey"]["round_trip_after_busy"]
+        assert set(trips) == {"same_core", "other_core"}
+        assert all(0 < t["p50_ms"] <= t["p99_ms"] for t in trips.values())
+
+
+def test_sharing_a_core_pins_both_processes_and_restores_them():
+    """Another process (Valkey in the benchmark) shares this process's first core inside the block;
+    both get their cores back after it, also when the block raises."""
+    import subprocess
+
+    if not cores.can_pin():
+        pytest.skip("one core, or no CPU affinity API: nothing to pin")
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(child.pid)
+        with pytest.raises(RuntimeError), cores.sharing_a_core(child.pid) as core:
+            assert core == min(mine)
+            assert os.sched_getaffinity(0) == os.sched_getaffinity(child.pid) == {core}
+            raise RuntimeError
+        assert os.sched_getaffinity(0) == mine and os.sched_getaffinity(child.pid) == theirs
+        with cores.sharing_a_core(child.pid, share=False) as core:
+            assert core is None and os.sched_getaffinity(0) == mine
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize(("args", "message"), [
