@@ -214,6 +214,31 @@ def test_index_lists_exactly_the_blocks_vllm_reported(cluster):
 
 
 @pytest.mark.heavy
+def test_every_vllm_thread_stays_on_its_workers_core(cluster):
+    """vLLM's NIXL connector moves its model thread to the last core of each NUMA node; each worker's
+    vLLM (server, engine core, model worker: every thread) must stay on the core its worker was given."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity API")
+    for worker in cluster.stack.workers:
+        if not worker.cpus:
+            continue
+        pid = httpx.get(cluster.stack.nodes[worker.role] + "/internal/health").json()["vllm"]["pid"]
+        threads = _threads_of_tree(pid)
+        assert len(threads) > 10, threads  # the server, its engine core and its model worker
+        assert {tid: os.sched_getaffinity(tid) for tid in threads} == dict.fromkeys(threads, set(worker.cpus)), worker.role
+
+
+def _threads_of_tree(pid: int) -> list[int]:
+    """Every thread of `pid` and of its descendants (from /proc)."""
+    threads, todo = [], [pid]
+    while todo:
+        for tid in os.listdir(f"/proc/{(p := todo.pop())}/task"):
+            threads.append(int(tid))
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+    return threads
+
+
+@pytest.mark.heavy
 def test_unreachable_prefill_node_means_local_prefill(cluster):
     ids = list(range(2000, 2000 + 2 * BS + 5))
     gone = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "gone", "remote_request_id": "gone-1",

@@ -58,7 +58,7 @@ class VllmServer:
         env.update(
             VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), VLLM_CPU_NUM_OF_RESERVED_CPU="0",
             OMP_NUM_THREADS=str(len(cores)), VLLM_NIXL_SIDE_CHANNEL_HOST=side_channel_host,  # where decode nodes reach it
-            VLLM_NIXL_SIDE_CHANNEL_PORT=str(side_channel_port), NIXL_NO_PROG_THREAD="1",
+            VLLM_NIXL_SIDE_CHANNEL_PORT=str(side_channel_port), NIXL_NO_PROG_THREAD="1", AGENTKV_VLLM_KEEP_CORES="1",
             PYTHONPATH=os.pathsep.join(filter(None, [str(SITECUSTOMIZE), os.environ.get("PYTHONPATH")])),
         )  # fmt: skip
         process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
