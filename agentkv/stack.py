@@ -147,10 +147,11 @@ def vllm_python() -> str:
     return os.environ.get("AGENTKV_VLLM_PYTHON") or (str(local) if local.exists() else "")
 
 
-def vllm_workers(python: str = "") -> tuple[Worker, ...]:
-    """`agentkv up --engine vllm`'s and the bench's pair: a prefill and a decode vLLM worker, one core each."""
+def vllm_workers(python: str = "", roles: tuple[str, ...] = ("prefill", "decode")) -> tuple[Worker, ...]:
+    """`agentkv up --engine vllm`'s and the bench's pairs: a vLLM worker per role (default a prefill and a
+    decode one), one core each."""
     args = ("--engine", "vllm", *(("--vllm-python", python) if python else ()))
-    return tuple(dataclasses.replace(w, args=args) for w in one_core_each("prefill", "decode"))
+    return tuple(dataclasses.replace(w, args=args) for w in one_core_each(*roles))
 
 
 def first_cores(n: int) -> list[int]:

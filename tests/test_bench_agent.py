@@ -363,6 +363,9 @@ def test_vllm_pd_targets_against_vllm_alone():
     assert t["vllm_pd_out_tok_s_vs_vllm"] == {"value": pytest.approx(1.2), "target": ">= 1.2", "met": True}
     assert t["vllm_pd_reuse_ratio"]["met"] is False
     assert "| vllm_pd_itl_p99_vs_vllm | 0.750 | <= 0.5 | NO |" in report.markdown({"modes": modes, "targets": t})
+    assert t["vllm_pair_out_tok_s_vs_vllm"] == {"value": None, "target": ">= 1.2", "met": None}  # not run
+    pair = report.targets({**modes, "vllm_pair": _mode(ttft_p99_s=2.0, itl_p99_s=1.0, out_tok_s=15.0, reuse_ratio=1.0)})
+    assert [pair[f"vllm_pair_{k}"]["value"] for k in ("ttft_p99_vs_vllm", "itl_p99_vs_vllm", "out_tok_s_vs_vllm")] == [0.25, 0.5, 1.5]
 
 
 def test_goodput_target_is_disaggregated_against_colocated_per_core():
@@ -449,7 +452,8 @@ ThreadingHTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), H).serve
 
 def test_vllm_modes_wiring(tmp_path, monkeypatch):
     """`vllm` starts one vLLM server on both cores (fp32, prefix caching, blocks of 32) and is measured
-    in blocks of 32; `vllm_pd` is a prefill and a decode `--engine vllm` worker, one core each."""
+    in blocks of 32; `vllm_pd` is a prefill and a decode `--engine vllm` worker, one core each, and
+    `vllm_pair` two of them in role both."""
     import sys
 
     from agentkv.cli import BenchMode
@@ -457,12 +461,15 @@ def test_vllm_modes_wiring(tmp_path, monkeypatch):
     from bench.agent.modes import MODES, topologies
     from bench.agent.run import run
 
-    assert {"vllm", "vllm_pd"} <= {m.value for m in BenchMode}
+    assert {"vllm", "vllm_pd", "vllm_pair"} <= {m.value for m in BenchMode}
     modes = {m.name: m for m in MODES}
     assert (modes["vllm_pd"].system, modes["vllm_pd"].routing, modes["vllm_pd"].block_size) == ("agentkv", "prefix", 32)
     pd = topologies("/opt/vllm/bin/python")["vllm_pd"]
     assert [w.role for w in pd] == ["prefill", "decode"] and all(len(w.cpus) == 1 for w in pd)
     assert all(w.args == ("--engine", "vllm", "--vllm-python", "/opt/vllm/bin/python") for w in pd)
+    pair = topologies("/opt/vllm/bin/python")["vllm_pair"]
+    assert [w.role for w in pair] == ["both", "both"] and [w.args for w in pair] == [w.args for w in pd]
+    assert [w.cpus for w in pair] == [w.cpus for w in pd] and modes["vllm_pair"].routing == "prefix"
 
     (tmp_path / "server.py").write_text(FAKE_VLLM)
     python = tmp_path / "python"

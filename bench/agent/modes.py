@@ -13,6 +13,8 @@ the same hardware:
                    one engine core plus one for its API frontend; prefix caching, fp32 like our
                    workers, blocks of 32 (its CPU attention's minimum), `--enforce-eager`
     vllm_pd        `agentkv worker --engine vllm`: a prefill and a decode vLLM worker, one core each
+    vllm_pair      two `--engine vllm` workers in role `both`, one core each: the router keeps each
+                   session where its prefix is cached and moves KV between them when that is cheaper
 
 One thread per worker keeps the comparison fair on a shared machine: a two-thread worker stalls
 at every parallel region whenever another process holds one of its cores.
@@ -58,13 +60,14 @@ MODES = (
     Mode("transformers_serve", "transformers_serve", "peer", None, "agent"),
     Mode("vllm", "vllm", "vllm_peer", None, "agent", VLLM_BLOCK_SIZE),
     Mode("vllm_pd", "agentkv", "vllm_pd", "prefix", "agent", VLLM_BLOCK_SIZE),
+    Mode("vllm_pair", "agentkv", "vllm_pair", "prefix", "agent", VLLM_BLOCK_SIZE),
 )
 
 
 def topologies(vllm: str = "") -> dict[str, tuple[Worker, ...]]:
     """Workers per topology; `vllm`: the interpreter the vLLM workers run vLLM with."""
     return {"pair": one_core_each("both", "both"), "disaggregated": one_core_each("prefill", "decode"), "peer": (),
-            "vllm_peer": (), "vllm_pd": vllm_workers(vllm)}  # fmt: skip
+            "vllm_peer": (), "vllm_pd": vllm_workers(vllm), "vllm_pair": vllm_workers(vllm, ("both", "both"))}  # fmt: skip
 
 
 def kv_bytes_per_block(model: str, block_size: int) -> int:

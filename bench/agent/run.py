@@ -102,7 +102,7 @@ def run(
         try:
             bs = bench.block_size_of(group[0])
             if system == "agentkv":
-                if topology == "vllm_pd" and not python:
+                if topology.startswith("vllm_") and not python:
                     raise StackError("no vLLM interpreter: set AGENTKV_VLLM_PYTHON or build .venv-vllm (make test does)")
                 with Stack(workers=topo[topology], routings=tuple(m.routing for m in group), port=0, model=model,
                            block_size=bs, kv_cache_gb=KV_CACHE_GB, session_ttl_s=120.0, start_timeout_s=900.0,
