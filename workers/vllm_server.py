@@ -49,7 +49,6 @@ class VllmServer:
                 "--dtype", "float32", "--block-size", str(block_size), "--kv-cache-memory-bytes", str(kv_cache_bytes),
                 "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len), "--enforce-eager", "--enable-prefix-caching",
                 "--enable-prompt-tokens-details",
-                "--distributed-executor-backend", "uni",  # the model in the engine-core process: one process fewer on the core
                 "--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both",
                                                     "kv_buffer_device": "cpu"}),
                 "--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
