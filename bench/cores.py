@@ -25,24 +25,31 @@ def can_pin() -> bool:
 
 
 @contextmanager
+def _pinned(pid: int, mine: set[int], theirs: set[int]) -> Iterator[None]:
+    """This process on `mine` and `pid` on `theirs` while inside; both get their cores back after."""
+    my_cores, their_cores = os.sched_getaffinity(0), os.sched_getaffinity(pid)
+    os.sched_setaffinity(pid, theirs)
+    os.sched_setaffinity(0, mine)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, my_cores)
+        try:
+            os.sched_setaffinity(pid, their_cores)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
 def sharing_a_core(pid: int, share: bool = True) -> Iterator[int | None]:
     """Pin this process and `pid` to this process's first allowed core while inside; yields that core
     (None when not pinned: `share` False, one core only, or no affinity API). Affinities are restored."""
     if not share or not can_pin():
         yield None
         return
-    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(pid)
-    core = min(mine)
-    os.sched_setaffinity(pid, {core})
-    os.sched_setaffinity(0, {core})
-    try:
+    core = min(os.sched_getaffinity(0))
+    with _pinned(pid, {core}, {core}):
         yield core
-    finally:
-        os.sched_setaffinity(0, mine)
-        try:
-            os.sched_setaffinity(pid, theirs)
-        except ProcessLookupError:
-            pass
 
 
 async def round_trips(redis, pid: int, n: int = 500) -> dict[str, dict[str, float]] | None:
@@ -51,25 +58,18 @@ async def round_trips(redis, pid: int, n: int = 500) -> dict[str, dict[str, floa
     if not can_pin():
         return None
     sha = await redis.script_load(_NOOP)
-    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(pid)
-    core = min(mine)
-    other = min(mine - {core})
+    core, *others = sorted(os.sched_getaffinity(0))
     result = {}
-    try:
-        os.sched_setaffinity(0, {core})
-        for label, valkey_core in (("same_core", core), ("other_core", other)):
-            os.sched_setaffinity(pid, {valkey_core})
+    for label, valkey_core in (("same_core", core), ("other_core", others[0])):
+        with _pinned(pid, {core}, {valkey_core}):
             times = []
             for _ in range(n):
                 _spin(BUSY_S)
                 t0 = time.perf_counter()
                 await redis.evalsha(sha, 0)
                 times.append(time.perf_counter() - t0)
-            p50, p99 = np.percentile(np.array(times) * 1e3, [50, 99])
-            result[label] = {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}
-    finally:
-        os.sched_setaffinity(0, mine)
-        os.sched_setaffinity(pid, theirs)
+        p50, p99 = np.percentile(np.array(times) * 1e3, [50, 99])
+        result[label] = {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}
     return result
 
 
