@@ -182,9 +182,15 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
 
+    def take_pending(self) -> list[TokenChunk]:
+        """Chunks produced outside a step (an adopted prompt's first token), for sending now rather
+        than after the next step: that step is a whole decode (or mixed) step of TTFT."""
+        pending, self._pending = self._pending, []
+        return pending
+
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
-        pending, self._pending = self._pending, []
+        pending = self.take_pending()
         self.pool.expire_pins()
         batch = self.scheduler.schedule()
         if batch is None:

@@ -103,6 +103,8 @@ class EngineLoop:
                     self._inbox.get(timeout=0.5)()
             while not self._inbox.empty():  # apply everything queued before stepping
                 self._inbox.get_nowait()()
+            if pending := self.engine.take_pending():  # adopted first tokens: out now, not after the step
+                self.loop.call_soon_threadsafe(self._deliver, pending)
             if self.engine.has_work() and not self._stopped.is_set():
                 start = time.perf_counter()
                 try:
