@@ -25,6 +25,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     session_idle_s: float = 60.0  # ... for this long after its last turn ended
     affinity_tokens: float = 256.0  # bonus for the node that served the session's last turn
     prefill_worth: float = 2.0  # P is used only if its cost <= prefill_worth x what D lacks
+    # A P and a D that both declare "kv_readback" (vLLM workers): P reads the blocks D holds beyond its own
+    # cache when they are at least this many tokens (vLLM's kv_recompute_threshold), instead of lacking them.
+    readback_min_tokens: int = 64
     max_prefill_queue: int = 8  # a P node with more waiting prefills than this is skipped
     # Moving one block costs about this many tokens of prefill: 0.15 ms per 737 kB block over NIXL
     # against 1.6 ms per prefilled token here (README benches); rounded up, moving stays cheap.

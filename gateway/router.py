@@ -15,7 +15,9 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
     D          = argmin decode(n) over decode-capable nodes  (ties: the first node id after the last
                                                               decision's D, wrapping around)
     P          = argmin prefill(p) over prefill-capable p != D with waiting(p) <= max_prefill_queue
-                 and miss(p) <= miss(D) + block_size  (P never recomputes what D already holds)
+                 and miss(p) <= miss(D) + block_size  (P never recomputes what D already holds),
+                 or p reads D's prefix: P and D declare "kv_readback" and D holds >= readback_min_tokens
+                 more of the prompt than p; then miss(p) counts as miss(D) (vLLM's bidirectional KV transfer)
     use P  iff  miss(D) > prefill_threshold_tokens  and  prefill(P) <= prefill_worth * miss(D)
 
 Without `obtain`, a prefix cached on a few nodes (a shared system prompt, early on) pulls every new
@@ -74,6 +76,7 @@ class Route:
     block_size: int
     decode_cached_tokens: int  # what the index says D holds of the prompt
     prefill_cached_tokens: int = 0
+    readback: bool = False  # P reads D's cached prefix from D first (both declare "kv_readback")
 
     @property
     def kind(self) -> str:
@@ -149,11 +152,27 @@ def choose_route(
     route = Route(mode, c.record(d), None, prompt_tokens, bs, int(cached[d]))
     if d_miss <= config.prefill_threshold_tokens:
         return route
-    prefillers = sources & (miss <= d_miss + bs)  # P never recomputes what D already holds
+    readers = _readers(c, d, sources, cached, config.readback_min_tokens)
+    # A reader lacks only what D lacks; its own in-flight prefills (this gateway's, not yet in its
+    # report) queue ahead of the turn, or every turn of a burst would go to it while D sits idle.
+    prefill = np.where(readers, d_miss + lt * (np.maximum(c.waiting, c.seqs) + FULL_PENALTY_SEQS * full_prefill), prefill)
+    prefillers = sources & (readers | (miss <= d_miss + bs))  # P never recomputes what D already holds
     prefillers[d] = False
     if prefillers.any() and prefill[p := _cheapest(prefill, rank, prefillers)] <= config.prefill_worth * d_miss:
-        route.prefill, route.prefill_cached_tokens = c.record(p), int(cached[p])
+        route.prefill, route.prefill_cached_tokens, route.readback = c.record(p), int(cached[p]), bool(readers[p])
     return route
+
+
+def _readers(c: Candidates, d: int, sources: np.ndarray, cached: np.ndarray, min_tokens: int) -> np.ndarray:
+    """Prefill-only candidates that would read at least `min_tokens` of D's cached prefix from D (P
+    and D both declare "kv_readback"), so they lack only what D lacks. A `both` node is never one: it
+    would stall its own decodes to compute a turn D could compute itself."""
+    readers = sources & ~c.decode_capable & (cached[d] - cached >= max(min_tokens, 1))
+    if readers.any() and "kv_readback" in c.record(d).features:
+        at = np.flatnonzero(readers)
+        readers[at] = ["kv_readback" in c.record(int(i)).features for i in at]
+        return readers
+    return np.zeros(len(c), dtype=bool)
 
 
 def _cheapest(cost: np.ndarray, rank: np.ndarray, eligible: np.ndarray) -> int:

@@ -187,7 +187,11 @@ class TurnPipeline:
         finished = False
         try:
             if route.prefill is not None:
-                outcome.prefill = request.remote_kv = await self.workers.prefill(route.prefill, request)
+                held = None
+                if route.readback:  # D holds the prefix it has, P reads it from there
+                    held = await self.workers.prefill(route.decode, request, tokens=route.decode_cached_tokens)
+                if held is not None or not route.readback:  # without D's hold P would recompute it: D prefills
+                    outcome.prefill = request.remote_kv = await self.workers.prefill(route.prefill, request, source_kv=held)
                 lease.prefill_done()
             async for chunk in self.workers.generate(route.decode, request):
                 finished = chunk.finished

@@ -50,11 +50,16 @@ class WorkerClient:
         self.headers = {TOKEN_HEADER: cluster_token} if cluster_token else {}
         self.hold_timeout_s = hold_timeout_s
 
-    async def prefill(self, node: NodeRecord, request: GenerateRequest) -> PrefillResult | None:
-        """P's prefill, or None when P failed (D then prefills locally). A 4xx is the request's fault: raised."""
-        body = PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                              sampling=request.sampling, hash_salt=request.hash_salt,
-                              block_hashes=request.block_hashes, hold_timeout_s=self.hold_timeout_s)  # fmt: skip
+    async def prefill(self, node: NodeRecord, request: GenerateRequest, *, tokens: int | None = None,
+                      source_kv: PrefillResult | None = None) -> PrefillResult | None:  # fmt: skip
+        """P's prefill (of the first `tokens` of the prompt, if given), or None when P failed (D then
+        prefills locally). A 4xx is the request's fault: raised."""
+        ids, hashes = request.prompt_token_ids, request.block_hashes
+        if tokens is not None:
+            ids, hashes = ids[:tokens], hashes[: tokens // node.block_size]
+        body = PrefillRequest(request_id=request.request_id if tokens is None else f"{request.request_id}-held",
+                              prompt_token_ids=ids, sampling=request.sampling, hash_salt=request.hash_salt,
+                              block_hashes=hashes, hold_timeout_s=self.hold_timeout_s, source_kv=source_kv)  # fmt: skip
         try:
             resp = await self.http.post(f"{node.address}{Paths.PREFILL}", content=_encode(body), headers=self._json_headers())
             if resp.status_code == 200:

@@ -60,6 +60,9 @@ class PrefillRequest(msgspec.Struct, kw_only=True):
     hash_salt: str = ""
     block_hashes: list[int] = msgspec.field(default_factory=list)  # the gateway's, computed once per turn
     hold_timeout_s: float = 30.0  # the blocks are released after this even if nobody reads them
+    # The decode node's hold on the prompt's leading blocks (its own prefill of them): the prefill node
+    # reads them instead of recomputing them. Only nodes that declare "kv_readback" are sent one.
+    source_kv: PrefillResult | None = None
 
 
 class PrefillResult(msgspec.Struct, kw_only=True):

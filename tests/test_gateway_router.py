@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -67,6 +68,22 @@ def test_prefill_node_never_recomputes_more_than_the_decode_node_lacks():
     # D lacks 180 tokens; the only prefill node lacks all 500: D prefills its 180 itself.
     route = choose_route([node("d1", Role.BOTH, cached_blocks=20), node("p1", Role.BOTH)], 500, 16, CFG)
     assert route.decode.node_id == "d1" and route.prefill is None
+
+
+def test_a_prefill_node_that_can_read_the_decode_nodes_prefix_lacks_only_what_d_lacks():
+    """vLLM workers declare "kv_readback": P reads what D holds beyond P's own cache instead of
+    recomputing it, so P is priced by what D lacks; without the feature, or for a gain under
+    readback_min_tokens, P stays out (it would recompute D's tokens)."""
+    def pair(features, p_cached=5):
+        d, p = node("d1", cached_blocks=20), node("p1", Role.PREFILL, cached_blocks=p_cached)
+        return [msgspec.structs.replace(c, record=msgspec.structs.replace(c.record, features=features)) for c in (d, p)]
+
+    route = choose_route(pair(["kv_readback"]), 500, 16, CFG)  # D lacks 180, P 420 of which D holds 240
+    assert route.prefill.node_id == "p1" and route.readback and route.decode_cached_tokens == 320
+    assert choose_route(pair([]), 500, 16, CFG).prefill is None
+    assert choose_route(pair(["kv_readback"], p_cached=17), 500, 16, CFG).prefill is None  # D holds 48 more: under 64
+    near = choose_route(pair(["kv_readback"], p_cached=19), 500, 16, CFG)  # a block more: P recomputes it, as without
+    assert near.prefill.node_id == "p1" and not near.readback
 
 
 def test_prefill_node_is_chosen_by_its_own_cached_prefix():

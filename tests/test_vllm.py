@@ -203,6 +203,32 @@ def test_session_reuses_cache_and_moves_only_lacking_blocks(cluster):
 
 
 @pytest.mark.heavy
+def test_prefill_node_reads_the_history_the_decode_node_computed(cluster):
+    """Short turns run on D alone, so P lacks the session's later history; a long turn then goes to P,
+    which reads that history from D over NIXL (vLLM's bidirectional transfer) instead of recomputing it."""
+    client = cluster.client()
+    tokenize = lambda text: httpx.post(cluster.vllm["decode"] + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]  # noqa: E731
+    long_text = " ".join(f"step {i} passed." for i in range(40))
+    ids = tokenize(SYSTEM + " Session readback. Check the build status.")
+    for n in range(7):
+        before = _transfer_counters(cluster, "prefill")
+        reply = client.completions.create(model="smollm2", prompt=ids, max_tokens=16, temperature=0)
+        stats = reply.usage.model_extra["agentkv"]
+        if n < 6:  # short turns stay on D (the first may go through P, or not: other tests cached SYSTEM)
+            assert n == 0 or stats["prefill_node"] is None, (n, stats)
+            ids = ids + tokenize(reply.choices[0].text + "\n" + (long_text if n == 5 else f"Note {n}.") + "\n")
+            continue
+        pulled = _await_change(lambda: _transfer_counters(cluster, "prefill"), before, expect=True)
+        print(f"readback turn: {len(ids)} prompt tokens, P's vLLM pulled {pulled}, stats {stats}")
+        assert stats["prefill_node"] == cluster.ids["prefill"], stats
+        assert pulled[0] > 0 and pulled[1] >= 64, pulled  # P read D's blocks ...
+        assert stats["prefilled_tokens"] <= len(tokenize(long_text)) + 2 * BS, stats  # ... and computed only the new text
+        theirs = httpx.post(cluster.vllm["decode"] + "/v1/completions", timeout=120,
+                            json={"model": "smollm2", "prompt": ids, "max_tokens": 16, "temperature": 0}).json()  # fmt: skip
+        assert reply.choices[0].text == theirs["choices"][0]["text"]
+
+
+@pytest.mark.heavy
 def test_index_lists_exactly_the_blocks_vllm_reported(cluster):
     for name in ("prefill", "decode"):
         fp, replay = _fingerprint(cluster), httpx.get(cluster.stack.nodes[name] + "/internal/health").json()["vllm"]["events_replay"]
@@ -283,11 +309,11 @@ def _fingerprint(cluster) -> str:
     return httpx.get(cluster.stack.nodes["decode"] + Paths.INFO, headers=headers, timeout=5).json()["model_fingerprint"]
 
 
-def _transfer_counters(cluster) -> tuple[int, int, int]:
-    """D's vLLM: bytes pulled over NIXL, prompt tokens that arrived that way, prompt tokens found in its own cache."""
-    return (round(cluster.metric("vllm:nixl_bytes_transferred_sum")),
-            round(cluster.metric("vllm:prompt_tokens_by_source_total", source="external_kv_transfer")),
-            round(cluster.metric("vllm:prompt_tokens_by_source_total", source="local_cache_hit")))  # fmt: skip
+def _transfer_counters(cluster, node: str = "decode") -> tuple[int, int, int]:
+    """A node's vLLM: bytes pulled over NIXL, prompt tokens that arrived that way, prompt tokens found in its own cache."""
+    return (round(cluster.metric("vllm:nixl_bytes_transferred_sum", node)),
+            round(cluster.metric("vllm:prompt_tokens_by_source_total", node, source="external_kv_transfer")),
+            round(cluster.metric("vllm:prompt_tokens_by_source_total", node, source="local_cache_hit")))  # fmt: skip
 
 
 def _await_change(read, before: tuple[int, ...], expect: bool) -> tuple[int, ...]:

@@ -137,7 +137,10 @@ class VllmEngine:
             node_id=config.node_id, role=config.role, address=config.address, block_size=info["block_size"],
             model_fingerprint=fingerprint, capacity_blocks=info["num_blocks"], generation=generation,
             transfer_backend="vllm-nixl", started_at=time.time(), model_name=config.model, model_path=model,
-            max_model_len=info["max_model_len"], engine="vllm", features=[],  # no session pinning in vLLM
+            max_model_len=info["max_model_len"], engine="vllm",
+            # No session pinning in vLLM. Reading a decode node's blocks needs the bidirectional transfer
+            # the worker turns on when it starts vLLM; an attached server's settings are its owner's.
+            features=[] if config.vllm_url else ["kv_readback"],
         )  # fmt: skip
         return cls(config, server, record, sub, replay, token_bytes * info["block_size"], info["served_name"])
 
@@ -272,7 +275,12 @@ class VllmEngine:
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         one = msgspec.structs.replace(req.sampling, max_tokens=1)
-        body = self._body(req.prompt_token_ids, one, req.hash_salt, stream=False, kv_transfer_params={"do_remote_decode": True})
+        params: dict[str, Any] = {"do_remote_decode": True}
+        if req.source_kv is not None and req.source_kv.kv_transfer_params:
+            # D's hold on the prefix it has, read like a finished decode's blocks (vLLM's bidirectional
+            # transfer: pulled if at least its kv_recompute_threshold tokens), then held for D as usual.
+            params = {**req.source_kv.kv_transfer_params, "do_remote_prefill": False, "do_remote_decode": True}
+        body = self._body(req.prompt_token_ids, one, req.hash_salt, stream=False, kv_transfer_params=params)
         try:
             _, resp = await self._start(req.request_id, body)
         except VllmError as exc:

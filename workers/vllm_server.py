@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SITECUSTOMIZE = Path(__file__).with_name("vllm_sitecustomize")
+# With bidirectional transfer, vLLM keeps a finished P/D turn's blocks on the decode node this long for a
+# prefill node to read (its default is 480 s); they cannot be evicted meanwhile.
+DECODER_HOLD_S = 30
 
 
 class VllmError(RuntimeError):
@@ -50,7 +53,9 @@ class VllmServer:
                 "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len), "--enforce-eager", "--enable-prefix-caching",
                 "--enable-prompt-tokens-details",
                 "--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both",
-                                                    "kv_buffer_device": "cpu"}),
+                                                    "kv_buffer_device": "cpu",  # a prefill node may read a decode node's blocks:
+                                                    "kv_connector_extra_config": {"bidirectional_kv_xfer": True,
+                                                                                  "decoder_kv_blocks_ttl": DECODER_HOLD_S}}),
                 "--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
                                                   "endpoint": events, "replay_endpoint": replay, "topic": "kv"}),
                 *shlex.split(extra_args)]  # fmt: skip
