@@ -16,8 +16,9 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
                                                               decision's D, wrapping around)
     P          = argmin prefill(p) over prefill-capable p != D with waiting(p) <= max_prefill_queue
                  and miss(p) <= miss(D) + block_size  (P never recomputes what D already holds),
-                 or p reads D's prefix: P and D declare "kv_readback" and D holds >= readback_min_tokens
-                 more of the prompt than p; then miss(p) counts as miss(D) (vLLM's bidirectional KV transfer)
+                 or p reads D's prefix: p is prefill-only, p and D declare "kv_readback", and D holds
+                 >= readback_min_tokens more of the prompt than p; then miss(p) counts as miss(D) and
+                 waiting(p) as this gateway's prefills in flight there (vLLM's bidirectional transfer)
     use P  iff  miss(D) > prefill_threshold_tokens  and  prefill(P) <= prefill_worth * miss(D)
 
 Without `obtain`, a prefix cached on a few nodes (a shared system prompt, early on) pulls every new
