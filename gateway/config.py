@@ -28,6 +28,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # A P and a D that both declare "kv_readback" (vLLM workers): P reads the blocks D holds beyond its own
     # cache when they are at least this many tokens (vLLM's kv_recompute_threshold), instead of lacking them.
     readback_min_tokens: int = 64
+    # ... and its fixed cost: D's hold request and P's read each wait for an engine step. Measured on this
+    # CPU (docs/vllm.md#readback): 0.4 s hold + 0.6 s read beside ~3.5 ms per prefilled token, ~280 tokens.
+    readback_tokens: float = 256.0
     max_prefill_queue: int = 8  # a P node with more waiting prefills than this is skipped
     # Moving one block costs about this many tokens of prefill: 0.15 ms per 737 kB block over NIXL
     # against 1.6 ms per prefilled token here (README benches); rounded up, moving stays cheap.

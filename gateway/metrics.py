@@ -14,6 +14,10 @@ class GatewayMetrics:
         self.requests = Counter("agentkv_gateway_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r)
         self.ttft = Histogram("agentkv_gateway_ttft_seconds", "Time to first token", registry=r, buckets=_LATENCY)
         self.itl = Histogram("agentkv_gateway_inter_token_seconds", "Time between streamed tokens", registry=r, buckets=_ITL)
+        # Where a turn's first token waits, by route (local | disaggregated | readback): `hold` (D exports
+        # its prefix for P), `prefill` (on P), `first_token` (from then, or from routing, to D's first token)
+        self.steps = Histogram("agentkv_gateway_turn_step_seconds", "A turn's steps before its first token, by route",
+                               ["route", "step"], registry=r, buckets=_LATENCY)  # fmt: skip
         self.e2e = Histogram("agentkv_gateway_request_seconds", "Request duration", registry=r, buckets=_LATENCY)
         self.prompt_tokens = Counter("agentkv_gateway_prompt_tokens", "Prompt tokens", registry=r)
         self.cached_tokens = Counter("agentkv_gateway_cached_tokens", "Prompt tokens the decode node already held", registry=r)

@@ -17,8 +17,9 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
     P          = argmin prefill(p) over prefill-capable p != D with waiting(p) <= max_prefill_queue
                  and miss(p) <= miss(D) + block_size  (P never recomputes what D already holds),
                  or p reads D's prefix: p is prefill-only, p and D declare "kv_readback", and D holds
-                 >= readback_min_tokens more of the prompt than p; then miss(p) counts as miss(D) and
-                 waiting(p) as this gateway's prefills in flight there (vLLM's bidirectional transfer)
+                 >= readback_min_tokens more of the prompt than p; then prefill(p) = miss(D) +
+                 readback_tokens + load_tokens * max(waiting(p), this gateway's prefills in flight there)
+                 (vLLM's bidirectional transfer: D's hold and p's read each wait for an engine step)
     use P  iff  miss(D) > prefill_threshold_tokens  and  prefill(P) <= prefill_worth * miss(D)
 
 Without `obtain`, a prefix cached on a few nodes (a shared system prompt, early on) pulls every new
@@ -156,7 +157,9 @@ def choose_route(
     readers = _readers(c, d, sources, cached, config.readback_min_tokens)
     # A reader lacks only what D lacks; its own in-flight prefills (this gateway's, not yet in its
     # report) queue ahead of the turn, or every turn of a burst would go to it while D sits idle.
-    prefill = np.where(readers, d_miss + lt * (np.maximum(c.waiting, c.seqs) + FULL_PENALTY_SEQS * full_prefill), prefill)
+    # The hold and the read add a fixed cost, so only a long prefill is worth handing over this way.
+    read = d_miss + config.readback_tokens + lt * (np.maximum(c.waiting, c.seqs) + FULL_PENALTY_SEQS * full_prefill)
+    prefill = np.where(readers, read, prefill)
     prefillers = sources & (readers | (miss <= d_miss + bs))  # P never recomputes what D already holds
     prefillers[d] = False
     if prefillers.any() and prefill[p := _cheapest(prefill, rank, prefillers)] <= config.prefill_worth * d_miss:

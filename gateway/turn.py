@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
+from prometheus_client import Histogram
 
 from gateway.chat_template import ChatRenderer, ToolPolicy, check_tool_results
 from gateway.cluster import ClusterView, ModelInfo, Renderers
@@ -84,6 +85,8 @@ class Outcome:
     calls: list[ParsedCall] = field(default_factory=list)
     finish_reason: str | None = None
     last_token_at: float | None = None
+    hold_s: float | None = None  # readback: D's hold of its prefix for P
+    prefill_s: float | None = None  # P's prefill (D's first token waited for it)
 
     def stats(self, turn: Turn) -> RouteStats:
         """Per-turn accounting: actual once the turn finished, planned (from the index) before."""
@@ -100,7 +103,8 @@ class Outcome:
         ledger = turn.chat_prompt.ledger if turn.chat_prompt and turn.session else None
         return RouteStats(**common, prefill_node=p.node_id if p else None, cached_tokens=f.cached_tokens,
                           prefilled_tokens=local + remote, transferred_tokens=f.transferred_tokens,
-                          transferred_blocks=f.transferred_blocks, transferred_bytes=f.transferred_bytes, ledger=ledger)  # fmt: skip
+                          transferred_blocks=f.transferred_blocks, transferred_bytes=f.transferred_bytes, ledger=ledger,
+                          readback=r.readback and p is not None, hold_s=self.hold_s, prefill_s=self.prefill_s)  # fmt: skip
 
     def usage(self, turn: Turn) -> Usage:
         f = self.final
@@ -184,16 +188,24 @@ class TurnPipeline:
     async def _on_workers(self, turn: Turn, lease: RouteLease, outcome: Outcome, request_id: str) -> AsyncIterator[TokenChunk]:
         """P (if routed there) then D; every node touched gets an abort if the turn ends unfinished."""
         request, route = turn.request(request_id), lease.route
+        steps = self.metrics.steps
+        label = "readback" if route.readback else route.kind
         finished = False
         try:
+            since = time.perf_counter()
             if route.prefill is not None:
                 held = None
                 if route.readback:  # D holds the prefix it has, P reads it from there
                     held = await self.workers.prefill(route.decode, request, tokens=route.decode_cached_tokens)
+                    outcome.hold_s, since = _step(steps, label, "hold", since)
                 if held is not None or not route.readback:  # without D's hold P would recompute it: D prefills
                     outcome.prefill = request.remote_kv = await self.workers.prefill(route.prefill, request, source_kv=held)
+                    outcome.prefill_s, since = _step(steps, label, "prefill", since)
                 lease.prefill_done()
             async for chunk in self.workers.generate(route.decode, request):
+                if chunk.token_ids and since is not None:  # the first token: D's own step ends
+                    _step(steps, label, "first_token", since)
+                    since = None
                 finished = chunk.finished
                 yield chunk
         finally:
@@ -299,6 +311,13 @@ class ReplyAssembler:
         calls = self.parser.calls
         content = None if calls and not self.parser.content.strip() else self.parser.content
         return content, calls, "tool_calls" if calls else final.finish_reason
+
+
+def _step(histogram: Histogram, route: str, step: str, since: float) -> tuple[float, float]:
+    """Observe one step of a turn that began at `since`: (its seconds, now)."""
+    now = time.perf_counter()
+    histogram.labels(route, step).observe(now - since)
+    return now - since, now
 
 
 def _openai_delta(d: ContentDelta | CallDelta) -> Delta:

@@ -144,6 +144,9 @@ class RouteStats(msgspec.Struct, kw_only=True):
     transferred_bytes: int = 0
     ledger: str | None = None  # "extended" (exact-token continuation) | "full" | None
     source: str = "actual"  # actual | planned
+    readback: bool = False  # P read D's cached prefix from D before prefilling the rest
+    hold_s: float | None = None  # readback: D exporting its prefix for P (vLLM's hold request)
+    prefill_s: float | None = None  # P's prefill, reading D's prefix included: D waits this long
 
     def to_header(self) -> str:
         """`k=v; k=v`: ASCII-safe (ids are percent-encoded), so any session id fits a header."""

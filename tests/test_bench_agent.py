@@ -295,6 +295,19 @@ def test_bytes_moved_ratio_by_hand():
     assert metrics.bytes_moved_ratio([_turn("a", 2, 100, 1, 32, 68)], 16, bpb) == (None, 0)  # no prefill node
 
 
+def test_ttft_and_handoff_steps_by_route_by_hand():
+    outcomes = [_turn("a", 1, 100, 1, 0, 100, ttft=0.5), _turn("b", 1, 100, 1, 0, 100, ttft=0.7),
+                _turn("a", 2, 200, 1, 96, 104, prefill_node="p", ttft=1.2), _turn("b", 2, 200, 1, 96, 104, prefill_node="p", ttft=2.0),
+                _turn("c", 1, 100, 1, 0, ttft=0.1)]  # a peer's reply carries no route: not counted  # fmt: skip
+    outcomes[2].agentkv.prefill_s = 0.6
+    outcomes[3].agentkv.readback, outcomes[3].agentkv.hold_s, outcomes[3].agentkv.prefill_s = True, 0.4, 1.0
+    assert metrics.by_route(outcomes) == {
+        "disaggregated": {"requests": 1, "ttft_p50_s": 1.2, "hold_p50_s": None, "prefill_p50_s": 0.6},
+        "local": {"requests": 2, "ttft_p50_s": pytest.approx(0.6), "hold_p50_s": None, "prefill_p50_s": None},
+        "readback": {"requests": 1, "ttft_p50_s": 2.0, "hold_p50_s": 0.4, "prefill_p50_s": 1.0},
+    }
+
+
 def test_reuse_by_turn():
     outcomes = [_turn("a", 1, 100, 1, 80, 20), _turn("b", 1, 100, 1, 0, 100), _turn("a", 2, 200, 1, 96, 104)]
     ceilings = {("a", 1): 80, ("b", 1): 80, ("a", 2): 96}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import re
 
 import pytest
 from gateway_fakes import FakeWorker, fake_gateway, tokenizer  # noqa: F401  (fixture)
@@ -258,8 +259,20 @@ def test_a_long_prompt_is_prefilled_on_p_and_its_hold_released_by_the_reader(gat
         assert p.released == [d.requests[-1].request_id] and p.holds == {}  # D notified P (P owns the hold)
         usage = r.json()["usage"]
         assert usage["agentkv"]["transferred_blocks"] == route_of(r).transferred_blocks == -(-usage["prompt_tokens"] // 16)
+        # D's first token waited for P's prefill: the turn says how long, and so do the metrics
+        assert usage["agentkv"]["prefill_s"] > 0 and usage["agentkv"]["hold_s"] is None and not usage["agentkv"]["readback"]
+        steps = _step_counts((await client.get("/metrics")).text)
+        assert steps == {("disaggregated", "prefill"): 1, ("disaggregated", "first_token"): 1}, steps
+        await client.post("/v1/chat/completions", json=chat(), headers=A)  # a short prompt: local
+        assert _step_counts((await client.get("/metrics")).text)[("local", "first_token")] == 1
 
     gateway(fakes, scenario, KEYS)
+
+
+def _step_counts(metrics: str) -> dict[tuple[str, str], int]:
+    """(route, step) -> observations of agentkv_gateway_turn_step_seconds."""
+    found = re.findall(r'agentkv_gateway_turn_step_seconds_count\{route="(\w+)",step="(\w+)"\} (\S+)', metrics)
+    return {(route, step): int(float(n)) for route, step, n in found}
 
 
 def test_a_failing_prefill_node_falls_back_to_local_prefill(gateway, workers):

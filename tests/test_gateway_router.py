@@ -72,17 +72,19 @@ def test_prefill_node_never_recomputes_more_than_the_decode_node_lacks():
 
 def test_a_prefill_node_that_can_read_the_decode_nodes_prefix_lacks_only_what_d_lacks():
     """vLLM workers declare "kv_readback": P reads what D holds beyond P's own cache instead of
-    recomputing it, so P is priced by what D lacks; without the feature, or for a gain under
-    readback_min_tokens, P stays out (it would recompute D's tokens)."""
+    recomputing it, so P is priced by what D lacks plus the read's fixed cost; without the feature,
+    for a gain under readback_min_tokens, or for a short prefill, P stays out."""
     def pair(features, p_cached=5):
         d, p = node("d1", cached_blocks=20), node("p1", Role.PREFILL, cached_blocks=p_cached)
         return [msgspec.structs.replace(c, record=msgspec.structs.replace(c.record, features=features)) for c in (d, p)]
 
-    route = choose_route(pair(["kv_readback"]), 500, 16, CFG)  # D lacks 180, P 420 of which D holds 240
+    route = choose_route(pair(["kv_readback"]), 800, 16, CFG)  # D lacks 480, P 720 of which D holds 240
     assert route.prefill.node_id == "p1" and route.readback and route.decode_cached_tokens == 320
-    assert choose_route(pair([]), 500, 16, CFG).prefill is None
-    assert choose_route(pair(["kv_readback"], p_cached=17), 500, 16, CFG).prefill is None  # D holds 48 more: under 64
-    near = choose_route(pair(["kv_readback"], p_cached=19), 500, 16, CFG)  # a block more: P recomputes it, as without
+    assert CFG.readback_tokens == 256  # D lacking 180: 180 + 256 > 2 x 180, the hold and the read cost more
+    assert choose_route(pair(["kv_readback"]), 500, 16, CFG).prefill is None
+    assert choose_route(pair([]), 800, 16, CFG).prefill is None
+    assert choose_route(pair(["kv_readback"], p_cached=17), 800, 16, CFG).prefill is None  # D holds 48 more: under 64
+    near = choose_route(pair(["kv_readback"], p_cached=19), 800, 16, CFG)  # a block more: P recomputes it, as without
     assert near.prefill.node_id == "p1" and not near.readback
 
 

@@ -208,7 +208,7 @@ def test_prefill_node_reads_the_history_the_decode_node_computed(cluster):
     which reads that history from D over NIXL (vLLM's bidirectional transfer) instead of recomputing it."""
     client = cluster.client()
     tokenize = lambda text: httpx.post(cluster.vllm["decode"] + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]  # noqa: E731
-    long_text = " ".join(f"step {i} passed." for i in range(40))
+    long_text = " ".join(f"step {i} passed." for i in range(100))  # long enough to pay for the hold and the read
     ids = tokenize(SYSTEM + " Session readback. Check the build status.")
     for n in range(7):
         before = _transfer_counters(cluster, "prefill")
@@ -220,7 +220,8 @@ def test_prefill_node_reads_the_history_the_decode_node_computed(cluster):
             continue
         pulled = _await_change(lambda: _transfer_counters(cluster, "prefill"), before, expect=True)
         print(f"readback turn: {len(ids)} prompt tokens, P's vLLM pulled {pulled}, stats {stats}")
-        assert stats["prefill_node"] == cluster.ids["prefill"], stats
+        assert stats["prefill_node"] == cluster.ids["prefill"] and stats["readback"], stats
+        assert stats["hold_s"] > 0 and stats["prefill_s"] > 0, stats  # D's first token waited for both
         assert pulled[0] > 0 and pulled[1] >= 64, pulled  # P read D's blocks ...
         assert stats["prefilled_tokens"] <= len(tokenize(long_text)) + 2 * BS, stats  # ... and computed only the new text
         theirs = httpx.post(cluster.vllm["decode"] + "/v1/completions", timeout=120,

@@ -69,6 +69,9 @@ class Summary(msgspec.Struct, kw_only=True):
     slo_attainment: dict[str, float | None]  # share of requests meeting "ttft", "itl" and "both"
     agent_step_p50_s: float | None
     agent_step_p99_s: float | None
+    # agentkv only: TTFT p50 and count per route (local | disaggregated | readback), and the median of each
+    # step a P/D turn's first token waited for (hold, prefill): whether handing a prefill over paid
+    by_route: dict[str, dict[str, float | int | None]] = msgspec.field(default_factory=dict)
     errors: list[str] = msgspec.field(default_factory=list)  # the first few, to say why `failed` > 0
 
 
@@ -189,8 +192,22 @@ def summarize(result: DriveResult, ceilings: dict[Key, int], block_size: int, by
         slo_attainment=slo_attainment(offered, slo),
         agent_step_p50_s=percentile(steps, 50),
         agent_step_p99_s=percentile(steps, 99),
+        by_route=by_route(timed),
         errors=[f"{o.kind} {o.id}#{o.turn}: {o.error}" for o in failed[:5]],
     )
+
+
+def by_route(outcomes: list[Outcome]) -> dict[str, dict[str, float | int | None]]:
+    """Per route agentkv took (its usage.agentkv): requests, TTFT p50, and the p50 of the steps D's
+    first token waited for on P's side (None where a route has no such step)."""
+    routes: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        if (a := o.agentkv) is not None and o.ttft_s is not None:
+            routes["readback" if a.readback else "disaggregated" if a.prefill_node else "local"].append(o)
+    return {name: {"requests": len(done), "ttft_p50_s": percentile([o.ttft_s for o in done], 50),
+                   "hold_p50_s": percentile([o.agentkv.hold_s for o in done if o.agentkv.hold_s is not None], 50),
+                   "prefill_p50_s": percentile([o.agentkv.prefill_s for o in done if o.agentkv.prefill_s is not None], 50)}
+            for name, done in sorted(routes.items())}  # fmt: skip
 
 
 def latency(outcomes: list[Outcome], kind: str) -> dict[str, float | int | None]:
