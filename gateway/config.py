@@ -29,7 +29,7 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # cache when they are at least this many tokens (vLLM's kv_recompute_threshold), instead of lacking them.
     readback_min_tokens: int = 64
     # ... and its fixed cost: D's hold request and P's read each wait for an engine step. Measured on this
-    # CPU (docs/vllm.md#readback): 0.4 s hold + 0.6 s read beside ~3.5 ms per prefilled token, ~280 tokens.
+    # CPU (docs/vllm.md, the protocol mapped): 0.4 s hold + 0.6 s read beside ~3.5 ms per prefilled token, ~280 tokens.
     readback_tokens: float = 256.0
     max_prefill_queue: int = 8  # a P node with more waiting prefills than this is skipped
     # Moving one block costs about this many tokens of prefill: 0.15 ms per 737 kB block over NIXL

@@ -191,6 +191,7 @@ class TurnPipeline:
         steps = self.metrics.steps
         label = "readback" if route.readback else route.kind
         finished = False
+        outcome.hold_s = outcome.prefill_s = None  # a re-routed turn's earlier attempt does not count
         try:
             since = time.perf_counter()
             if route.prefill is not None:
