@@ -107,19 +107,24 @@ def gateway(
     max_tokens: int = typer.Option(256, min=1, help="default max_tokens when a request gives none"),
     routing: Routing = typer.Option("prefix", help="prefix (the cost function), or the baselines sticky, round_robin"),
     namespace: str = typer.Option("akv", envvar="AGENTKV_NAMESPACE", help=NAMESPACE_HELP),
+    router: str = typer.Option("", envvar="AGENTKV_ROUTER", help="router weights, key=value,... (gateway.config.RouterConfig; docs/gateway.md)"),
 ) -> None:
     """Serve the OpenAI-compatible gateway: sessions, prefix-aware routing, P/D orchestration."""
     _require(*SERVER)
     _check_namespace(namespace)
-    from gateway.config import GatewayConfig, RouterConfig, parse_api_keys
+    from gateway.config import GatewayConfig, parse_api_keys, router_config
     from gateway.server import run_gateway
 
     try:
         keys = parse_api_keys(api_keys)
     except (OSError, ValueError) as exc:
         _fail(f"--api-keys: {exc}")
+    try:
+        weights = router_config(router, policy=routing)
+    except ValueError as exc:
+        _fail(f"--router: {exc}")
     config = GatewayConfig(redis_url=redis_url, namespace=namespace, api_keys=keys, session_ttl_s=session_ttl, cluster_token=cluster_token or None,
-                           tokenizer=tokenizer or None, default_max_tokens=max_tokens, router=RouterConfig(policy=routing))  # fmt: skip
+                           tokenizer=tokenizer or None, default_max_tokens=max_tokens, router=weights)  # fmt: skip
     run_gateway(config, host=host, port=port)
 
 

@@ -240,6 +240,7 @@ async def health(request: Request, cluster: NamedDependency[ClusterView], render
     return {
         **status,
         "redis": cluster.reachable,
+        "router": msgspec.to_builtins(gateway_config.router),  # the weights it routes with (--router)
         "nodes": [
             {"node_id": rec.node_id, "role": rec.role.value, "address": rec.address, "generation": rec.generation,
              "engine": rec.engine, "features": rec.features, "running": load.running, "waiting": load.waiting,

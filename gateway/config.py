@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -82,3 +83,26 @@ def parse_api_keys(spec: str | None) -> dict[str, str]:
             raise ValueError(f"tenant name {tenant!r} (key #{n + 1}): use 1-64 letters, digits, '.', '_' or '-'")
         keys[key] = tenant
     return keys
+
+
+def router_config(spec: str, policy: str = "prefix") -> RouterConfig:
+    """`key=value,...` over RouterConfig's weights (`agentkv gateway --router`, $AGENTKV_ROUTER). The
+    defaults are calibrated on a 2-core CPU; a deployment recalibrates them, e.g. `readback_tokens`
+    for engines whose steps take milliseconds rather than a tenth of a second."""
+    kinds = {f.name: f.type for f in msgspec.structs.fields(RouterConfig) if f.name != "policy"}
+    weights: dict[str, float | int] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not value:
+            raise ValueError(f"{item!r}: write key=value")
+        if key not in kinds:
+            raise ValueError(f"unknown router weight {key!r} (the policy has its own option); known: {', '.join(sorted(kinds))}")
+        try:
+            weights[key] = msgspec.convert(value, kinds[key], strict=False)
+        except msgspec.ValidationError:
+            raise ValueError(f"{key}={value}: expected {'an integer' if kinds[key] is int else 'a number'}") from None
+        if not math.isfinite(weights[key]) or weights[key] < 0:
+            raise ValueError(f"{key}={value}: a router weight is a finite number >= 0")
+    return RouterConfig(policy=policy, **weights)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 # The base install, simulated: the server extra's modules cannot be imported.
@@ -117,6 +118,34 @@ def test_a_bad_namespace_is_refused_in_one_line(command):
     proc = subprocess.run([sys.executable, "-m", "agentkv.cli", *command, "--namespace", "a:b"], capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "--namespace" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_bad_router_weights_are_refused_in_one_line(how):
+    args, env = (["--router", "load_tokens=lots"], {}) if how == "option" else ([], {"AGENTKV_ROUTER": "load_tokens=lots"})
+    proc = subprocess.run([sys.executable, "-m", "agentkv.cli", "gateway", "--redis-url", "redis://x", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})  # fmt: skip
+    assert proc.returncode == 2 and "--router: load_tokens=lots: expected a number" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.heavy
+def test_a_gateway_started_by_the_stack_routes_with_the_weights_of_agentkv_router(tmp_path, monkeypatch):
+    """$AGENTKV_ROUTER reaches every gateway a stack (`agentkv up`, `agentkv bench agent`) starts."""
+    from agentkv.stack import Stack
+
+    monkeypatch.setenv("AGENTKV_ROUTER", "readback_tokens=32,load_tokens=100")
+    stack = Stack(workers=(), port=0, log_dir=tmp_path).launch()
+    try:
+        deadline, health = time.monotonic() + 60, None
+        while health is None and time.monotonic() < deadline:
+            try:
+                health = httpx.get(stack.url + "/health", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health is not None, stack.children[-1].tail()
+        assert health["router"]["readback_tokens"] == 32 and health["router"]["load_tokens"] == 100, health["router"]
+    finally:
+        stack.stop(grace_s=5)
 
 
 def test_bench_agent_help_lists_the_slo_options():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from types import SimpleNamespace
 
 import msgspec
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.config import RouterConfig
+from gateway.config import RouterConfig, router_config
 from gateway.errors import ClusterMisconfigured, NoWorkers
 from gateway.router import FULL_PENALTY_SEQS, Candidate, LoadTracker, Route, RouteMode, Router, check_compatible, choose_route
 from kvstore.index import Matches
@@ -417,3 +418,15 @@ def test_the_load_tracker_counts_per_node_however_many_nodes_it_has_seen():
     assert tracker.columns(rows, session="s2")[2][2] == 0  # the session being routed does not count against its node
     now[0] = 1.5  # older than a report can be: no longer subtracted from reports
     assert tracker.columns(rows)[1].sum() == 0 and tracker.in_flight["n05"] == 1
+
+
+def test_router_weights_come_from_key_value_pairs_and_bad_ones_are_named():
+    """`agentkv gateway --router` / $AGENTKV_ROUTER: the defaults are this CPU's calibration."""
+    assert router_config("") == RouterConfig()
+    got = router_config(" readback_tokens=0, load_tokens = 64.5,max_prefill_queue=2 ", policy="sticky")
+    assert got == RouterConfig(policy="sticky", readback_tokens=0.0, load_tokens=64.5, max_prefill_queue=2)
+    for spec, says in [("bogus=1", "unknown router weight 'bogus'"), ("policy=sticky", "unknown router weight 'policy'"),
+                       ("load_tokens", "write key=value"), ("load_tokens=abc", "expected a number"),
+                       ("max_prefill_queue=1.5", "expected an integer"), ("load_tokens=-1", ">= 0"), ("prefill_worth=nan", "finite")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(says)):
+            router_config(spec)
