@@ -5,8 +5,10 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
     miss(n)    = prompt_tokens - cached_tokens(n)            tokens node n lacks
     busy(n)    = load_tokens * (running(n) + waiting(n)      + full_penalty if n lacks free blocks
                  + idle_session_weight * idle_sessions(n))   (sessions between calls whose last turn ran on n)
-    prefill(p) = miss(p) + load_tokens * waiting(p)          + full_penalty: what p's prefill waits for
-                                                             and computes (its decodes barely delay it)
+    prefill(p) = miss(p) + load_tokens * queued(p)           + full_penalty: what p's prefill waits for
+                                                             and computes; queued = waiting on a node that
+                                                             decodes (its decodes barely delay it), running +
+                                                             waiting on a prefill-only one (all prefills)
     S          = the prefill-capable node holding the longest prefix (waiting(S) <= max_prefill_queue)
     obtain(n)  = min(miss(n), prefill(S) + transfer_tokens_per_block * blocks n lacks)  if S holds more
                  than n and miss(n) > prefill_threshold_tokens, else miss(n): n computes what it lacks,
@@ -18,8 +20,8 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
                  and miss(p) <= miss(D) + block_size  (P never recomputes what D already holds),
                  or p reads D's prefix: p is prefill-only, p and D declare "kv_readback", and D holds
                  >= readback_min_tokens more of the prompt than p; then prefill(p) = miss(D) +
-                 readback_tokens + load_tokens * max(waiting(p), this gateway's prefills in flight there)
-                 (vLLM's bidirectional transfer: D's hold and p's read each wait for an engine step)
+                 readback_tokens + load_tokens * queued(p)  (vLLM's bidirectional transfer: D's hold
+                 and p's read each wait for an engine step)
     use P  iff  miss(D) > prefill_threshold_tokens  and  prefill(P) <= prefill_worth * miss(D)
 
 Without `obtain`, a prefix cached on a few nodes (a shared system prompt, early on) pulls every new
@@ -134,7 +136,10 @@ def choose_route(
     full_decode = reports_room & (c.free_blocks < -(-(miss + max_tokens) // bs))
     full_prefill = reports_room & (c.free_blocks < -(-miss // bs))
     busy = lt * (c.seqs + config.idle_session_weight * c.idle) + np.where(full_decode, lt * FULL_PENALTY_SEQS, 0.0)
-    prefill = miss + lt * (c.waiting + FULL_PENALTY_SEQS * full_prefill)
+    # What p's prefill queues behind: its waiting prefills; on a prefill-only node, all it runs (prefills)
+    # and this gateway's turns in flight there, which its report (up to a heartbeat old) may lack yet.
+    queued = np.where(c.decode_capable, c.waiting, c.seqs)
+    prefill = miss + lt * (queued + FULL_PENALTY_SEQS * full_prefill)
 
     sources = c.prefill_capable & (c.waiting <= config.max_prefill_queue)
     source_cached, source_cost = -1, 0.0  # S: the longest prefix, then the cheapest prefill
@@ -155,10 +160,9 @@ def choose_route(
     if d_miss <= config.prefill_threshold_tokens:
         return route
     readers = _readers(c, d, sources, cached, config.readback_min_tokens)
-    # A reader lacks only what D lacks; its own in-flight prefills (this gateway's, not yet in its
-    # report) queue ahead of the turn, or every turn of a burst would go to it while D sits idle.
-    # The hold and the read add a fixed cost, so only a long prefill is worth handing over this way.
-    read = d_miss + config.readback_tokens + lt * (np.maximum(c.waiting, c.seqs) + FULL_PENALTY_SEQS * full_prefill)
+    # A reader lacks only what D lacks; the hold and the read add a fixed cost, so only a long prefill
+    # is worth handing over this way.
+    read = d_miss + config.readback_tokens + lt * (queued + FULL_PENALTY_SEQS * full_prefill)
     prefill = np.where(readers, read, prefill)
     prefillers = sources & (readers | (miss <= d_miss + bs))  # P never recomputes what D already holds
     prefillers[d] = False

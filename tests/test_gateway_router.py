@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config import RouterConfig, router_config
+from gateway.candidates import Candidates
 from gateway.errors import ClusterMisconfigured, NoWorkers
 from gateway.router import FULL_PENALTY_SEQS, Candidate, LoadTracker, Route, RouteMode, Router, check_compatible, choose_route
 from kvstore.index import Matches
@@ -87,6 +88,23 @@ def test_a_prefill_node_that_can_read_the_decode_nodes_prefix_lacks_only_what_d_
     assert choose_route(pair(["kv_readback"], p_cached=17), 800, 16, CFG).prefill is None  # D holds 48 more: under 64
     near = choose_route(pair(["kv_readback"], p_cached=19), 800, 16, CFG)  # a block more: P recomputes it, as without
     assert near.prefill.node_id == "p1" and not near.readback
+
+
+def test_a_prefill_only_node_is_priced_by_every_prefill_it_runs_or_was_sent():
+    """A prefill-only node's running sequences are prefills its next turn queues behind, and so are this
+    gateway's turns in flight there (its report lags): a burst does not herd onto it. A `both` node's
+    running sequences are decodes, which barely delay a prefill."""
+    # D lacks 100: P is used iff its cost <= 2 x 100
+    assert choose_route([node("d1"), node("p1", Role.PREFILL)], 100, 16, CFG).prefill.node_id == "p1"
+    assert choose_route([node("d1"), node("p1", Role.PREFILL, running=1)], 100, 16, CFG).prefill is None  # 100 + 128
+    assert choose_route([node("d1"), node("b1", Role.BOTH, running=3)], 100, 16, CFG).prefill.node_id == "b1"
+    tracker = LoadTracker(report_age_s=0.6)
+    found = Matches.of((c.record, c.load, c.cached_blocks) for c in [node("d1"), node("p1", Role.PREFILL)])
+    first = choose_route(Candidates.from_matches(found, flying=tracker.columns(found.rows)[0]), 100, 16, CFG)
+    assert first.prefill.node_id == "p1"
+    tracker.started(first)  # sent, not yet in P's report
+    second = choose_route(Candidates.from_matches(found, flying=tracker.columns(found.rows)[0]), 100, 16, CFG)
+    assert second.prefill is None and second.decode.node_id == "d1"
 
 
 def test_prefill_node_is_chosen_by_its_own_cached_prefix():
@@ -268,7 +286,8 @@ def test_baseline_policies_for_benchmarks():
 def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mode=RouteMode.EXACT, affinity=None, after=None):
     """choose_route as it was before it priced nodes as arrays (and before the shortlist of git
     dbe6d30): every candidate through the cost function in Python, one at a time; ties in rotated id
-    order (the ids after `after` first). The property test below holds choose_route to it."""
+    order (the ids after `after` first). The property test below holds choose_route to it. Since
+    2026-12-03 a prefill-only node's queue counts what it runs, here as in choose_route."""
 
     def tie(node_id):
         return (after is not None and node_id <= after, node_id)
@@ -291,7 +310,8 @@ def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mod
     def prefill_cost(c):
         miss = prompt_tokens - cached(c)
         full = c.load.total_blocks and c.load.free_blocks < -(-miss // bs)
-        return miss + config.load_tokens * (c.load.waiting + (FULL_PENALTY_SEQS if full else 0))
+        queued = c.load.waiting if c.record.role in (Role.DECODE, Role.BOTH) else c.load.running + c.load.waiting
+        return miss + config.load_tokens * (queued + (FULL_PENALTY_SEQS if full else 0))
 
     sources = [c for c in candidates if c.record.role in (Role.PREFILL, Role.BOTH) and c.load.waiting <= config.max_prefill_queue]
     source = max(sources, key=lambda c: (cached(c), -prefill_cost(c)), default=None)
