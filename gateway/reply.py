@@ -178,14 +178,10 @@ async def _completion_events(turn: Turn, outcome: Outcome, first: list[Delta], r
                                   usage=usage)).decode()  # fmt: skip
 
     try:
-        pending = None  # held back one step, so the last text goes out with the finish reason
-        async for deltas in _chain(first, rest):
-            text = "".join(d.content or "" for d in deltas)
-            if text:
-                if pending is not None:
-                    yield chunk(pending, None)
-                pending = text
-        yield chunk(pending or "", outcome.finish_reason)
+        async for deltas in _chain(first, rest):  # each text as it comes; the finish reason on an empty last one
+            if text := "".join(d.content or "" for d in deltas):
+                yield chunk(text, None)
+        yield chunk("", outcome.finish_reason)
         if include_usage:
             yield chunk("", None, outcome.usage(turn))
         yield "[DONE]"

@@ -125,8 +125,13 @@ def test_completions_and_models(gateway, workers):
         body = r.json()
         assert r.status_code == 200 and body["object"] == "text_completion"
         assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
-        r = await client.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3], "stream": True}, headers=A)
+        r = await client.post("/v1/completions", json={"model": "m", "prompt": [1, 2, 3], "stream": True, "max_tokens": 3}, headers=A)
         assert r.text.rstrip().endswith("data: [DONE]")
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        texts = [(e["choices"][0]["text"], e["choices"][0]["finish_reason"]) for e in events if e["choices"]]
+        # every token's text leaves as it comes (none held back for the finish reason), which ends the stream alone
+        assert len(texts) == 4 and all(t and reason is None for t, reason in texts[:3]) and texts[3] == ("", "length")
+        assert "".join(t for t, _ in texts) == body["choices"][0]["text"]
         models = (await client.get("/v1/models", headers=A)).json()
         assert models["object"] == "list" and models["data"][0]["id"] == "fake-smollm2"
 

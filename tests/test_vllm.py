@@ -80,6 +80,56 @@ def test_vllm_events_become_agentkv_hash_chains():
     assert mirror.translate([{"type": "AllBlocksCleared"}]) == [AllCleared()] and mirror.snapshot().blocks == []
 
 
+class _ScriptedCall:
+    """vLLM's SSE events for one call, released one at a time by the test."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    async def next(self):
+        return await self.events.get()
+
+    def cancel(self, why=None) -> None:
+        pass
+
+
+def test_each_vllm_token_leaves_the_worker_before_vllm_sends_the_next(aio):
+    """A token waits for nothing: only the finishing chunk waits, for the usage event that follows it."""
+    import asyncio
+
+    from kvstore.nodes import NodeRecord, Role
+    from workers.vllm_engine import VllmEngine
+
+    engine = object.__new__(VllmEngine)  # the stream logic alone: no vLLM behind it
+    engine.record = NodeRecord(node_id="v", role=Role.BOTH, address="", block_size=BS, model_fingerprint="f", capacity_blocks=8,
+                               generation=1)  # fmt: skip
+    engine.bytes_per_block, engine._calls = 1000, {}
+
+    def event(token, text, reason=None):
+        return {"choices": [{"index": 0, "text": text, "token_ids": [token], "finish_reason": reason}]}
+
+    async def scenario():
+        call = _ScriptedCall()
+        stream = engine._stream("r1", call, event(7, "Hello"))
+        # the first token is out while vLLM has sent nothing more
+        first = await asyncio.wait_for(anext(stream), 1)
+        assert (first.token_ids, first.text, first.finished) == ([7], "Hello", False)
+        call.events.put_nowait(event(8, " world", "length"))
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not pending.done()  # the finishing token waits for its usage
+        call.events.put_nowait({"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 2,
+                                                         "prompt_tokens_details": {"cached_tokens": 32}}})  # fmt: skip
+        last = await asyncio.wait_for(pending, 1)
+        assert (last.token_ids, last.text, last.finished, last.finish_reason) == ([8], " world", True, "length")
+        assert (last.prompt_tokens, last.cached_tokens, last.completion_tokens) == (40, 32, 2)
+        assert [c async for c in stream] == []
+
+    aio.run(scenario())
+
+
 # -- two real vLLM workers ------------------------------------------------------------------------
 def _vllm_python() -> str | None:
     for candidate in (os.environ.get("AGENTKV_VLLM_PYTHON"), Path(__file__).parents[1] / ".venv-vllm/bin/python", "/tmp/vllm_venv/bin/python"):  # fmt: skip

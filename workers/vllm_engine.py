@@ -233,23 +233,27 @@ class VllmEngine:
 
     async def _stream(self, request_id: str, call: _Call, event: dict | None,
                       pulled_after: int | None = None) -> AsyncGenerator[TokenChunk, None]:  # fmt: skip
-        """Token chunks from vLLM's events: content chunks as they come, and the last one carrying
-        the finish reason joined with the usage chunk that follows it."""
-        last: TokenChunk | None = None
+        """Token chunks from vLLM's events, each as it comes; only the chunk carrying the finish reason
+        waits, for the usage chunk that follows it (the turn's accounting travels on the last chunk)."""
+        last: TokenChunk | None = None  # the finishing chunk, until its usage arrives
+        seen = False
         try:
             while event is not None:
                 for choice in event.get("choices") or ():
-                    if last is not None:
-                        yield last
                     logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
-                    last = TokenChunk(request_id=request_id, token_ids=choice.get("token_ids") or [], text=choice.get("text") or "",
-                                      logprobs=logprobs, finish_reason=choice.get("finish_reason"))  # fmt: skip
+                    chunk = TokenChunk(request_id=request_id, token_ids=choice.get("token_ids") or [], text=choice.get("text") or "",
+                                       logprobs=logprobs, finish_reason=choice.get("finish_reason"))  # fmt: skip
+                    seen = True
+                    if chunk.finish_reason is not None:
+                        last = chunk
+                    elif chunk.token_ids or chunk.text:
+                        yield chunk
                 if usage := event.get("usage"):
                     yield self._final(last or TokenChunk(request_id=request_id, token_ids=[]), usage, pulled_after)
                     return
                 event = await call.next()
-            if last is not None:  # no usage chunk: finish with what we have
-                yield self._final(last, {}, pulled_after)
+            if seen:  # no usage chunk: finish with what we have
+                yield self._final(last or TokenChunk(request_id=request_id, token_ids=[]), {}, pulled_after)
         except VllmError as exc:
             if last is not None:
                 yield last
