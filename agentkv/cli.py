@@ -63,6 +63,9 @@ def worker(
     itl_slowdown: float = typer.Option(1.5, min=1.0, help="built-in engine: a step that carries prompt tokens costs at most this "
                                                            "many decode-only steps (lower: steadier inter-token latency, slower prompts)"),
     mixed_prefill_tokens: int = typer.Option(512, min=1, help="built-in engine: most prompt tokens in a step with decodes"),
+    short_prompt_tokens: int = typer.Option(256, min=0, help="built-in engine: a new prompt with at most this many uncached "
+                                            "tokens is computed in one step, whatever the decodes beside it pay (0: chunk "
+                                            "every prompt within --itl-slowdown: steadier decodes, slower short turns)"),
     threads: int = typer.Option(0, min=0, help="torch threads (0: one per allowed core)"),
     cpus: list[int] = typer.Option([], help="pin to this core (repeat for more)"),
     cluster_token: str = typer.Option("", envvar="AGENTKV_CLUSTER_TOKEN", help="required on internal endpoints"),
@@ -88,7 +91,7 @@ def worker(
 
     run_worker(WorkerConfig(redis_url=redis_url, role=role, host=host, port=port, node_id=node_id, model=model, block_size=block_size,
                             kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs, mixed_prefill_tokens=mixed_prefill_tokens,
-                            itl_slowdown=itl_slowdown, threads=threads or None, cpus=cpus,
+                            itl_slowdown=itl_slowdown, short_prompt_tokens=short_prompt_tokens, threads=threads or None, cpus=cpus,
                             cluster_token=cluster_token or None, transfer=transfer, transfer_timeout_s=transfer_timeout,
                             advertise_host=advertise_host or None, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
                             vllm_args=vllm_args, insecure=insecure, namespace=namespace,

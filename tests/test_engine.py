@@ -340,3 +340,22 @@ def test_a_short_new_turn_is_prefilled_whole_beside_decodes_and_a_long_prompt_in
     long = [s["long"] for s in steps if "long" in s and s["long"] > 1]
     assert len(short) == 1 and short[0] >= len(prompts[1]) - 16  # one step beside the decode (a template block may be cached)
     assert len(long) >= 3 and max(long) <= 16
+
+
+def test_with_no_short_prompt_rule_a_short_turn_is_chunked_within_the_itl_budget(smollm2, prompts):
+    """`--short-prompt-tokens 0` (steady decodes first): a short new turn is chunked by the ITL rule
+    like any prompt, and its output is unchanged."""
+    engine = Engine(smollm2, EngineConfig(num_blocks=400, mixed_prefill_tokens=16, short_prompt_tokens=0))
+    steps = []
+    run = engine.runner.run
+    engine.runner.run = lambda batch: steps.append({s.request_id: n for s, n in zip(batch.seqs, batch.query_lens)}) or run(batch)
+    engine.add_request("decoding", prompts[0], greedy(30))
+    while not any(s.get("decoding") == 1 for s in steps):
+        engine.step()
+    engine.add_request("short", prompts[1], greedy(4))  # ~40 tokens: whole by default, chunked here
+    out = []
+    while engine.has_work():
+        out += [t for c in engine.step() if c.request_id == "short" for t in c.token_ids]
+    short = [s["short"] for s in steps if "short" in s and s["short"] > 1]
+    assert len(short) >= 2 and max(short) <= 16
+    assert out == solo(engine, prompts[1], greedy(4)).token_ids

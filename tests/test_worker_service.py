@@ -132,9 +132,10 @@ def test_prefill_holds_blocks_until_its_timeout_and_abort_does_not_end_a_hold(wo
 
 
 def test_sigkilled_worker_disappears_from_lookups_within_the_ttl(valkey_url):
-    w = WorkerProcess(valkey_url, "decode")
+    w = WorkerProcess(valkey_url, "decode", None, None, "--short-prompt-tokens", "0", "--itl-slowdown", "1.25")
     w.wait_ready()
     assert "INSECURE: no cluster token" in w.child.tail(100)  # WorkerProcess runs it --insecure: said loudly
+    assert w.health()["scheduler"] == {"itl_slowdown": 1.25, "mixed_prefill_tokens": 512, "short_prompt_tokens": 0}
     generate(w.url, "k1", PROMPT, max_tokens=2)
     fp = fingerprint(w)
     wait_until(lambda: index_lookup(valkey_url, PROMPT, fp).get(w.node_id, 0) == 5, 5, "blocks indexed")

@@ -74,7 +74,9 @@ class BuiltinEngine:
         return NodeLoad(len(sched.running), len(sched.waiting), free_blocks=pool.num_free, total_blocks=pool.num_blocks)
 
     def stats(self) -> dict[str, Any]:
-        return {"transfer": self.transport.counters.snapshot(), "transfer_fallbacks": self.transfer_fallbacks}
+        c = self.engine.config  # the scheduler's settings, as the node runs them
+        scheduler = {"itl_slowdown": c.itl_slowdown, "mixed_prefill_tokens": c.mixed_prefill_tokens, "short_prompt_tokens": c.short_prompt_tokens}
+        return {"transfer": self.transport.counters.snapshot(), "transfer_fallbacks": self.transfer_fallbacks, "scheduler": scheduler}
 
     def snapshot(self) -> None:
         self.loop.snapshot()

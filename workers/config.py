@@ -21,6 +21,9 @@ class WorkerConfig:
     max_num_seqs: int = 64
     mixed_prefill_tokens: int = 512  # built-in engine: most prompt tokens in a step with decodes
     itl_slowdown: float = 1.5  # built-in engine: a step with prompt tokens costs at most this many decode steps
+    # Built-in engine: a new prompt with at most this many uncached tokens is computed in one step, whatever
+    # the decodes beside it pay (an agent's next turn); 0 chunks every prompt within itl_slowdown.
+    short_prompt_tokens: int = 256
     threads: int | None = None
     cpus: list[int] = field(default_factory=list)
     cluster_token: str | None = None

@@ -104,7 +104,8 @@ async def _engine(config: WorkerConfig, generation: int, registry: NodeRegistry,
     engine = Engine(load_model(config.model), EngineConfig(config.block_size, kv_cache_bytes=kv_bytes,
                                                            max_num_seqs=config.max_num_seqs,
                                                            mixed_prefill_tokens=config.mixed_prefill_tokens,
-                                                           itl_slowdown=config.itl_slowdown))  # fmt: skip
+                                                           itl_slowdown=config.itl_slowdown,
+                                                           short_prompt_tokens=config.short_prompt_tokens))  # fmt: skip
     bind_transport_to(config.transfer_devices or net_devices_for(config.advertise_host or config.host),
                       explicit=bool(config.transfer_devices))
     transport = make_transport(config.transfer, config.node_id, engine.pool.kv, generation=generation,
