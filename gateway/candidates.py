@@ -49,6 +49,7 @@ class Candidates:
     idle: np.ndarray
     prefill_capable: np.ndarray
     decode_capable: np.ndarray
+    handover_tokens: np.ndarray  # what adopting another node's prefill costs each (NodeRecord)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,7 +91,8 @@ class Candidates:
         sel = slice(None) if usable.all() else np.flatnonzero(usable)
         return cls(table, np.arange(n)[sel], cached_blocks=found.matched[sel],
                    seqs=seqs[sel], waiting=waiting[sel], free_blocks=table.free_blocks[sel], total_blocks=table.total_blocks[sel],
-                   idle=idle[sel], prefill_capable=table.prefill_capable[sel], decode_capable=table.decode_capable[sel])  # fmt: skip
+                   idle=idle[sel], prefill_capable=table.prefill_capable[sel], decode_capable=table.decode_capable[sel],
+                   handover_tokens=table.handover_tokens[sel])  # fmt: skip
 
     @classmethod
     def of(cls, candidates: list[Candidate]) -> Candidates:

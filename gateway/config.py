@@ -26,6 +26,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     session_idle_s: float = 60.0  # ... for this long after its last turn ended
     affinity_tokens: float = 256.0  # bonus for the node that served the session's last turn
     prefill_worth: float = 2.0  # P is used only if its cost <= prefill_worth x what D lacks
+    # ... and a `both` node as P only if it is cheaper outright: the premium buys D steadier decodes, but a
+    # `both` P stalls its own decodes for the prefill.
+    both_prefill_worth: float = 1.0
     # A P and a D that both declare "kv_readback" (vLLM workers): P reads the blocks D holds beyond its own
     # cache when they are at least this many tokens (vLLM's kv_recompute_threshold), instead of lacking them.
     readback_min_tokens: int = 64

@@ -10,7 +10,7 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
                                                              decodes (its decodes barely delay it), running +
                                                              waiting on a prefill-only one (all prefills)
     S          = the prefill-capable node holding the longest prefix (waiting(S) <= max_prefill_queue)
-    obtain(n)  = min(miss(n), prefill(S) + transfer_tokens_per_block * blocks n lacks)  if S holds more
+    obtain(n)  = min(miss(n), prefill(S) + transfer_tokens_per_block * blocks n lacks + handover(n))  if S holds more
                  than n and miss(n) > prefill_threshold_tokens, else miss(n): n computes what it lacks,
                  or S computes the rest and n pulls it (nothing cached anywhere is recomputed)
     decode(n)  = obtain(n) + busy(n) - affinity_tokens * [n served the session's last turn]
@@ -22,7 +22,11 @@ Cost function (units: prompt tokens; weights in gateway.config.RouterConfig; doc
                  >= readback_min_tokens more of the prompt than p; then prefill(p) = miss(D) +
                  readback_tokens + load_tokens * queued(p)  (vLLM's bidirectional transfer: D's hold
                  and p's read each wait for an engine step)
-    use P  iff  miss(D) > prefill_threshold_tokens  and  prefill(P) <= prefill_worth * miss(D)
+    handover(n)= what n's engine makes a first token wait to take over a prefill (NodeRecord.handover_tokens:
+                 0 for the built-in engine, engine steps for vLLM's connector)
+    use P  iff  miss(D) > prefill_threshold_tokens  and  prefill(P) + handover(D) <= worth(P) * miss(D)
+                 worth(P) = prefill_worth for a prefill-only P; both_prefill_worth for a `both` one (it
+                 stalls its own decodes for the prefill)
 
 Without `obtain`, a prefix cached on a few nodes (a shared system prompt, early on) pulls every new
 session onto them until their load outweighs the whole prefix, and sessions stay where they start:
@@ -147,7 +151,7 @@ def choose_route(
         source_cached = cached[sources].max()
         source_cost = prefill[sources & (cached == source_cached)].min()
     prompt_blocks = -(-prompt_tokens // bs)
-    pulled = np.minimum(miss, source_cost + config.transfer_tokens_per_block * (prompt_blocks - cached // bs))
+    pulled = np.minimum(miss, source_cost + config.transfer_tokens_per_block * (prompt_blocks - cached // bs) + c.handover_tokens)
     obtain = np.where((source_cached <= cached) | (miss <= config.prefill_threshold_tokens), miss, pulled)
     decode = obtain + busy
     if (a := c.index_of(affinity)) >= 0:
@@ -166,8 +170,11 @@ def choose_route(
     prefill = np.where(readers, read, prefill)
     prefillers = sources & (readers | (miss <= d_miss + bs))  # P never recomputes what D already holds
     prefillers[d] = False
-    if prefillers.any() and prefill[p := _cheapest(prefill, rank, prefillers)] <= config.prefill_worth * d_miss:
-        route.prefill, route.prefill_cached_tokens, route.readback = c.record(p), int(cached[p]), bool(readers[p])
+    if prefillers.any():
+        p = _cheapest(prefill, rank, prefillers)
+        worth = config.both_prefill_worth if c.decode_capable[p] else config.prefill_worth
+        if prefill[p] + c.handover_tokens[d] <= worth * d_miss:
+            route.prefill, route.prefill_cached_tokens, route.readback = c.record(p), int(cached[p]), bool(readers[p])
     return route
 
 

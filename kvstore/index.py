@@ -203,6 +203,7 @@ class LiveRows:
         self.known = np.zeros(len(items), dtype=bool)
         self.prefill_capable = np.zeros(len(items), dtype=bool)  # role prefill or both
         self.decode_capable = np.zeros(len(items), dtype=bool)  # role decode or both
+        self.handover_tokens = np.zeros(len(items))  # NodeRecord.handover_tokens
         self.kinds: set[tuple[int, str]] = set()
 
     def __len__(self) -> int:
@@ -223,6 +224,7 @@ class LiveRows:
         self.records[row], self.known[row] = record, True
         self.prefill_capable[row] = record.role in (Role.PREFILL, Role.BOTH)
         self.decode_capable[row] = record.role in (Role.DECODE, Role.BOTH)
+        self.handover_tokens[row] = record.handover_tokens
         self.kinds.add((record.block_size, record.model_fingerprint))
 
 

@@ -43,3 +43,7 @@ class NodeRecord(msgspec.Struct):
     engine: str = "builtin"  # builtin | vllm
     # What the engine supports beyond generate/prefill/abort; the gateway degrades visibly without them.
     features: list[str] = msgspec.field(default_factory=lambda: ["session_pins"])
+    # What taking over another node's prefill delays this node's first token by, in prompt tokens (the
+    # router's unit). 0: the built-in engine adopts the blocks at its next step. vLLM's connector starts
+    # the pull in one engine step and sees it done in a later one.
+    handover_tokens: float = 0.0

@@ -23,9 +23,9 @@ CFG = RouterConfig(prefill_threshold_tokens=64, load_tokens=128, affinity_tokens
 
 
 def node(node_id: str, role: Role = Role.DECODE, cached_blocks: int = 0, running: int = 0, waiting: int = 0,
-         free: int = 1000, block_size: int = 16, fingerprint: str = "m") -> Candidate:  # fmt: skip
+         free: int = 1000, block_size: int = 16, fingerprint: str = "m", handover: float = 0.0) -> Candidate:  # fmt: skip
     rec = NodeRecord(node_id=node_id, role=role, address=f"http://{node_id}", block_size=block_size,
-                     model_fingerprint=fingerprint, capacity_blocks=1000, generation=1)  # fmt: skip
+                     model_fingerprint=fingerprint, capacity_blocks=1000, generation=1, handover_tokens=handover)  # fmt: skip
     return Candidate(rec, NodeLoad(running=running, waiting=waiting, free_blocks=free, total_blocks=1000), cached_blocks)
 
 
@@ -107,6 +107,31 @@ def test_a_prefill_only_node_is_priced_by_every_prefill_it_runs_or_was_sent():
     assert second.prefill is None and second.decode.node_id == "d1"
 
 
+def test_a_decode_node_slow_to_take_over_a_prefill_computes_a_short_miss_itself():
+    """D's engine declares what taking over P's prefill costs its first token (vLLM's connector: engine steps)."""
+    p = node("p1", Role.PREFILL, cached_blocks=20)
+    for handover, lacking, handed_over in [(0.0, 100, True), (128.0, 100, False), (128.0, 500, True)]:
+        d = node("d1", cached_blocks=20, handover=handover)
+        route = choose_route([p, d], 320 + lacking, 16, CFG)  # P lacks what D lacks: 100 + 128 > 2 x 100
+        assert route.decode.node_id == "d1" and (route.prefill is not None) == handed_over, (handover, lacking)
+
+
+def test_a_both_node_prefills_for_another_only_when_that_is_cheaper_outright():
+    """h holds more of the prompt but is busy, so o decodes; h's prefill (148 lacking + one queued)
+    costs 276 against the 180 tokens o lacks: worth it for a prefill-only node (<= 2 x 180), whose
+    job it is, but not for a `both` node, which would stall its own decodes for it."""
+    h = node("h", Role.BOTH, cached_blocks=22, running=3, waiting=1)
+    o = node("o", Role.BOTH, cached_blocks=20)
+    assert CFG.both_prefill_worth == 1.0
+    route = choose_route([h, o], 500, 16, CFG)
+    assert route.decode.node_id == "o" and route.prefill is None
+    route = choose_route([h, o], 500, 16, msgspec.structs.replace(CFG, both_prefill_worth=2.0))
+    assert route.decode.node_id == "o" and route.prefill.node_id == "h"
+    h_prefill_only = node("h", Role.PREFILL, cached_blocks=22, running=0, waiting=1)
+    route = choose_route([h_prefill_only, o], 500, 16, CFG)
+    assert route.decode.node_id == "o" and route.prefill.node_id == "h"
+
+
 def test_prefill_node_is_chosen_by_its_own_cached_prefix():
     cands = [node("d1"), node("p1", Role.PREFILL, cached_blocks=2), node("p2", Role.PREFILL, cached_blocks=20)]
     route = choose_route(cands, 500, 16, CFG)
@@ -140,7 +165,8 @@ def test_roles_are_respected():
     assert only_prefill.decode.node_id == "p2"  # no decode node live: a prefill node decodes (its cached prefix wins)
     with pytest.raises(NoWorkers):
         choose_route([], 100, 16, CFG)
-    both = choose_route([node("b1", Role.BOTH), node("b2", Role.BOTH, cached_blocks=1)], 500, 16, CFG)
+    both = choose_route([node("b1", Role.BOTH), node("b2", Role.BOTH, cached_blocks=1)], 500, 16,
+                        msgspec.structs.replace(CFG, both_prefill_worth=2.0))  # b1's 500 > the 484 b2 lacks
     assert both.decode.node_id == "b2" and both.prefill.node_id == "b1"  # a `both` node never prefills for itself
 
 
@@ -287,7 +313,8 @@ def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mod
     """choose_route as it was before it priced nodes as arrays (and before the shortlist of git
     dbe6d30): every candidate through the cost function in Python, one at a time; ties in rotated id
     order (the ids after `after` first). The property test below holds choose_route to it. Since
-    2026-12-03 a prefill-only node's queue counts what it runs, here as in choose_route."""
+    2026-12-03 a prefill-only node's queue counts what it runs, a hand-over costs D its declared
+    handover_tokens, and a `both` P is held to both_prefill_worth, here as in choose_route."""
 
     def tie(node_id):
         return (after is not None and node_id <= after, node_id)
@@ -321,7 +348,7 @@ def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mod
         if source is None or cached(source) <= cached(c) or miss <= config.prefill_threshold_tokens:
             return miss
         lacking_blocks = -(-prompt_tokens // bs) - cached(c) // bs
-        return min(miss, prefill_cost(source) + config.transfer_tokens_per_block * lacking_blocks)
+        return min(miss, prefill_cost(source) + config.transfer_tokens_per_block * lacking_blocks + c.record.handover_tokens)
 
     def decode_cost(c):
         miss = prompt_tokens - cached(c)
@@ -335,7 +362,8 @@ def reference_choose_route(candidates, prompt_tokens, max_tokens, config, *, mod
         return route
     prefillers = [c for c in sources if c.node_id != d.node_id and prompt_tokens - cached(c) <= d_miss + bs]
     p = min(prefillers, key=lambda c: (prefill_cost(c), tie(c.node_id)), default=None)
-    if p is not None and prefill_cost(p) <= config.prefill_worth * d_miss:
+    worth = config.both_prefill_worth if p is not None and p.record.role == Role.BOTH else config.prefill_worth
+    if p is not None and prefill_cost(p) + d.record.handover_tokens <= worth * d_miss:
         route.prefill, route.prefill_cached_tokens = p.record, cached(p)
     return route
 
@@ -349,6 +377,7 @@ profiles = st.tuples(
     st.sampled_from([0, 1, 2, 3, 9, 10]), st.sampled_from([0, 1, 2, 9]),  # running + waiting; waiting (if <= the sum)
     st.integers(0, 4), st.sampled_from([0, 10_000]),  # free blocks around what it lacks (below); total 0 = never full
     st.sampled_from([0, 0, 1, 3]),  # idle sessions
+    st.sampled_from([0.0, 0.0, 128.0]),  # what taking over a prefill costs the node (vLLM's connector)
 )
 
 
@@ -373,12 +402,12 @@ def clusters(draw):
     prompt_tokens, max_tokens = draw(st.integers(0, 160)), draw(st.integers(0, 64))
     cands = []
     for node_id in ids:
-        role, cached_blocks, busy, waiting, near, total, idle = draw(st.sampled_from(pool))
+        role, cached_blocks, busy, waiting, near, total, idle, handover = draw(st.sampled_from(pool))
         miss = prompt_tokens - min(cached_blocks * bs, prompt_tokens)  # free on either side of both "full" thresholds
         free = [max(0, -(-miss // bs) - 1), -(-miss // bs), -(-(miss + max_tokens) // bs) - 1, -(-(miss + max_tokens) // bs), 10_000][near]
         waiting = min(waiting, busy)
         running = busy - waiting
-        record = node(node_id, role, block_size=bs).record
+        record = node(node_id, role, block_size=bs, handover=handover).record
         cands.append(Candidate(record, NodeLoad(running, waiting, free, total), cached_blocks, idle))
     affinity = draw(st.sampled_from([None, "gone", *ids]))
     after = draw(st.sampled_from([None, "n", "zz", *ids]))  # the last decision's node: ties rotate past it
@@ -391,6 +420,7 @@ configs = st.builds(
     load_tokens=st.sampled_from([0.0, 1.0, 0.5, 16.0, 128.0]),  # 0: load ignored, every node ties
     affinity_tokens=st.sampled_from([0.0, 16.0, 256.0]),
     prefill_worth=st.sampled_from([0.5, 1.0, 2.0]),
+    both_prefill_worth=st.sampled_from([0.5, 1.0, 2.0]),
     max_prefill_queue=st.sampled_from([0, 1, 2, 8]),
     transfer_tokens_per_block=st.sampled_from([0.0, 0.1, 1.0, 40.0]),
     idle_session_weight=st.sampled_from([0.0, 0.5, 1.0]),

@@ -45,6 +45,11 @@ from workers.vllm_events import EventMirror, decode_batch
 from workers.vllm_server import VllmError, VllmServer, default_python, spare_port
 
 log = logging.getLogger("agentkv.worker")
+# What taking over a prefill delays D's first token by, in prompt tokens (NodeRecord.handover_tokens): vLLM's
+# connector starts the pull in one engine step and sees it done in a later one, so about one step more than a
+# local prefill waits. Measured here: 0.15 s on an idle D (8 P/D turns of ~340 tokens), one step of a busy D
+# 0.1-0.5 s, against ~2.9 ms per token of P's prefill.
+HANDOVER_TOKENS = 128.0
 
 
 class _Call:
@@ -140,7 +145,7 @@ class VllmEngine:
             max_model_len=info["max_model_len"], engine="vllm",
             # No session pinning in vLLM. Reading a decode node's blocks needs the bidirectional transfer
             # the worker turns on when it starts vLLM; an attached server's settings are its owner's.
-            features=[] if config.vllm_url else ["kv_readback"],
+            features=[] if config.vllm_url else ["kv_readback"], handover_tokens=HANDOVER_TOKENS,
         )  # fmt: skip
         return cls(config, server, record, sub, replay, token_bytes * info["block_size"], info["served_name"])
 
