@@ -322,16 +322,22 @@ def test_step_costs_size_the_prompt_share_of_a_mixed_step():
     assert gpu.prompt_tokens_within(1.5, 16, 512) == 512
 
 
+def _decoding_and_recording(engine: Engine, prompt: list[int]) -> list[dict[str, int]]:
+    """Start a 30-token decode and record every later step as {request id: tokens it computed}."""
+    steps = []
+    run = engine.runner.run
+    engine.runner.run = lambda batch: steps.append({s.request_id: n for s, n in zip(batch.seqs, batch.query_lens)}) or run(batch)
+    engine.add_request("decoding", prompt, greedy(30))
+    while not any(s.get("decoding") == 1 for s in steps):
+        engine.step()
+    return steps
+
+
 def test_a_short_new_turn_is_prefilled_whole_beside_decodes_and_a_long_prompt_in_chunks(smollm2, prompts):
     """An agent's next turn (a few hundred uncached tokens) gets its prompt in one step even while
     decodes run; a long prompt is chunked by the ITL rule."""
     engine = Engine(smollm2, EngineConfig(num_blocks=400, mixed_prefill_tokens=16, short_prompt_tokens=64))
-    steps = []
-    run = engine.runner.run
-    engine.runner.run = lambda batch: steps.append({s.request_id: n for s, n in zip(batch.seqs, batch.query_lens)}) or run(batch)
-    engine.add_request("decoding", prompts[0], greedy(30))
-    while not any(s.get("decoding") == 1 for s in steps):
-        engine.step()
+    steps = _decoding_and_recording(engine, prompts[0])
     engine.add_request("short", prompts[1], greedy(4))  # ~40 tokens <= 64
     engine.add_request("long", prompts[3] * 3, greedy(4))  # ~120 tokens > 64
     while engine.has_work():
@@ -346,12 +352,7 @@ def test_with_no_short_prompt_rule_a_short_turn_is_chunked_within_the_itl_budget
     """`--short-prompt-tokens 0` (steady decodes first): a short new turn is chunked by the ITL rule
     like any prompt, and its output is unchanged."""
     engine = Engine(smollm2, EngineConfig(num_blocks=400, mixed_prefill_tokens=16, short_prompt_tokens=0))
-    steps = []
-    run = engine.runner.run
-    engine.runner.run = lambda batch: steps.append({s.request_id: n for s, n in zip(batch.seqs, batch.query_lens)}) or run(batch)
-    engine.add_request("decoding", prompts[0], greedy(30))
-    while not any(s.get("decoding") == 1 for s in steps):
-        engine.step()
+    steps = _decoding_and_recording(engine, prompts[0])
     engine.add_request("short", prompts[1], greedy(4))  # ~40 tokens: whole by default, chunked here
     out = []
     while engine.has_work():
