@@ -5,6 +5,7 @@ its own with a payload recorded from vLLM 0.32 (no vLLM needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -84,8 +85,6 @@ class _ScriptedCall:
     """vLLM's SSE events for one call, released one at a time by the test."""
 
     def __init__(self) -> None:
-        import asyncio
-
         self.events: asyncio.Queue = asyncio.Queue()
 
     async def next(self):
@@ -97,8 +96,6 @@ class _ScriptedCall:
 
 def test_each_vllm_token_leaves_the_worker_before_vllm_sends_the_next(aio):
     """A token waits for nothing: only the finishing chunk waits, for the usage event that follows it."""
-    import asyncio
-
     from kvstore.nodes import NodeRecord, Role
     from workers.vllm_engine import VllmEngine
 

@@ -241,7 +241,7 @@ class VllmEngine:
         """Token chunks from vLLM's events, each as it comes; only the chunk carrying the finish reason
         waits, for the usage chunk that follows it (the turn's accounting travels on the last chunk)."""
         last: TokenChunk | None = None  # the finishing chunk, until its usage arrives
-        seen = False
+        seen, empty = False, TokenChunk(request_id=request_id, token_ids=[])
         try:
             while event is not None:
                 for choice in event.get("choices") or ():
@@ -254,11 +254,11 @@ class VllmEngine:
                     elif chunk.token_ids or chunk.text:
                         yield chunk
                 if usage := event.get("usage"):
-                    yield self._final(last or TokenChunk(request_id=request_id, token_ids=[]), usage, pulled_after)
+                    yield self._final(last or empty, usage, pulled_after)
                     return
                 event = await call.next()
             if seen:  # no usage chunk: finish with what we have
-                yield self._final(last or TokenChunk(request_id=request_id, token_ids=[]), {}, pulled_after)
+                yield self._final(last or empty, {}, pulled_after)
         except VllmError as exc:
             if last is not None:
                 yield last
