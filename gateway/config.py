@@ -36,6 +36,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # CPU (docs/vllm.md, the protocol mapped): 0.4 s hold + 0.6 s read beside ~3.5 ms per prefilled token, ~280 tokens.
     readback_tokens: float = 256.0
     max_prefill_queue: int = 8  # a P node with more waiting prefills than this is skipped
+    # 1: when P's engine says D can continue from P's first token (vLLM), that token goes to the client at
+    # once and D's take-over delays the second token instead of the first. 0: D samples every token.
+    early_first_token: int = 1
     # Moving one block costs about this many tokens of prefill: 0.15 ms per 737 kB block over NIXL
     # against 1.6 ms per prefilled token here (README benches); rounded up, moving stays cheap.
     transfer_tokens_per_block: float = 1.0

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
+import msgspec
 from prometheus_client import Histogram
 
 from gateway.chat_template import ChatRenderer, ToolPolicy, check_tool_results
@@ -34,7 +35,7 @@ from gateway.sessions import Session, SessionStore
 from gateway.tenants import Tenant
 from gateway.tool_calls import CallDelta, ContentDelta, ParsedCall, ToolCallParser
 from gateway.worker_client import NodeUnavailable, WorkerClient
-from kvstore.hashing import block_hashes, hash_seed
+from kvstore.hashing import block_hashes, extend_block_hashes, hash_seed
 from kvstore.wire import GenerateRequest, PrefillResult, RouteStats, SamplingParams, TokenChunk
 
 log = logging.getLogger("agentkv.gateway")
@@ -87,6 +88,7 @@ class Outcome:
     last_token_at: float | None = None
     hold_s: float | None = None  # readback: D's hold of its prefix for P
     prefill_s: float | None = None  # P's prefill (D's first token waited for it)
+    early_first_token: bool = False  # P's first token went to the client before D's pull
 
     def stats(self, turn: Turn) -> RouteStats:
         """Per-turn accounting: actual once the turn finished, planned (from the index) before."""
@@ -104,7 +106,9 @@ class Outcome:
         return RouteStats(**common, prefill_node=p.node_id if p else None, cached_tokens=f.cached_tokens,
                           prefilled_tokens=local + remote, transferred_tokens=f.transferred_tokens,
                           transferred_blocks=f.transferred_blocks, transferred_bytes=f.transferred_bytes, ledger=ledger,
-                          readback=r.readback and p is not None, hold_s=self.hold_s, prefill_s=self.prefill_s)  # fmt: skip
+                          readback=r.readback and p is not None, hold_s=self.hold_s, prefill_s=self.prefill_s,
+                          readback_tokens=p.read_tokens if p else 0, readback_bytes=p.read_bytes if p else 0,
+                          early_first_token=self.early_first_token)  # fmt: skip
 
     def usage(self, turn: Turn) -> Usage:
         f = self.final
@@ -192,6 +196,7 @@ class TurnPipeline:
         label = "readback" if route.readback else route.kind
         finished = False
         outcome.hold_s = outcome.prefill_s = None  # a re-routed turn's earlier attempt does not count
+        outcome.early_first_token = False
         try:
             since = time.perf_counter()
             if route.prefill is not None:
@@ -203,10 +208,17 @@ class TurnPipeline:
                     outcome.prefill = request.remote_kv = await self.workers.prefill(route.prefill, request, source_kv=held)
                     outcome.prefill_s, since = _step(steps, label, "prefill", since)
                 lease.prefill_done()
+            if self.config.router.early_first_token and streams_first_token(turn.sampling, outcome.prefill):  # D's pull moves from TTFT to the first gap
+                p = outcome.prefill
+                outcome.early_first_token = True
+                yield TokenChunk(request_id=request_id, token_ids=[p.first_token], text=p.first_text)
+                request = _continuing(turn, request, p.first_token)
             async for chunk in self.workers.generate(route.decode, request):
-                if chunk.token_ids and since is not None:  # the first token: D's own step ends
+                if chunk.token_ids and since is not None:  # D's first token: its own step ends
                     _step(steps, label, "first_token", since)
                     since = None
+                if chunk.finished and outcome.early_first_token:
+                    chunk = _counting_first_token(chunk)
                 finished = chunk.finished
                 yield chunk
         finally:
@@ -312,6 +324,36 @@ class ReplyAssembler:
         calls = self.parser.calls
         content = None if calls and not self.parser.content.strip() else self.parser.content
         return content, calls, "tool_calls" if calls else final.finish_reason
+
+
+def streams_first_token(s: SamplingParams, p: PrefillResult | None) -> bool:
+    """Whether P's first token may go to the client now, with D continuing from it. Not when the token
+    must be seen inside the engine that samples the rest: by a grammar, by a seeded sampler (one engine
+    would draw a different sequence), by a stop token, or by a stop string it is, holds or may begin."""
+    if p is None or not p.continuable or s.max_tokens <= 1 or s.grammar or s.logprobs:
+        return False
+    if (s.temperature > 0 and s.seed is not None) or p.first_token in s.stop_token_ids:
+        return False
+    text = p.first_text
+    return not any(stop in text or any(text.endswith(stop[:k]) for k in range(1, len(stop))) for stop in s.stop)
+
+
+def _continuing(turn: Turn, request: GenerateRequest, token: int) -> GenerateRequest:
+    """D's request once P's first token left: the prompt plus that token, one token less to sample."""
+    ids = request.prompt_token_ids + [token]
+    hashes = extend_block_hashes(list(request.block_hashes), ids, turn.model.block_size,
+                                 hash_seed(turn.model.fingerprint, turn.tenant.salt))  # fmt: skip
+    sampling = msgspec.structs.replace(request.sampling, max_tokens=request.sampling.max_tokens - 1)
+    return msgspec.structs.replace(request, prompt_token_ids=ids, block_hashes=hashes, sampling=sampling)
+
+
+def _counting_first_token(final: TokenChunk) -> TokenChunk:
+    """D's accounting as the turn's: P's token is the reply's first, not the prompt's last, and D
+    computed its KV rather than pulling it."""
+    if not final.prompt_tokens:
+        return final
+    return msgspec.structs.replace(final, prompt_tokens=final.prompt_tokens - 1, completion_tokens=final.completion_tokens + 1,
+                                   transferred_tokens=max(0, final.transferred_tokens - 1))  # fmt: skip
 
 
 def _step(histogram: Histogram, route: str, step: str, since: float) -> tuple[float, float]:

@@ -83,6 +83,13 @@ class PrefillResult(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the prefill node found in its own cache
     kv_transfer_params: dict[str, Any] | None = None  # engine-specific (vLLM's NixlConnector)
+    # D can continue from `first_token`: the gateway may stream it (as `first_text`) at once and send D the
+    # prompt plus that token, whose KV D computes itself. Set by engines whose D does so (vLLM: the token
+    # falls inside P's partial last block, and D's connector recomputes its prompt's last token).
+    continuable: bool = False
+    first_text: str = ""
+    read_tokens: int = 0  # prompt tokens whose KV P read from D's hold (a readback) instead of computing
+    read_bytes: int = 0
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
@@ -145,8 +152,11 @@ class RouteStats(msgspec.Struct, kw_only=True):
     ledger: str | None = None  # "extended" (exact-token continuation) | "full" | None
     source: str = "actual"  # actual | planned
     readback: bool = False  # P read D's cached prefix from D before prefilling the rest
+    readback_tokens: int = 0  # ... this many tokens of it, which P lacked (moved D -> P)
+    readback_bytes: int = 0
     hold_s: float | None = None  # readback: D exporting its prefix for P (vLLM's hold request)
     prefill_s: float | None = None  # P's prefill, reading D's prefix included: D waits this long
+    early_first_token: bool = False  # P's first token was streamed at once; D continued from it
 
     def to_header(self) -> str:
         """`k=v; k=v`: ASCII-safe (ids are percent-encoded), so any session id fits a header."""

@@ -44,6 +44,8 @@ class FakeWorker:
     token_delay_s: float = 0.0
     fail_prefill: bool = False  # answer /internal/prefill with a 500
     dies_before_first_token: bool = False  # accept /internal/generate, then close the stream (a kill -9 while queued)
+    continuable: bool = False  # as P, say that D may continue from its first token (as vLLM's P does)
+    generate_gate: asyncio.Event | None = None  # /internal/generate waits for it before it answers
     cached: set[int] = field(default_factory=set)  # block hashes held (the prefix cache)
     in_use: dict[str, int] = field(default_factory=dict)  # request id -> blocks
     pins: dict[str, int] = field(default_factory=dict)  # session key -> blocks
@@ -111,12 +113,14 @@ class FakeWorker:
                 source.holds.pop(req.remote_kv.request_id, None)
         need = -(-(len(ids) + req.sampling.max_tokens) // bs) - matched
         self.in_use[req.request_id] = need
-        out = self.reply_ids()[: req.sampling.max_tokens]
-        reason = "stop" if len(out) == len(self.reply_ids()) else "length"
+        reply = self.reply_ids()
+        done = next((k for k in range(len(reply) - 1, 0, -1) if ids[-k:] == reply[:k]), 0)  # continuing P's first token
+        out = reply[done:][: req.sampling.max_tokens]
+        reason = "stop" if done + len(out) == len(reply) else "length"
         base = dict(request_id=req.request_id, prompt_tokens=len(ids), cached_tokens=matched * bs)
-        texts, shown = [], ""
+        texts, shown = [], self.tokenizer.decode(reply[:done], skip_special_tokens=True)
         for i in range(len(out)):
-            full = self.tokenizer.decode(out[: i + 1], skip_special_tokens=True)
+            full = self.tokenizer.decode(reply[: done + i + 1], skip_special_tokens=True)
             texts.append("" if full.endswith("\ufffd") else full[len(shown):])
             shown = shown if full.endswith("\ufffd") else full
         chunks = [TokenChunk(token_ids=[t], text=text, **base) for t, text in zip(out, texts)]
@@ -143,9 +147,11 @@ class FakeWorker:
         blocks = -(-len(ids) // self.block_size)
         self.holds[req.request_id] = blocks - matched
         await self._publish(ids, req.hash_salt)
+        first = self.reply_ids()[0]
         return PrefillResult(request_id=req.request_id, node_id=self.node_id, generation=self.generation,
-                             block_ids=list(range(blocks)), num_computed=len(ids), first_token=self.reply_ids()[0],
-                             prompt_tokens=len(ids), cached_tokens=matched * self.block_size)  # fmt: skip
+                             block_ids=list(range(blocks)), num_computed=len(ids), first_token=first,
+                             prompt_tokens=len(ids), cached_tokens=matched * self.block_size, continuable=self.continuable,
+                             first_text=self.tokenizer.decode([first]) if self.continuable else "")  # fmt: skip
 
     # -- the internal API ---------------------------------------------------------------------
     def app(self) -> Litestar:
@@ -159,6 +165,8 @@ class FakeWorker:
         @post("/internal/generate", status_code=200)
         async def generate(request: Request) -> Response:
             req = msgspec.json.decode(await request.body(), type=GenerateRequest)
+            if worker.generate_gate is not None:
+                await worker.generate_gate.wait()
             if len(req.prompt_token_ids) >= worker.max_model_len:
                 return Response(ErrorBody(message="too long", code="context_length_exceeded", param="messages"), status_code=400)
             chunks = await worker.generate(req)

@@ -7,14 +7,17 @@ import gc
 import json
 import re
 
+import httpx
+import msgspec
 import pytest
-from gateway_fakes import FakeWorker, fake_gateway, tokenizer  # noqa: F401  (fixture)
+from gateway_fakes import FakeWorker, LiveASGITransport, fake_gateway, tokenizer  # noqa: F401  (fixture)
 
 from gateway.config import GatewayConfig, RouterConfig
 from gateway.sessions import worker_session_key
 from kvstore.index import BlockIndex
 from kvstore.nodes import Role
-from kvstore.wire import ROUTE_HEADER, GenerateRequest, PrefillRequest, RouteStats
+from gateway.turn import streams_first_token
+from kvstore.wire import ROUTE_HEADER, GenerateRequest, PrefillRequest, PrefillResult, RouteStats, SamplingParams
 
 KEYS = GatewayConfig(api_keys={"key-a": "alice", "key-b": "bob"})
 A = {"authorization": "Bearer key-a"}
@@ -272,6 +275,80 @@ def test_a_long_prompt_is_prefilled_on_p_and_its_hold_released_by_the_reader(gat
         assert _step_counts((await client.get("/metrics")).text)[("local", "first_token")] == 1
 
     gateway(fakes, scenario, KEYS)
+
+
+def test_p_first_token_streams_before_d_is_asked_and_d_continues_from_it(gateway, workers, tokenizer):
+    """Issue 12: when P says D can continue from its first token (vLLM's P does), that token leaves at
+    once; D gets the prompt plus it and one token less to sample; usage counts it as output."""
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+    fakes[1].continuable = True
+
+    async def scenario(client, cluster):
+        p, d = cluster.workers["p1"], cluster.workers["d1"]
+        d.generate_gate = asyncio.Event()  # D answers only when the test lets it
+        reply = d.reply_ids()
+        body = {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 40,
+                "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}  # fmt: skip
+        live = httpx.AsyncClient(transport=LiveASGITransport(cluster.gateway_app), base_url="http://gateway")  # really streams
+        async with live, live.stream("POST", "/v1/chat/completions", json=body, headers=A) as r:
+            lines = r.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: {") and (delta := json.loads(line[6:])["choices"][0]["delta"]).get("content"):
+                    break
+            assert delta["content"] == tokenizer.decode([reply[0]])  # P's token, while D has not answered
+            d.generate_gate.set()
+            rest = [json.loads(line[6:]) async for line in lines if line.startswith("data: {")]
+        text = delta["content"] + "".join(c["choices"][0]["delta"].get("content") or "" for c in rest if c["choices"])
+        assert text == "Hello from the fake."
+        asked_p, asked_d = p.requests[-1], d.requests[-1]
+        assert asked_d.prompt_token_ids == asked_p.prompt_token_ids + [reply[0]]
+        assert asked_d.sampling.max_tokens == 39 and asked_d.remote_kv.continuable
+        usage = rest[-1]["usage"]
+        assert usage["prompt_tokens"] == len(asked_p.prompt_token_ids) and usage["completion_tokens"] == len(reply)
+        assert usage["agentkv"]["early_first_token"] and usage["agentkv"]["prefill_node"] == "p1"
+        # a reply bound to a grammar (a required tool call) must sample every token in one engine
+        tool = {"type": "function", "function": {"name": "ls", "parameters": {"type": "object", "properties": {}}}}
+        forced = {**body, "stream": False, "tools": [tool], "tool_choice": "required"}
+        r = await client.post("/v1/chat/completions", json=forced, headers=A)
+        assert route_of(r).prefill_node == "p1" and not r.json()["usage"]["agentkv"]["early_first_token"]
+        assert d.requests[-1].prompt_token_ids == p.requests[-1].prompt_token_ids
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_early_first_token_off_makes_d_sample_every_token(gateway, workers):
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+    fakes[1].continuable = True
+
+    async def scenario(client, cluster):
+        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
+        r = await client.post("/v1/chat/completions", json=body, headers=A)
+        assert r.json()["choices"][0]["message"]["content"] == "Hello from the fake."
+        assert route_of(r).prefill_node == "p1" and not r.json()["usage"]["agentkv"]["early_first_token"]
+        assert cluster.workers["d1"].requests[-1].prompt_token_ids == cluster.workers["p1"].requests[-1].prompt_token_ids
+
+    gateway(fakes, scenario, GatewayConfig(api_keys=KEYS.api_keys, router=RouterConfig(early_first_token=0)))
+
+
+@pytest.mark.parametrize(
+    ("first_text", "sampling", "streams"),
+    [
+        (" Hello", {}, True),
+        (" Hello", {"max_tokens": 1}, False),  # P's token is the whole reply: D has nothing to add
+        (" Hello", {"grammar": "start: /.*/"}, False),
+        (" Hello", {"temperature": 0.7, "seed": 3}, False),  # a seeded sample must come from one engine
+        (" Hello", {"temperature": 0.7}, True),
+        (" Hello", {"stop": ["lo"]}, False),  # the token holds a stop string
+        (" Hello", {"stop": ["lo world"]}, False),  # ... or may begin one D would not see whole
+        (" Hello", {"stop": ["world", "Hi"]}, True),
+        (" Hello", {"stop_token_ids": [7]}, False),
+    ],
+)
+def test_when_p_first_token_may_stream_at_once(first_text, sampling, streams):
+    result = PrefillResult(request_id="r", node_id="p1", generation=1, block_ids=[], num_computed=40, first_token=7,
+                           continuable=True, first_text=first_text)  # fmt: skip
+    assert streams_first_token(SamplingParams(**{"max_tokens": 16, **sampling}), result) is streams
+    assert not streams_first_token(SamplingParams(max_tokens=16), msgspec.structs.replace(result, continuable=False))
 
 
 def _step_counts(metrics: str) -> dict[tuple[str, str], int]:

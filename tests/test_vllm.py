@@ -238,7 +238,11 @@ def test_session_reuses_cache_and_moves_only_lacking_blocks(cluster):
         # P computed the new text and D pulled exactly the blocks it lacked: vLLM's own counters agree
         assert stats["prefill_node"] == cluster.ids["prefill"] and stats["decode_node"] == cluster.ids["decode"], stats
         assert stats["transferred_blocks"] == math.ceil(prompt / BS) - cached // BS, (n, stats)
-        assert moved == (stats["transferred_bytes"], stats["transferred_tokens"], cached), (n, stats, moved)
+        # P's first token went out at once unless its slot began a block, which P holds no block for
+        assert stats["early_first_token"] == (prompt % BS != 0), (n, prompt, stats)
+        # (D's vLLM counts P's token too, as part of the prompt it was sent; the turn counts it as output)
+        early = int(stats["early_first_token"])
+        assert moved == (stats["transferred_bytes"], stats["transferred_tokens"] + early, cached), (n, stats, moved)
         messages += [{"role": "assistant", "content": done.choices[0].message.content},
                      {"role": "user", "content": f"Tool output {n}: " + " ".join(f"step {i} passed." for i in range(40))}]  # fmt: skip
     assert turns[0][2] == 0
@@ -271,6 +275,7 @@ def test_prefill_node_reads_the_history_the_decode_node_computed(cluster):
         assert stats["prefill_node"] == cluster.ids["prefill"] and stats["readback"], stats
         assert stats["hold_s"] > 0 and stats["prefill_s"] > 0, stats  # D's first token waited for both
         assert pulled[0] > 0 and pulled[1] >= 64, pulled  # P read D's blocks ...
+        assert (stats["readback_bytes"], stats["readback_tokens"]) == pulled[:2], (stats, pulled)  # ... as the turn says
         assert stats["prefilled_tokens"] <= len(tokenize(long_text)) + 2 * BS, stats  # ... and computed only the new text
         theirs = httpx.post(cluster.vllm["decode"] + "/v1/completions", timeout=120,
                             json={"model": "smollm2", "prompt": ids, "max_tokens": 16, "temperature": 0}).json()  # fmt: skip

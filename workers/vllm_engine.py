@@ -42,7 +42,7 @@ from workers.backend import CacheSnapshot, InvalidRequest, Unavailable
 from workers.config import WorkerConfig
 from workers.loader import fingerprint_of, fingerprint_of_name, resolve_model_path
 from workers.vllm_events import EventMirror, decode_batch
-from workers.vllm_server import VllmError, VllmServer, default_python, spare_port
+from workers.vllm_server import READ_MIN_TOKENS, VllmError, VllmServer, default_python, spare_port
 
 log = logging.getLogger("agentkv.worker")
 # What taking over a prefill delays D's first token by, in prompt tokens (NodeRecord.handover_tokens): vLLM's
@@ -229,7 +229,7 @@ class VllmEngine:
             raise Unavailable(str(exc)) from None
         return self._stream(req.request_id, call, first)
 
-    def _local_hit(self, req: GenerateRequest) -> int:
+    def _local_hit(self, req: GenerateRequest | PrefillRequest) -> int:
         """Blocks of the prompt vLLM's prefix cache holds here, by its KV events. Needed because with
         a remote prefill vLLM reports the prefill node's hits as `cached_tokens`, not its own."""
         bs = self.record.block_size
@@ -285,10 +285,14 @@ class VllmEngine:
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         one = msgspec.structs.replace(req.sampling, max_tokens=1)
         params: dict[str, Any] = {"do_remote_decode": True}
+        read = 0  # tokens of D's prefix this node pulls: what D holds beyond its own cache, if worth a read
         if req.source_kv is not None and req.source_kv.kv_transfer_params:
             # D's hold on the prefix it has, read like a finished decode's blocks (vLLM's bidirectional
             # transfer: pulled if at least its kv_recompute_threshold tokens), then held for D as usual.
             params = {**req.source_kv.kv_transfer_params, "do_remote_prefill": False, "do_remote_decode": True}
+            held = min(int(params.get("remote_num_tokens") or 0), len(req.prompt_token_ids))
+            read = max(0, held - self._local_hit(req) * self.record.block_size)
+            read = read if read >= READ_MIN_TOKENS else 0
         body = self._body(req.prompt_token_ids, one, req.hash_salt, stream=False, kv_transfer_params=params)
         try:
             _, resp = await self._start(req.request_id, body)
@@ -297,12 +301,19 @@ class VllmEngine:
         finally:
             self._calls.pop(req.request_id, None)
         choice, usage = resp["choices"][0], resp.get("usage") or {}
+        text, params = choice.get("text") or "", resp.get("kv_transfer_params")
+        # D may continue from P's token when its slot lies in P's partial last block (D's connector then pulls
+        # as many blocks as P holds and recomputes that slot), the token did not end the reply, and its text
+        # is whole (not half of a UTF-8 character).
+        continuable = (params is not None and choice.get("finish_reason") == "length" and bool(text)
+                       and not text.endswith("\ufffd") and len(req.prompt_token_ids) % self.record.block_size != 0)  # fmt: skip
         return PrefillResult(
             request_id=req.request_id, node_id=self.record.node_id, generation=self.record.generation, block_ids=[],
             num_computed=len(req.prompt_token_ids), first_token=(choice.get("token_ids") or [0])[0],
             prompt_tokens=usage.get("prompt_tokens", 0),
             cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-            kv_transfer_params=resp.get("kv_transfer_params"),
+            kv_transfer_params=params, continuable=continuable, first_text=text,
+            read_tokens=read, read_bytes=-(-read // self.record.block_size) * self.bytes_per_block,
         )  # fmt: skip
 
     # -- KV events, load, liveness -------------------------------------------------------------

@@ -27,6 +27,9 @@ SITECUSTOMIZE = Path(__file__).with_name("vllm_sitecustomize")
 # With bidirectional transfer, vLLM keeps a finished P/D turn's blocks on the decode node this long for a
 # prefill node to read (its default is 480 s); they cannot be evicted meanwhile.
 DECODER_HOLD_S = 30
+# A prefill node reads a decode node's blocks only when they hold at least this many tokens beyond its own
+# cache (vLLM's default, set here so that the worker's accounting of the read uses the same value).
+READ_MIN_TOKENS = 64
 
 
 class VllmError(RuntimeError):
@@ -55,7 +58,8 @@ class VllmServer:
                 "--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both",
                                                     "kv_buffer_device": "cpu",  # a prefill node may read a decode node's blocks:
                                                     "kv_connector_extra_config": {"bidirectional_kv_xfer": True,
-                                                                                  "decoder_kv_blocks_ttl": DECODER_HOLD_S}}),
+                                                                                  "decoder_kv_blocks_ttl": DECODER_HOLD_S,
+                                                                                  "kv_recompute_threshold": READ_MIN_TOKENS}}),
                 "--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
                                                   "endpoint": events, "replay_endpoint": replay, "topic": "kv"}),
                 *shlex.split(extra_args)]  # fmt: skip
