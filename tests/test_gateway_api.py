@@ -23,6 +23,7 @@ KEYS = GatewayConfig(api_keys={"key-a": "alice", "key-b": "bob"})
 A = {"authorization": "Bearer key-a"}
 B = {"authorization": "Bearer key-b"}
 LONG_SYSTEM = "You are a coding agent. " + " ".join(f"Rule {i}: check every tool result." for i in range(30))
+LONG_CHAT = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}  # long enough to prefill on P
 TOOL_REPLY = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
@@ -238,7 +239,7 @@ def test_sessions_api_create_list_and_the_session_sources(gateway, workers):
 
 def test_the_same_prompt_under_two_tenants_shares_no_cache(gateway, workers):
     async def scenario(client, cluster):
-        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
+        body = LONG_CHAT
         first = (await client.post("/v1/chat/completions", json=body, headers=A)).json()["usage"]
         again = (await client.post("/v1/chat/completions", json=body, headers=A)).json()["usage"]
         other = (await client.post("/v1/chat/completions", json=body, headers=B)).json()["usage"]
@@ -258,7 +259,7 @@ def test_a_long_prompt_is_prefilled_on_p_and_its_hold_released_by_the_reader(gat
     fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
 
     async def scenario(client, cluster):
-        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
+        body = LONG_CHAT
         r = await client.post("/v1/chat/completions", json=body, headers=A)
         route = route_of(r)
         assert route.prefill_node == "p1" and route.decode_node == "d1"
@@ -287,8 +288,7 @@ def test_p_first_token_streams_before_d_is_asked_and_d_continues_from_it(gateway
         p, d = cluster.workers["p1"], cluster.workers["d1"]
         d.generate_gate = asyncio.Event()  # D answers only when the test lets it
         reply = d.reply_ids()
-        body = {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 40,
-                "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}  # fmt: skip
+        body = {**LONG_CHAT, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 40}
         live = httpx.AsyncClient(transport=LiveASGITransport(cluster.gateway_app), base_url="http://gateway")  # really streams
         async with live, live.stream("POST", "/v1/chat/completions", json=body, headers=A) as r:
             lines = r.aiter_lines()
@@ -317,17 +317,15 @@ def test_p_first_token_streams_before_d_is_asked_and_d_continues_from_it(gateway
 
 
 def test_early_first_token_off_makes_d_sample_every_token(gateway, workers):
-    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
-    fakes[1].continuable = True
-
     async def scenario(client, cluster):
-        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
-        r = await client.post("/v1/chat/completions", json=body, headers=A)
+        r = await client.post("/v1/chat/completions", json=LONG_CHAT, headers=A)
         assert r.json()["choices"][0]["message"]["content"] == "Hello from the fake."
         assert route_of(r).prefill_node == "p1" and not r.json()["usage"]["agentkv"]["early_first_token"]
         assert cluster.workers["d1"].requests[-1].prompt_token_ids == cluster.workers["p1"].requests[-1].prompt_token_ids
 
-    gateway(fakes, scenario, GatewayConfig(api_keys=KEYS.api_keys, router=RouterConfig(early_first_token=0)))
+    d1, p1 = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+    p1.continuable = True  # P says D could continue from its token; the gateway is told not to
+    gateway([d1, p1], scenario, GatewayConfig(api_keys=KEYS.api_keys, router=RouterConfig(early_first_token=0)))
 
 
 @pytest.mark.parametrize(
@@ -362,7 +360,7 @@ def test_a_failing_prefill_node_falls_back_to_local_prefill(gateway, workers):
     fakes[1].fail_prefill = True
 
     async def scenario(client, cluster):
-        body = {"model": "m", "messages": [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Hi"}]}
+        body = LONG_CHAT
         r = await client.post("/v1/chat/completions", json=body, headers=A)
         assert r.status_code == 200 and route_of(r).prefill_node is None
         assert cluster.workers["d1"].requests[-1].remote_kv is None
