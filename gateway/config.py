@@ -39,6 +39,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # 1: when P's engine says D can continue from P's first token (vLLM), that token goes to the client at
     # once and D's take-over delays the second token instead of the first. 0: D samples every token.
     early_first_token: int = 1
+    # 1: a reply whose node fails mid-stream moves to another node, which continues from the tokens
+    # already sent (prompt + reply so far; greedy replies come out as if nothing happened). 0: an error event.
+    migrate: int = 1
     # Moving one block costs about this many tokens of prefill: 0.15 ms per 737 kB block over NIXL
     # against 1.6 ms per prefilled token here (README benches); rounded up, moving stays cheap.
     transfer_tokens_per_block: float = 1.0

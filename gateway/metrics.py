@@ -29,6 +29,7 @@ class GatewayMetrics:
         self.index_degraded = Gauge("agentkv_gateway_index_degraded", "1 when the last route was DEGRADED (index unreachable)", registry=r)
         self.ledger = Counter("agentkv_gateway_ledger", "Session prompts by how they were built", ["result"], registry=r)
         self.prefill_fallbacks = Counter("agentkv_gateway_prefill_fallbacks", "Prefill nodes that failed; D prefilled locally", registry=r)
+        self.migrations = Counter("agentkv_gateway_migrations", "Replies moved to another node mid-stream when theirs failed", registry=r)
         self.aborts = Counter("agentkv_gateway_aborts", "Requests aborted on the workers (client gone, error)", registry=r)
         self.live_nodes = Gauge("agentkv_gateway_live_nodes", "Live worker nodes in the last snapshot", registry=r)
 

@@ -12,6 +12,7 @@ responders (gateway.reply) only read it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -34,7 +35,7 @@ from gateway.router import Route, RouteLease, Router
 from gateway.sessions import Session, SessionStore
 from gateway.tenants import Tenant
 from gateway.tool_calls import CallDelta, ContentDelta, ParsedCall, ToolCallParser
-from gateway.worker_client import NodeUnavailable, WorkerClient
+from gateway.worker_client import NodeUnavailable, StreamBroken, WorkerClient
 from kvstore.hashing import block_hashes, extend_block_hashes, hash_seed
 from kvstore.wire import GenerateRequest, PrefillResult, RouteStats, SamplingParams, TokenChunk
 
@@ -89,6 +90,8 @@ class Outcome:
     hold_s: float | None = None  # readback: D's hold of its prefix for P
     prefill_s: float | None = None  # P's prefill (D's first token waited for it)
     early_first_token: bool = False  # P's first token went to the client before D's pull
+    text: str = ""  # the reply's text so far, as the workers sent it
+    migrated_tokens: int = 0  # the reply had this many tokens when its node failed and it moved to another
 
     def stats(self, turn: Turn) -> RouteStats:
         """Per-turn accounting: actual once the turn finished, planned (from the index) before."""
@@ -100,7 +103,7 @@ class Outcome:
             return RouteStats(**common, prefill_node=r.prefill.node_id if r.prefill else None,
                               cached_tokens=r.decode_cached_tokens, transferred_blocks=r.planned_transfer_blocks,
                               source="planned")  # fmt: skip
-        local = max(0, f.prompt_tokens - f.cached_tokens - f.transferred_tokens)
+        local = max(0, f.prompt_tokens + self.migrated_tokens - f.cached_tokens - f.transferred_tokens)
         remote = max(0, p.prompt_tokens - p.cached_tokens) if p is not None else 0
         ledger = turn.chat_prompt.ledger if turn.chat_prompt and turn.session else None
         return RouteStats(**common, prefill_node=p.node_id if p else None, cached_tokens=f.cached_tokens,
@@ -108,7 +111,7 @@ class Outcome:
                           transferred_blocks=f.transferred_blocks, transferred_bytes=f.transferred_bytes, ledger=ledger,
                           readback=r.readback and p is not None, hold_s=self.hold_s, prefill_s=self.prefill_s,
                           readback_tokens=p.read_tokens if p else 0, readback_bytes=p.read_bytes if p else 0,
-                          early_first_token=self.early_first_token)  # fmt: skip
+                          early_first_token=self.early_first_token, migrated_tokens=self.migrated_tokens)  # fmt: skip
 
     def usage(self, turn: Turn) -> Usage:
         f = self.final
@@ -170,12 +173,14 @@ class TurnPipeline:
             outcome.route = lease.route
             self.metrics.routes.labels(lease.route.kind, lease.route.mode.value).inc()
             self.metrics.index_degraded.set(1 if lease.route.mode.value == "degraded" else 0)
-            attempt = 0
+            attempt, running = 0, turn
             while True:
                 try:
-                    chunks = self._on_workers(turn, lease, outcome, f"{turn.request_id}-r{attempt}" if attempt else turn.request_id)
+                    chunks = self._on_workers(running, lease, outcome, f"{turn.request_id}-r{attempt}" if attempt else turn.request_id)
                     async with contextlib.aclosing(chunks) as chunks:
                         async for chunk in chunks:
+                            if chunk.finished and outcome.migrated_tokens:
+                                chunk = _counting_moved_tokens(chunk, outcome.migrated_tokens)
                             deltas = assembler.push(chunk)
                             self._observe(turn, outcome, chunk)
                             if chunk.finished:
@@ -183,11 +188,31 @@ class TurnPipeline:
                                 await self._record(turn, outcome)
                             yield deltas
                     return
-                except NodeUnavailable as exc:
-                    if outcome.output_ids or await lease.reroute(exc.node_id) is None:
+                except (NodeUnavailable, StreamBroken) as exc:
+                    rest = self._rest_of(turn, outcome)  # what the next node must do
+                    if rest is None or await lease.reroute(exc.node_id) is None:
                         raise
-                    log.warning("%s; re-routing", exc.message)
-                    outcome.route, attempt = lease.route, attempt + 1
+                    if outcome.output_ids:
+                        log.warning("%s; moving the reply to %s after %d tokens", exc.message, lease.route.decode.node_id,
+                                    len(outcome.output_ids))  # fmt: skip
+                        self.metrics.migrations.inc()
+                    else:
+                        log.warning("%s; re-routing", exc.message)
+                    outcome.route, outcome.migrated_tokens, attempt = lease.route, len(outcome.output_ids), attempt + 1
+                    running = rest
+
+    def _rest_of(self, turn: Turn, outcome: Outcome) -> Turn | None:
+        """The turn another node can finish after this one failed: all of it if nothing was sent, else
+        the prompt plus the reply so far (the way Dynamo migrates a request); None if it cannot move."""
+        sent = outcome.output_ids
+        if not sent:
+            return turn
+        s = turn.sampling
+        if not self.config.router.migrate or s.max_tokens <= len(sent) or not continues_elsewhere(s, outcome.text):
+            return None
+        ids = turn.prompt_ids + sent
+        sampling = msgspec.structs.replace(s, max_tokens=s.max_tokens - len(sent))
+        return dataclasses.replace(turn, prompt_ids=ids, block_hashes=_hashes(turn, turn.block_hashes, ids), sampling=sampling)
 
     async def _on_workers(self, turn: Turn, lease: RouteLease, outcome: Outcome, request_id: str) -> AsyncIterator[TokenChunk]:
         """P (if routed there) then D; every node touched gets an abort if the turn ends unfinished."""
@@ -195,7 +220,7 @@ class TurnPipeline:
         steps = self.metrics.steps
         label = "readback" if route.readback else route.kind
         finished = False
-        outcome.hold_s = outcome.prefill_s = None  # a re-routed turn's earlier attempt does not count
+        outcome.hold_s = outcome.prefill_s = outcome.prefill = None  # a re-routed turn's earlier attempt does not count
         outcome.early_first_token = False
         try:
             since = time.perf_counter()
@@ -266,6 +291,7 @@ class TurnPipeline:
                 self.metrics.itl.observe((now - outcome.last_token_at) / len(chunk.token_ids))
             outcome.last_token_at = now
             outcome.output_ids.extend(chunk.token_ids)
+        outcome.text += chunk.text
         if chunk.finished:
             outcome.final = chunk
 
@@ -327,24 +353,34 @@ class ReplyAssembler:
 
 
 def streams_first_token(s: SamplingParams, p: PrefillResult | None) -> bool:
-    """Whether P's first token may go to the client now, with D continuing from it. Not when the token
-    must be seen inside the engine that samples the rest: by a grammar, by a seeded sampler (one engine
-    would draw a different sequence), by a stop token, or by a stop string it is, holds or may begin."""
-    if p is None or not p.continuable or s.max_tokens <= 1 or s.grammar or s.logprobs:
+    """Whether P's first token may go to the client now, with D continuing from it: not when D must
+    see it as its own (a stop token, logprobs) or when another engine may not sample the rest."""
+    if p is None or not p.continuable or s.max_tokens <= 1 or s.logprobs or p.first_token in s.stop_token_ids:
         return False
-    if (s.temperature > 0 and s.seed is not None) or p.first_token in s.stop_token_ids:
+    return continues_elsewhere(s, p.first_text)
+
+
+def continues_elsewhere(s: SamplingParams, text: str) -> bool:
+    """Whether an engine that did not sample a reply's `text` may sample the rest of it. Not under a
+    grammar (its state lives in the engine that began), not a seeded sample (another engine would draw
+    a different sequence), not when a stop string may straddle the two (each engine sees only its own
+    text)."""
+    if s.grammar or (s.temperature > 0 and s.seed is not None):
         return False
-    text = p.first_text
     return not any(stop in text or any(text.endswith(stop[:k]) for k in range(1, len(stop))) for stop in s.stop)
 
 
 def _continuing(turn: Turn, request: GenerateRequest, token: int) -> GenerateRequest:
     """D's request once P's first token left: the prompt plus that token, one token less to sample."""
     ids = request.prompt_token_ids + [token]
-    hashes = extend_block_hashes(list(request.block_hashes), ids, turn.model.block_size,
-                                 hash_seed(turn.model.fingerprint, turn.tenant.salt))  # fmt: skip
     sampling = msgspec.structs.replace(request.sampling, max_tokens=request.sampling.max_tokens - 1)
-    return msgspec.structs.replace(request, prompt_token_ids=ids, block_hashes=hashes, sampling=sampling)
+    return msgspec.structs.replace(request, prompt_token_ids=ids, block_hashes=_hashes(turn, request.block_hashes, ids),
+                                   sampling=sampling)  # fmt: skip
+
+
+def _hashes(turn: Turn, hashes: list[int], ids: list[int]) -> list[int]:
+    """The block hashes of `ids`, a longer prompt than the one `hashes` are of."""
+    return extend_block_hashes(list(hashes), ids, turn.model.block_size, hash_seed(turn.model.fingerprint, turn.tenant.salt))
 
 
 def _counting_first_token(final: TokenChunk) -> TokenChunk:
@@ -354,6 +390,14 @@ def _counting_first_token(final: TokenChunk) -> TokenChunk:
         return final
     return msgspec.structs.replace(final, prompt_tokens=final.prompt_tokens - 1, completion_tokens=final.completion_tokens + 1,
                                    transferred_tokens=max(0, final.transferred_tokens - 1))  # fmt: skip
+
+
+def _counting_moved_tokens(final: TokenChunk, moved: int) -> TokenChunk:
+    """The last node's accounting as the turn's: the reply it was given is output, not prompt."""
+    if not final.prompt_tokens:
+        return final
+    return msgspec.structs.replace(final, prompt_tokens=final.prompt_tokens - moved,
+                                   completion_tokens=final.completion_tokens + moved)  # fmt: skip
 
 
 def _step(histogram: Histogram, route: str, step: str, since: float) -> tuple[float, float]:

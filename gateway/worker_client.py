@@ -42,6 +42,15 @@ class NodeUnavailable(APIError):
         self.node_id = node.node_id
 
 
+class StreamBroken(UpstreamError):
+    """A node's stream broke after it had sent tokens (killed mid-reply, or its engine died): the
+    reply may move to another node and continue from what was sent; if it cannot, a 502."""
+
+    def __init__(self, node_id: str, reason: str) -> None:
+        super().__init__(f"worker {node_id} {reason}")
+        self.node_id = node_id
+
+
 class WorkerClient:
     def __init__(self, http: httpx.AsyncClient, metrics: GatewayMetrics, cluster_token: str | None = None,
                  hold_timeout_s: float = 30.0) -> None:  # fmt: skip
@@ -91,6 +100,8 @@ class WorkerClient:
                     chunk = _decode_chunk(line)
                 except msgspec.DecodeError as exc:
                     raise UpstreamError(f"worker {node.node_id} sent an invalid chunk: {exc}") from None
+                if chunk.finish_reason == "error" and streamed:  # its engine died mid-reply
+                    raise StreamBroken(node.node_id, f"failed mid-reply: {chunk.error}")
                 streamed = streamed or bool(chunk.token_ids)
                 yield chunk
                 if chunk.finished:
@@ -103,7 +114,7 @@ class WorkerClient:
                 await resp.aclose()
         if not streamed:
             raise NodeUnavailable(node, reason)
-        raise UpstreamError(f"worker {node.node_id} {reason}")
+        raise StreamBroken(node.node_id, reason)
 
     async def abort(self, nodes: Iterable[NodeRecord], request_id: str) -> None:
         """Best effort, bounded, on every node at once."""

@@ -157,6 +157,7 @@ class RouteStats(msgspec.Struct, kw_only=True):
     hold_s: float | None = None  # readback: D exporting its prefix for P (vLLM's hold request)
     prefill_s: float | None = None  # P's prefill, reading D's prefix included: D waits this long
     early_first_token: bool = False  # P's first token was streamed at once; D continued from it
+    migrated_tokens: int = 0  # the reply's node failed after this many tokens; `decode_node` finished it
 
     def to_header(self) -> str:
         """`k=v; k=v`: ASCII-safe (ids are percent-encoded), so any session id fits a header."""

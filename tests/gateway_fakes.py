@@ -43,7 +43,7 @@ class FakeWorker:
     fingerprint: str = FINGERPRINT
     token_delay_s: float = 0.0
     fail_prefill: bool = False  # answer /internal/prefill with a 500
-    dies_before_first_token: bool = False  # accept /internal/generate, then close the stream (a kill -9 while queued)
+    dies_after_tokens: int | None = None  # stream this many tokens, then close the stream (a kill -9; 0: while queued)
     continuable: bool = False  # as P, say that D may continue from its first token (as vLLM's P does)
     generate_gate: asyncio.Event | None = None  # /internal/generate waits for it before it answers
     cached: set[int] = field(default_factory=set)  # block hashes held (the prefix cache)
@@ -174,9 +174,9 @@ class FakeWorker:
             async def lines():
                 sent: list[int] = []
                 try:
-                    if worker.dies_before_first_token:
-                        return
                     for chunk in chunks:
+                        if len(sent) == worker.dies_after_tokens:
+                            return
                         if worker.token_delay_s:
                             await asyncio.sleep(worker.token_delay_s)
                         sent += chunk.token_ids

@@ -386,16 +386,80 @@ def test_a_decode_node_that_dies_before_its_first_token_is_routed_around_else_a_
     fakes = workers(("d1", Role.DECODE), ("d2", Role.DECODE))
 
     async def scenario(client, cluster):
-        cluster.workers["d1"].dies_before_first_token = True
-        cluster.workers["d2"].dies_before_first_token = True
+        cluster.workers["d1"].dies_after_tokens = 0
+        cluster.workers["d2"].dies_after_tokens = 0
         r = await client.post("/v1/chat/completions", json=chat(stream=stream), headers=A)
         assert r.status_code == 503 and r.json()["error"]["code"] == "worker_unavailable", r.text
-        cluster.workers["d2"].dies_before_first_token = False
+        cluster.workers["d2"].dies_after_tokens = None
         for _ in range(3):  # whichever node the router tries first
             r = await client.post("/v1/chat/completions", json=chat(stream=stream), headers=A)
             assert r.status_code == 200 and "error" not in r.text, r.text
 
     gateway(fakes, scenario, KEYS)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_whose_node_dies_mid_stream_moves_to_another_that_continues_it(gateway, workers, stream):
+    """A kill -9 after three tokens: the next node gets the prompt plus those tokens and the rest of
+    the budget; the client sees one whole reply, and usage counts the moved tokens as output."""
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))  # with d1 gone, p1 decodes too
+    fakes[0].dies_after_tokens = 3
+
+    async def scenario(client, cluster):
+        d1, p1 = cluster.workers["d1"], cluster.workers["p1"]
+        r = await client.post("/v1/chat/completions", json=chat(stream=stream, max_tokens=30,
+                                                                 stream_options={"include_usage": True} if stream else None), headers=A)  # fmt: skip
+        assert r.status_code == 200 and "error" not in r.text, r.text
+        if stream:
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+            usage = events[-1]["usage"]
+        else:
+            text, usage = r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+        assert text == "Hello from the fake."
+        reply, first, then = d1.reply_ids(), d1.requests[-1], p1.requests[-1]
+        assert then.prompt_token_ids == first.prompt_token_ids + reply[:3] and then.sampling.max_tokens == 27
+        assert usage["prompt_tokens"] == len(first.prompt_token_ids) and usage["completion_tokens"] == len(reply)
+        assert usage["agentkv"]["migrated_tokens"] == 3 and usage["agentkv"]["decode_node"] == "p1"
+        assert "agentkv_gateway_migrations_total 1.0" in (await client.get("/metrics")).text
+
+    gateway(fakes, scenario, KEYS)
+
+
+def test_a_decode_node_that_dies_after_p_streamed_the_first_token_hands_the_reply_on(gateway, workers):
+    """P's first token already reached the client when D died: the reply moves on from that token."""
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+    fakes[0].dies_after_tokens, fakes[1].continuable = 0, True
+
+    async def scenario(client, cluster):
+        r = await client.post("/v1/chat/completions", json={**LONG_CHAT, "max_tokens": 30}, headers=A)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from the fake.", r.text
+        usage, reply = r.json()["usage"], cluster.workers["p1"].reply_ids()
+        assert usage["agentkv"]["migrated_tokens"] == 1 and usage["completion_tokens"] == len(reply)
+        assert cluster.workers["p1"].requests[-1].prompt_token_ids == cluster.workers["d1"].requests[-1].prompt_token_ids
+
+    gateway(fakes, scenario, KEYS)
+
+
+@pytest.mark.parametrize(
+    ("body", "router"),
+    [
+        ({"temperature": 0.7, "seed": 1}, RouterConfig()),  # another engine would draw another sequence
+        ({"stop": [" the fake?"]}, RouterConfig()),  # the reply so far ends in " the": the stop may straddle
+        ({}, RouterConfig(migrate=0)),
+    ],
+)
+def test_a_reply_that_cannot_move_ends_with_an_error_when_its_node_dies(gateway, workers, body, router):
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+    fakes[0].dies_after_tokens = 3
+
+    async def scenario(client, cluster):
+        r = await client.post("/v1/chat/completions", json=chat(**body), headers=A)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
+        assert "closed the stream before the last token" in r.json()["error"]["message"]
+        assert len(cluster.workers["p1"].requests) == 0
+
+    gateway(fakes, scenario, GatewayConfig(api_keys=KEYS.api_keys, router=router))
 
 
 def test_index_failure_routes_degraded_visible_in_header_and_metrics(gateway, workers, monkeypatch):

@@ -246,6 +246,33 @@ def test_each_worker_is_pinned_to_a_core_of_its_own(stack):
     assert len(prefill) == len(decode) == 1 and prefill != decode
 
 
+def test_a_reply_whose_decode_worker_is_killed_mid_stream_finishes_on_the_other_worker(stack):
+    """kill -9 of the decode worker after three chunks: the prefill worker (the only live one until
+    `up` restarts the decode worker) continues from the tokens already sent, and the client gets the
+    reply an uninterrupted run gave."""
+    client = stack.client()
+    ask = dict(model="smollm2", max_tokens=48, temperature=0, messages=[{"role": "user", "content": "Count from 1 to 100."}])
+    whole = client.chat.completions.create(**ask).choices[0].message.content
+    texts, arrivals, killed_at = [], [], None
+    for n, chunk in enumerate(client.chat.completions.create(**ask, stream=True)):
+        texts += [c.delta.content or "" for c in chunk.choices]
+        arrivals.append(time.monotonic())
+        if n == 3:
+            os.kill(stack.pids["decode"], signal.SIGKILL)
+            killed_at = time.monotonic()
+    assert killed_at is not None and "".join(texts) == whole
+    resumed_at = next(t for t in arrivals if t > killed_at)
+    print(f"\nmoved to the prefill worker: next chunk {resumed_at - killed_at:.2f} s after the kill, last "
+          f"{arrivals[-1] - killed_at:.2f} s after it")
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=5).text
+    assert "agentkv_gateway_migrations_total 1.0" in metrics
+    deadline = time.monotonic() + 120  # `up` restarts the decode worker: wait for it, for the tests after
+    while not any("agentkv up: decode is back" in line for line in stack.output) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert any("agentkv up: decode exited (killed by SIGKILL); restarting" in line for line in stack.output)
+    assert any("agentkv up: decode is back" in line for line in stack.output)
+
+
 def test_ctrl_c_stops_every_process(stack):
     """Last on purpose: `agentkv up` leaves nothing behind, and a stream still running when Ctrl-C comes
     ends with a clean, coded error (issue 13 #6: it was a code-null "internal gateway error")."""

@@ -228,6 +228,9 @@ def worker_fault(s: SupervisedStack, name: str) -> None:
     wait_no_leak(s, f"kill -9 {name}")
     assert outage.recovery_s < RESTART_BOUND_S
     assert tally["done"] > 0 and served_again is not None and served_again < RESTART_BOUND_S
+    # the load is greedy: a reply on a dead decode node moves to the prefill node and continues from the
+    # tokens sent; a turn whose prefill node died is prefilled by its decode node
+    assert all(o.kind == "done" for o in in_flight), Counter(o.kind for o in in_flight)
     assert_clean(outcomes, f"kill -9 {name}")
 
 
