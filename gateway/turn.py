@@ -118,7 +118,7 @@ class Outcome:
         prompt = (f.prompt_tokens if f else 0) or len(turn.prompt_ids)
         completion = (f.completion_tokens if f else 0) or len(self.output_ids)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=f.cached_tokens if f else 0),
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=min(f.cached_tokens, prompt) if f else 0),
                      agentkv=self.stats(turn))  # fmt: skip
 
 
@@ -189,9 +189,10 @@ class TurnPipeline:
                             yield deltas
                     return
                 except (NodeUnavailable, StreamBroken) as exc:
-                    rest = self._rest_of(turn, outcome)  # what the next node must do
+                    rest = await self._rest_of(turn, outcome)  # what the next node must do
                     if rest is None or await lease.reroute(exc.node_id) is None:
                         raise
+                    running, held_back = rest
                     if outcome.output_ids:
                         log.warning("%s; moving the reply to %s after %d tokens", exc.message, lease.route.decode.node_id,
                                     len(outcome.output_ids))  # fmt: skip
@@ -199,20 +200,30 @@ class TurnPipeline:
                     else:
                         log.warning("%s; re-routing", exc.message)
                     outcome.route, outcome.migrated_tokens, attempt = lease.route, len(outcome.output_ids), attempt + 1
-                    running = rest
+                    if held_back:  # text of sent tokens the dead node had not released yet
+                        chunk = TokenChunk(request_id=turn.request_id, token_ids=[], text=held_back)
+                        deltas = assembler.push(chunk)
+                        self._observe(turn, outcome, chunk)
+                        yield deltas
 
-    def _rest_of(self, turn: Turn, outcome: Outcome) -> Turn | None:
-        """The turn another node can finish after this one failed: all of it if nothing was sent, else
-        the prompt plus the reply so far (the way Dynamo migrates a request); None if it cannot move."""
-        sent = outcome.output_ids
+    async def _rest_of(self, turn: Turn, outcome: Outcome) -> tuple[Turn, str] | None:
+        """The turn another node can finish after this one failed, and the text of the sent tokens the
+        client has not seen: all of the turn if nothing was sent, else the prompt plus the reply so far
+        (the way Dynamo migrates a request); None if the reply cannot move."""
+        sent, s = outcome.output_ids, turn.sampling
         if not sent:
-            return turn
-        s = turn.sampling
-        if not self.config.router.migrate or s.max_tokens <= len(sent) or not continues_elsewhere(s, outcome.text):
+            return turn, ""
+        if not self.config.router.migrate or s.max_tokens <= len(sent):
+            return None
+        # An engine holds back text that may begin a stop string or ends in half a character: the
+        # tokens' own text says what the next engine will not see.
+        text = await self.renderers.offload(turn.renderer.decode, sent, True)
+        if not text.startswith(outcome.text) or text.endswith("\ufffd") or not continues_elsewhere(s, text):
             return None
         ids = turn.prompt_ids + sent
         sampling = msgspec.structs.replace(s, max_tokens=s.max_tokens - len(sent))
-        return dataclasses.replace(turn, prompt_ids=ids, block_hashes=_hashes(turn, turn.block_hashes, ids), sampling=sampling)
+        rest = dataclasses.replace(turn, prompt_ids=ids, block_hashes=_hashes(turn, turn.block_hashes, ids), sampling=sampling)
+        return rest, text[len(outcome.text) :]
 
     async def _on_workers(self, turn: Turn, lease: RouteLease, outcome: Outcome, request_id: str) -> AsyncIterator[TokenChunk]:
         """P (if routed there) then D; every node touched gets an abort if the turn ends unfinished."""
@@ -242,6 +253,8 @@ class TurnPipeline:
                 if chunk.token_ids and since is not None:  # D's first token: its own step ends
                     _step(steps, label, "first_token", since)
                     since = None
+                if chunk.finish_reason == "error" and outcome.output_ids:  # its engine died mid-reply
+                    raise StreamBroken(route.decode.node_id, f"failed mid-reply: {chunk.error}")
                 if chunk.finished and outcome.early_first_token:
                     chunk = _counting_first_token(chunk)
                 finished = chunk.finished

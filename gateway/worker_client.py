@@ -100,8 +100,6 @@ class WorkerClient:
                     chunk = _decode_chunk(line)
                 except msgspec.DecodeError as exc:
                     raise UpstreamError(f"worker {node.node_id} sent an invalid chunk: {exc}") from None
-                if chunk.finish_reason == "error" and streamed:  # its engine died mid-reply
-                    raise StreamBroken(node.node_id, f"failed mid-reply: {chunk.error}")
                 streamed = streamed or bool(chunk.token_ids)
                 yield chunk
                 if chunk.finished:

@@ -44,6 +44,7 @@ class FakeWorker:
     token_delay_s: float = 0.0
     fail_prefill: bool = False  # answer /internal/prefill with a 500
     dies_after_tokens: int | None = None  # stream this many tokens, then close the stream (a kill -9; 0: while queued)
+    holds_back_text: bool = False  # ... the last of them without its text (an engine holding back a possible stop)
     continuable: bool = False  # as P, say that D may continue from its first token (as vLLM's P does)
     generate_gate: asyncio.Event | None = None  # /internal/generate waits for it before it answers
     cached: set[int] = field(default_factory=set)  # block hashes held (the prefix cache)
@@ -174,9 +175,11 @@ class FakeWorker:
             async def lines():
                 sent: list[int] = []
                 try:
-                    for chunk in chunks:
+                    for n, chunk in enumerate(chunks):
                         if len(sent) == worker.dies_after_tokens:
                             return
+                        if worker.holds_back_text and n + 1 == worker.dies_after_tokens:
+                            chunk = msgspec.structs.replace(chunk, text="")
                         if worker.token_delay_s:
                             await asyncio.sleep(worker.token_delay_s)
                         sent += chunk.token_ids

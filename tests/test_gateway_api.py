@@ -398,12 +398,13 @@ def test_a_decode_node_that_dies_before_its_first_token_is_routed_around_else_a_
     gateway(fakes, scenario, KEYS)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_reply_whose_node_dies_mid_stream_moves_to_another_that_continues_it(gateway, workers, stream):
+@pytest.mark.parametrize(("stream", "held_back"), [(False, False), (True, False), (True, True)])
+def test_a_reply_whose_node_dies_mid_stream_moves_to_another_that_continues_it(gateway, workers, stream, held_back):
     """A kill -9 after three tokens: the next node gets the prompt plus those tokens and the rest of
-    the budget; the client sees one whole reply, and usage counts the moved tokens as output."""
+    the budget; the client sees one whole reply (with the text the dead node held back), and usage
+    counts the moved tokens as output."""
     fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))  # with d1 gone, p1 decodes too
-    fakes[0].dies_after_tokens = 3
+    fakes[0].dies_after_tokens, fakes[0].holds_back_text = 3, held_back
 
     async def scenario(client, cluster):
         d1, p1 = cluster.workers["d1"], cluster.workers["p1"]
