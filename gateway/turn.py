@@ -193,6 +193,8 @@ class TurnPipeline:
                     if rest is None or await lease.reroute(exc.node_id) is None:
                         raise
                     running, held_back = rest
+                    if running.sampling.grammar_resume and "grammar_resume" not in lease.route.decode.features:
+                        raise  # e.g. a vLLM node: its grammar would start over inside the reply
                     if outcome.output_ids:
                         log.warning("%s; moving the reply to %s after %d tokens", exc.message, lease.route.decode.node_id,
                                     len(outcome.output_ids))  # fmt: skip
@@ -218,10 +220,10 @@ class TurnPipeline:
         # An engine holds back text that may begin a stop string or ends in half a character: the
         # tokens' own text says what the next engine will not see.
         text = await self.renderers.offload(turn.renderer.decode, sent, True)
-        if not text.startswith(outcome.text) or text.endswith("\ufffd") or not continues_elsewhere(s, text):
+        if not text.startswith(outcome.text) or text.endswith("\ufffd") or not continues_elsewhere(s, text, grammar_resumes=True):
             return None
         ids = turn.prompt_ids + sent
-        sampling = msgspec.structs.replace(s, max_tokens=s.max_tokens - len(sent))
+        sampling = msgspec.structs.replace(s, max_tokens=s.max_tokens - len(sent), grammar_resume=len(sent) if s.grammar else 0)
         rest = dataclasses.replace(turn, prompt_ids=ids, block_hashes=_hashes(turn, turn.block_hashes, ids), sampling=sampling)
         return rest, text[len(outcome.text) :]
 
@@ -373,12 +375,12 @@ def streams_first_token(s: SamplingParams, p: PrefillResult | None) -> bool:
     return continues_elsewhere(s, p.first_text)
 
 
-def continues_elsewhere(s: SamplingParams, text: str) -> bool:
+def continues_elsewhere(s: SamplingParams, text: str, grammar_resumes: bool = False) -> bool:
     """Whether an engine that did not sample a reply's `text` may sample the rest of it. Not under a
-    grammar (its state lives in the engine that began), not a seeded sample (another engine would draw
-    a different sequence), not when a stop string may straddle the two (each engine sees only its own
-    text)."""
-    if s.grammar or (s.temperature > 0 and s.seed is not None):
+    grammar unless the engine is told to resume it (`grammar_resume`: its state would otherwise start
+    over), not a seeded sample (another engine would draw a different sequence), not when a stop string
+    may straddle the two (each engine sees only its own text)."""
+    if (s.grammar and not grammar_resumes) or (s.temperature > 0 and s.seed is not None):
         return False
     return not any(stop in text or any(text.endswith(stop[:k]) for k in range(1, len(stop))) for stop in s.stop)
 

@@ -42,7 +42,7 @@ class NodeRecord(msgspec.Struct):
     max_model_len: int = 0
     engine: str = "builtin"  # builtin | vllm
     # What the engine supports beyond generate/prefill/abort; the gateway degrades visibly without them.
-    features: list[str] = msgspec.field(default_factory=lambda: ["session_pins"])
+    features: list[str] = msgspec.field(default_factory=lambda: ["session_pins", "grammar_resume"])
     # What taking over another node's prefill delays this node's first token by, in prompt tokens (the
     # router's unit). 0: the built-in engine adopts the blocks at its next step. vLLM's connector starts
     # the pull in one engine step and sees it done in a later one.

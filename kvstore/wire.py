@@ -49,6 +49,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     # The reply must match this grammar (llguidance's Lark text; JSON Schemas embedded with %json).
     # Engine-agnostic: the built-in engine runs it with llguidance, vLLM with its structured outputs.
     grammar: str | None = None
+    # The prompt's last N tokens are the reply so far (a reply moved from a node that died): the grammar
+    # consumes them before the first sample. Sent only to nodes that declare "grammar_resume".
+    grammar_resume: int = 0
 
 
 class PrefillRequest(msgspec.Struct, kw_only=True):

@@ -41,6 +41,7 @@ class FakeWorker:
     max_model_len: int = 2048
     reply: str = "Hello from the fake."
     fingerprint: str = FINGERPRINT
+    features: list[str] = field(default_factory=lambda: ["session_pins", "grammar_resume"])
     token_delay_s: float = 0.0
     fail_prefill: bool = False  # answer /internal/prefill with a 500
     dies_after_tokens: int | None = None  # stream this many tokens, then close the stream (a kill -9; 0: while queued)
@@ -69,7 +70,8 @@ class FakeWorker:
     def record(self) -> NodeRecord:
         return NodeRecord(node_id=self.node_id, role=self.role, address=self.address, block_size=self.block_size,
                           model_fingerprint=self.fingerprint, capacity_blocks=self.capacity, generation=self.generation,
-                          model_name="fake-smollm2", model_path=self.model_path, max_model_len=self.max_model_len)  # fmt: skip
+                          model_name="fake-smollm2", model_path=self.model_path, max_model_len=self.max_model_len,
+                          features=self.features)  # fmt: skip
 
     def load(self) -> NodeLoad:
         return NodeLoad(running=len(self.in_use), waiting=0, free_blocks=self.free_blocks, total_blocks=self.capacity)

@@ -442,6 +442,29 @@ def test_a_decode_node_that_dies_after_p_streamed_the_first_token_hands_the_repl
     gateway(fakes, scenario, KEYS)
 
 
+@pytest.mark.parametrize("resumes", [True, False])
+def test_a_reply_under_a_grammar_moves_only_to_a_node_that_resumes_it(gateway, workers, resumes):
+    """An agent turn with tools is bound to a grammar: it moves with `grammar_resume` (the built-in
+    engine's matcher consumes the reply so far first); a node that cannot resume it (vLLM) is not sent it."""
+    fakes = workers(("d1", Role.DECODE), ("p1", Role.PREFILL))
+    fakes[0].dies_after_tokens = 3
+    fakes[1].features = ["grammar_resume"] if resumes else []
+
+    async def scenario(client, cluster):
+        r = await client.post("/v1/chat/completions", json=chat(tools=[WEATHER]), headers=A)
+        p1 = cluster.workers["p1"]
+        if not resumes:
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
+            assert not [q for q in p1.requests if isinstance(q, GenerateRequest)]  # its prefill, if any, only
+            return
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from the fake.", r.text
+        first, then = cluster.workers["d1"].requests[-1], p1.requests[-1]
+        assert then.sampling.grammar == first.sampling.grammar and first.sampling.grammar
+        assert then.sampling.grammar_resume == 3 and first.sampling.grammar_resume == 0
+
+    gateway(fakes, scenario, KEYS)
+
+
 @pytest.mark.parametrize(
     ("body", "router"),
     [

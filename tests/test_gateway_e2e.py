@@ -249,9 +249,11 @@ def test_each_worker_is_pinned_to_a_core_of_its_own(stack):
 def test_a_reply_whose_decode_worker_is_killed_mid_stream_finishes_on_the_other_worker(stack):
     """kill -9 of the decode worker after three chunks: the prefill worker (the only live one until
     `up` restarts the decode worker) continues from the tokens already sent, and the client gets the
-    reply an uninterrupted run gave."""
+    reply an uninterrupted run gave. The request offers a tool, as agents' do, so the reply is bound to
+    a grammar that the prefill worker resumes mid-reply (`grammar_resume`)."""
     client = stack.client()
-    ask = dict(model="smollm2", max_tokens=48, temperature=0, messages=[{"role": "user", "content": "Count from 1 to 100."}])
+    ask = dict(model="smollm2", max_tokens=48, temperature=0, tools=[WEATHER],
+               messages=[{"role": "user", "content": "Count from 1 to 100."}])  # fmt: skip
     whole = client.chat.completions.create(**ask).choices[0].message.content
     texts, arrivals, killed_at = [], [], None
     for n, chunk in enumerate(client.chat.completions.create(**ask, stream=True)):

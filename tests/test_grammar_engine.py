@@ -159,3 +159,17 @@ def test_mask_computation_overlaps_the_forward(engine, questions):
     forced = tok_s(SamplingParams(max_tokens=24, grammar=JSON_GRAMMAR))
     print(f"8 sequences: free {free:.1f} tok/s, constrained {forced:.1f} tok/s, ratio {forced / free:.2f}")
     assert forced > free * 0.6
+
+
+def test_a_moved_reply_resumes_its_grammar_where_the_dead_node_left_it(engine, questions):
+    """A reply that moves mid-way (gateway/turn.py) arrives as prompt + reply so far, with
+    `grammar_resume` = the reply's length: the matcher consumes those tokens first, so the rest is the
+    rest of the same JSON (greedy: token for token), not a second JSON object inside the first."""
+    whole = solo(engine, questions[0], constrained())
+    k = 7
+    rest = solo(engine, questions[0] + whole.token_ids[:k], constrained(80 - k, grammar_resume=k))
+    assert rest.token_ids == whole.token_ids[k:]
+    jsonschema.validate(json.loads(whole.text), SCHEMA)
+    not_json = engine.tokenizer.encode("no", add_special_tokens=False)[:1]
+    with pytest.raises(InvalidRequest, match="does not match the grammar"):
+        solo(engine, questions[0] + not_json, constrained(8, grammar_resume=1))

@@ -107,6 +107,9 @@ class Engine:
             if request_id in self._seqs:
                 raise InvalidRequest(f"request id {request_id!r} is already running", code="duplicate_request_id")
             matcher = self.grammars.matcher(sampling.grammar) if sampling.grammar else None
+            if matcher is not None and sampling.grammar_resume:  # a moved reply: the grammar picks up where it was
+                if not matcher.consume_tokens(list(prompt_token_ids[-sampling.grammar_resume :])):
+                    raise InvalidRequest("the reply so far does not match the grammar", code="invalid_grammar", param="grammar")
         except InvalidRequest:
             if adopted is not None:  # the adopted blocks were handed to us: do not leak them
                 self.pool.release(adopted.block_ids)
@@ -143,6 +146,8 @@ class Engine:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if sampling.max_tokens <= 0:
             raise InvalidRequest(f"max_tokens must be at least 1, got {sampling.max_tokens}", param="max_tokens")
+        if not 0 <= sampling.grammar_resume < n:
+            raise InvalidRequest(f"grammar_resume must be within the prompt, got {sampling.grammar_resume}", param="grammar_resume")
         if n >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "

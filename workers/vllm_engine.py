@@ -194,6 +194,8 @@ class VllmEngine:
         if salt:
             body["cache_salt"] = salt
         if s.grammar:  # the same llguidance Lark text: vLLM's structured outputs run it (its guidance backend)
+            if s.grammar_resume:  # vLLM's grammar would start over inside the reply (no "grammar_resume" feature)
+                raise InvalidRequest("this vLLM worker cannot resume a grammar mid-reply", param="grammar_resume")
             body["structured_outputs"] = {"grammar": s.grammar}
         return body
 
