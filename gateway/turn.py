@@ -90,7 +90,7 @@ class Outcome:
     hold_s: float | None = None  # readback: D's hold of its prefix for P
     prefill_s: float | None = None  # P's prefill (D's first token waited for it)
     early_first_token: bool = False  # P's first token went to the client before D's pull
-    text: str = ""  # the reply's text so far, as the workers sent it
+    text_parts: list[str] = field(default_factory=list)  # the reply's text so far, as the workers sent it
     migrated_tokens: int = 0  # the reply had this many tokens when its node failed and it moved to another
 
     def stats(self, turn: Turn) -> RouteStats:
@@ -179,8 +179,8 @@ class TurnPipeline:
                     chunks = self._on_workers(running, lease, outcome, f"{turn.request_id}-r{attempt}" if attempt else turn.request_id)
                     async with contextlib.aclosing(chunks) as chunks:
                         async for chunk in chunks:
-                            if chunk.finished and outcome.migrated_tokens:
-                                chunk = _counting_moved_tokens(chunk, outcome.migrated_tokens)
+                            if chunk.finished and outcome.migrated_tokens:  # the reply it was given is output
+                                chunk = _counting_as_output(chunk, outcome.migrated_tokens)
                             deltas = assembler.push(chunk)
                             self._observe(turn, outcome, chunk)
                             if chunk.finished:
@@ -219,13 +219,13 @@ class TurnPipeline:
             return None
         # An engine holds back text that may begin a stop string or ends in half a character: the
         # tokens' own text says what the next engine will not see.
-        text = await self.renderers.offload(turn.renderer.decode, sent, True)
-        if not text.startswith(outcome.text) or text.endswith("\ufffd") or not continues_elsewhere(s, text, grammar_resumes=True):
+        text, seen = await self.renderers.offload(turn.renderer.decode, sent, True), "".join(outcome.text_parts)
+        if not text.startswith(seen) or text.endswith("\ufffd") or not continues_elsewhere(s, text, grammar_resumes=True):
             return None
         ids = turn.prompt_ids + sent
         sampling = msgspec.structs.replace(s, max_tokens=s.max_tokens - len(sent), grammar_resume=len(sent) if s.grammar else 0)
         rest = dataclasses.replace(turn, prompt_ids=ids, block_hashes=_hashes(turn, turn.block_hashes, ids), sampling=sampling)
-        return rest, text[len(outcome.text) :]
+        return rest, text[len(seen) :]
 
     async def _on_workers(self, turn: Turn, lease: RouteLease, outcome: Outcome, request_id: str) -> AsyncIterator[TokenChunk]:
         """P (if routed there) then D; every node touched gets an abort if the turn ends unfinished."""
@@ -257,8 +257,8 @@ class TurnPipeline:
                     since = None
                 if chunk.finish_reason == "error" and outcome.output_ids:  # its engine died mid-reply
                     raise StreamBroken(route.decode.node_id, f"failed mid-reply: {chunk.error}")
-                if chunk.finished and outcome.early_first_token:
-                    chunk = _counting_first_token(chunk)
+                if chunk.finished and outcome.early_first_token:  # D computed P's token's KV, not pulled it
+                    chunk = _counting_as_output(chunk, 1, pulled=1)
                 finished = chunk.finished
                 yield chunk
         finally:
@@ -306,7 +306,7 @@ class TurnPipeline:
                 self.metrics.itl.observe((now - outcome.last_token_at) / len(chunk.token_ids))
             outcome.last_token_at = now
             outcome.output_ids.extend(chunk.token_ids)
-        outcome.text += chunk.text
+        outcome.text_parts.append(chunk.text)
         if chunk.finished:
             outcome.final = chunk
 
@@ -398,21 +398,13 @@ def _hashes(turn: Turn, hashes: list[int], ids: list[int]) -> list[int]:
     return extend_block_hashes(list(hashes), ids, turn.model.block_size, hash_seed(turn.model.fingerprint, turn.tenant.salt))
 
 
-def _counting_first_token(final: TokenChunk) -> TokenChunk:
-    """D's accounting as the turn's: P's token is the reply's first, not the prompt's last, and D
-    computed its KV rather than pulling it."""
+def _counting_as_output(final: TokenChunk, tokens: int, pulled: int = 0) -> TokenChunk:
+    """The last node's accounting as the turn's: the last `tokens` of its prompt are the reply's (P's
+    early token, or a moved reply's tokens), `pulled` of them counted as transferred."""
     if not final.prompt_tokens:
         return final
-    return msgspec.structs.replace(final, prompt_tokens=final.prompt_tokens - 1, completion_tokens=final.completion_tokens + 1,
-                                   transferred_tokens=max(0, final.transferred_tokens - 1))  # fmt: skip
-
-
-def _counting_moved_tokens(final: TokenChunk, moved: int) -> TokenChunk:
-    """The last node's accounting as the turn's: the reply it was given is output, not prompt."""
-    if not final.prompt_tokens:
-        return final
-    return msgspec.structs.replace(final, prompt_tokens=final.prompt_tokens - moved,
-                                   completion_tokens=final.completion_tokens + moved)  # fmt: skip
+    return msgspec.structs.replace(final, prompt_tokens=final.prompt_tokens - tokens, completion_tokens=final.completion_tokens + tokens,
+                                   transferred_tokens=max(0, final.transferred_tokens - pulled))  # fmt: skip
 
 
 def _step(histogram: Histogram, route: str, step: str, since: float) -> tuple[float, float]:
