@@ -81,6 +81,10 @@ def worker(
     vllm_url: str = typer.Option("", help="attach to this running vLLM server instead of starting one"),
     vllm_python: str = typer.Option("", envvar="AGENTKV_VLLM_PYTHON", help="interpreter with vLLM installed (default: this one)"),
     vllm_args: str = typer.Option("", help="more arguments for the vLLM server, e.g. \"--max-model-len 4096\""),
+    vllm_decode_step_tokens: int = typer.Option(0, min=0, envvar="AGENTKV_VLLM_DECODE_STEP_TOKENS",
+                                                help="vLLM on a decode node: most tokens per engine step (its "
+                                                "--max-num-batched-tokens), so prompts are chunked beside the decodes: "
+                                                "steadier inter-token latency, less throughput (0: vLLM's default)"),
 ) -> None:
     """Run a worker: the engine behind the internal API, registered in the Redis index."""
     _require(*SERVER)
@@ -94,7 +98,7 @@ def worker(
                             itl_slowdown=itl_slowdown, short_prompt_tokens=short_prompt_tokens, threads=threads or None, cpus=cpus,
                             cluster_token=cluster_token or None, transfer=transfer, transfer_timeout_s=transfer_timeout,
                             advertise_host=advertise_host or None, engine=engine, vllm_url=vllm_url, vllm_python=vllm_python,
-                            vllm_args=vllm_args, insecure=insecure, namespace=namespace,
+                            vllm_args=vllm_args, vllm_decode_step_tokens=vllm_decode_step_tokens, insecure=insecure, namespace=namespace,
                             transfer_devices=transfer_devices))  # fmt: skip
 
 

@@ -128,6 +128,20 @@ def test_each_vllm_token_leaves_the_worker_before_vllm_sends_the_next(aio):
     aio.run(scenario())
 
 
+def test_only_a_decode_nodes_vllm_gets_the_short_step_budget():
+    from kvstore.nodes import Role
+    from workers.config import WorkerConfig
+    from workers.vllm_engine import _step_tokens
+
+    def budget(role, tokens=128, seqs=64):
+        return _step_tokens(WorkerConfig(redis_url="redis://x", role=role, vllm_decode_step_tokens=tokens, max_num_seqs=seqs))
+
+    assert WorkerConfig(redis_url="redis://x").vllm_decode_step_tokens == 0  # by default vLLM's own budget
+    assert budget(Role.DECODE) == 128 and budget(Role.DECODE, tokens=0) == 0
+    assert budget(Role.PREFILL) == budget(Role.BOTH) == 0  # their steps are prompts anyway, or they pick their own trade-off
+    assert budget(Role.DECODE, tokens=32, seqs=64) == 64  # vLLM refuses fewer tokens per step than sequences
+
+
 # -- two real vLLM workers ------------------------------------------------------------------------
 def _vllm_python() -> str | None:
     for candidate in (os.environ.get("AGENTKV_VLLM_PYTHON"), Path(__file__).parents[1] / ".venv-vllm/bin/python", "/tmp/vllm_venv/bin/python"):  # fmt: skip
@@ -163,8 +177,8 @@ def cluster(tmp_path_factory):
 
     cores = first_cores(2)
     args = ("--engine", "vllm", "--vllm-python", python)
-    workers = tuple(Worker(role, cpus=(cores[n % len(cores)],) if cores else (), threads=1, args=args)
-                    for n, role in enumerate(("prefill", "decode")))  # fmt: skip
+    workers = tuple(Worker(role, cpus=(cores[n % len(cores)],) if cores else (), threads=1, args=args + extra)
+                    for n, (role, extra) in enumerate((("prefill", ()), ("decode", ("--vllm-decode-step-tokens", "128")))))  # fmt: skip
     stack = Stack(workers=workers, port=0, block_size=BS, kv_cache_gb=0.25, api_keys=f"{KEY}:alice",
                   log_dir=tmp_path_factory.mktemp("vllm-logs"))  # fmt: skip
     started = time.monotonic()
@@ -281,6 +295,46 @@ def test_prefill_node_reads_the_history_the_decode_node_computed(cluster):
         theirs = httpx.post(cluster.vllm["decode"] + "/v1/completions", timeout=120,
                             json={"model": "smollm2", "prompt": ids, "max_tokens": 16, "temperature": 0}).json()  # fmt: skip
         assert reply.choices[0].text == theirs["choices"][0]["text"]
+
+
+@pytest.mark.heavy
+def test_a_decode_nodes_vllm_computes_prompts_in_short_steps(cluster):
+    """The fixture's decode worker runs with `--vllm-decode-step-tokens 128`: its vLLM's engine steps
+    carry at most 128 tokens, so a long prompt it computes beside a decode is chunked and the decode
+    gets a token every step meanwhile; the prefill node's vLLM keeps its own default (2048) and
+    computes the same prompt in one step, the decode beside it waiting for all of it. (vLLM's
+    iteration-tokens histogram cannot tell: it records a chunked prompt as one iteration.)"""
+    assert [cluster.health[n]["vllm"]["step_tokens"] for n in ("decode", "prefill")] == [128, 0]
+    text = " ".join(f"check {i} is green." for i in range(80))
+    ids = httpx.post(cluster.vllm["decode"] + "/tokenize", json={"prompt": text}).json()["tokens"]
+    assert len(ids) > 4 * 128, len(ids)
+
+    def tokens_beside_the_prompt(node: str) -> int:
+        """Tokens a streamed decode receives while the long prompt (new to vLLM) is being computed."""
+        arrivals, first = [], threading.Event()
+
+        def decode() -> None:
+            body = {"model": "smollm2", "prompt": "Count slowly:", "max_tokens": 96, "temperature": 0, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", cluster.vllm[node] + "/v1/completions", json=body, timeout=120) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        arrivals.append(time.monotonic())
+                        first.set()
+
+        streaming = threading.Thread(target=decode)
+        streaming.start()
+        assert first.wait(60)
+        started = time.monotonic()
+        body = {"model": "smollm2", "prompt": ids, "max_tokens": 1, "temperature": 0, "cache_salt": f"{node}-{time.time_ns()}"}
+        httpx.post(cluster.vllm[node] + "/v1/completions", json=body, timeout=120).raise_for_status()
+        ended = time.monotonic()
+        streaming.join(120)
+        assert arrivals[-1] > ended, "the decode ended before the prompt was computed"
+        return sum(started < t < ended for t in arrivals)
+
+    chunked, whole = tokens_beside_the_prompt("decode"), tokens_beside_the_prompt("prefill")
+    print(f"tokens a decode got while a {len(ids)}-token prompt was computed: decode node {chunked}, prefill node {whole}")
+    assert chunked >= math.ceil(len(ids) / 128) - 1 and whole <= 3, (chunked, whole)
 
 
 @pytest.mark.heavy

@@ -39,6 +39,10 @@ class WorkerConfig:
     vllm_url: str = ""  # attach to this vLLM server instead of starting one
     vllm_python: str = ""  # interpreter that has vLLM (default: $AGENTKV_VLLM_PYTHON, else this one)
     vllm_args: str = ""  # more arguments for the vLLM server we start
+    # vLLM on a decode node: most tokens in one engine step (its --max-num-batched-tokens, at least
+    # max_num_seqs), so a prompt computed beside the decodes is chunked: steadier inter-token latency,
+    # lower throughput (docs/vllm.md measures both). 0: vLLM's default (2048 on a CPU), as on other roles.
+    vllm_decode_step_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.node_id:

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvstore.events import KVEvent
 from kvstore.hashing import block_hashes, hash_seed
-from kvstore.nodes import NodeLoad, NodeRecord
+from kvstore.nodes import NodeLoad, NodeRecord, Role
 from kvstore.wire import GenerateRequest, PrefillRequest, PrefillResult, SamplingParams, TokenChunk
 from workers.backend import CacheSnapshot, InvalidRequest, Unavailable
 from workers.config import WorkerConfig
@@ -127,7 +127,7 @@ class VllmEngine:
                                                         (kv_bytes // (token_bytes * bs) - 1) * bs),  # vLLM keeps a block back
                                       events=events, replay=replay,
                                       side_channel_port=spare_port(), side_channel_host=config.advertise_host or "127.0.0.1",
-                                      extra_args=config.vllm_args)  # fmt: skip
+                                      max_step_tokens=_step_tokens(config), extra_args=config.vllm_args)  # fmt: skip
         try:
             started = time.monotonic()
             info = await _wait_ready(server, start_timeout_s)
@@ -171,7 +171,8 @@ class VllmEngine:
 
     def stats(self) -> dict[str, Any]:
         pid = self.server.process.pid if self.server.process else None
-        vllm = {"url": self.server.url, "pid": pid, "events_replay": self.replay, "events_seq": self._seq}
+        vllm = {"url": self.server.url, "pid": pid, "events_replay": self.replay, "events_seq": self._seq,
+                "step_tokens": _step_tokens(self.config) if pid else None}  # 0: vLLM's default; None: attached
         return {"vllm": vllm, "transfer_fallbacks": self.transfer_fallbacks}
 
     def snapshot(self) -> None:
@@ -386,6 +387,15 @@ def model_source(spec: str) -> tuple[str, dict[str, Any], str]:
     from transformers import AutoConfig
 
     return source, AutoConfig.from_pretrained(source).to_dict(), fingerprint_of_name(source)
+
+
+def _step_tokens(config: WorkerConfig) -> int:
+    """vLLM's --max-num-batched-tokens for this node when it is a decode node and the worker was given
+    one (short steps for the decodes beside a prompt, at least max_num_seqs, as vLLM requires); else 0,
+    vLLM's own."""
+    if config.role is not Role.DECODE or not config.vllm_decode_step_tokens:
+        return 0
+    return max(config.vllm_decode_step_tokens, config.max_num_seqs)
 
 
 def _kv_bytes_per_token(cfg: dict[str, Any]) -> int:

@@ -48,7 +48,7 @@ class VllmServer:
     @classmethod
     def spawn(cls, python: str, model_dir: Path | str, served_name: str, port: int, *, block_size: int, kv_cache_bytes: int,
               max_num_seqs: int, max_model_len: int, events: str, replay: str, side_channel_port: int, side_channel_host: str = "127.0.0.1",
-              extra_args: str = "") -> VllmServer:  # fmt: skip
+              max_step_tokens: int = 0, extra_args: str = "") -> VllmServer:  # fmt: skip
         cores = sorted(os.sched_getaffinity(0))
         argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
@@ -62,6 +62,7 @@ class VllmServer:
                                                                                   "kv_recompute_threshold": READ_MIN_TOKENS}}),
                 "--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
                                                   "endpoint": events, "replay_endpoint": replay, "topic": "kv"}),
+                *(["--max-num-batched-tokens", str(max_step_tokens)] if max_step_tokens else []),
                 *shlex.split(extra_args)]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it would override the bytes
         env.update(

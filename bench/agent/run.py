@@ -131,6 +131,7 @@ def run(
         "kv_bytes_per_block": bench.bytes_per_block(block_size),
         "cores": first_cores(2),
         "router": os.environ.get("AGENTKV_ROUTER", ""),  # weights the gateways ran with beside the defaults
+        "vllm_decode_step_tokens": os.environ.get("AGENTKV_VLLM_DECODE_STEP_TOKENS", ""),  # vLLM decode workers' step budget
         # Other work on a shared machine slows every mode: the 1-minute load average around the run.
         "load_avg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "workloads": {name: msgspec.to_builtins(w) for name, w in workloads.items()},
