@@ -117,6 +117,9 @@ class VllmEngine:
         sub.setsockopt(zmq.SUBSCRIBE, b"kv")
         if config.vllm_url:  # its events are announced once it serves: subscribe after it is ready (below)
             server, replay = VllmServer(config.vllm_url.rstrip("/")), ""
+            if _step_tokens(config):
+                log.warning("--vllm-decode-step-tokens has no effect on a server this worker attaches to: start that "
+                            "vLLM with --max-num-batched-tokens %d instead", _step_tokens(config))
         else:
             events, replay = (f"tcp://127.0.0.1:{spare_port()}" for _ in range(2))
             kv_bytes, bs = int(config.kv_cache_gb * (1 << 30)), config.block_size
