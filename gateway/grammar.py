@@ -38,6 +38,8 @@ LIST_FORM = ("<tool_call>[", ", ", "]</tool_call>")
 HERMES_FORM = ("<tool_call>\n", "\n</tool_call>\n<tool_call>\n", "\n</tool_call>")
 # Text that contains no call tag; "text, then the tag that opens a call" (the tag only once, at its end).
 TEXT_RULE = "TEXT: /(?s:.+)/ & ~/(?s:.*<tool_call>.*)/"
+# Base URI of a tool's parameters inside the call schema (a client's own `$id` wins).
+ARGUMENTS_ID = "urn:agentkv:tool-arguments"
 
 
 def check_json_schema(schema: Any, where: str) -> None:
@@ -73,9 +75,12 @@ def _check_compiles(grammar: str, where: str) -> None:
 
 # -- tool calls ---------------------------------------------------------------------------------
 def _call_schema(tool: Tool) -> dict[str, Any]:
-    """The schema of one call object: {"name": <this function>, "arguments": <its parameters>}."""
+    """The schema of one call object: {"name": <this function>, "arguments": <its parameters>}.
+
+    The parameters keep their own base URI (`$id`), so their `$ref`s ("#/$defs/Point", which pydantic
+    writes for every nested model, or "#" for a recursive one) resolve inside them, not in this wrapper."""
     params = tool.function.parameters
-    arguments = params if params else {"type": "object", "properties": {}, "additionalProperties": False}
+    arguments = {"$id": ARGUMENTS_ID, **params} if params else {"type": "object", "properties": {}, "additionalProperties": False}
     return {
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
@@ -141,6 +146,8 @@ def response_format_grammar(response_format: Mapping[str, Any] | None) -> str | 
             raise InvalidRequest("response_format json_schema needs `json_schema.schema`", param="response_format")
         schema = spec["schema"]
         check_json_schema(schema, "response_format.json_schema.schema")
+        if schema is False:  # valid JSON Schema, but no reply can match it
+            raise InvalidRequest("response_format.json_schema.schema is `false`: it accepts no reply", param="response_format")
         grammar = f"start: {_json(schema)}\n"
         _check_compiles(grammar, "response_format.json_schema.schema")
         return grammar
@@ -151,8 +158,10 @@ def response_format_grammar(response_format: Mapping[str, Any] | None) -> str | 
 def reply_grammar(tools: list[Tool] | None, policy: ToolPolicy, response_format: Mapping[str, Any] | None,
                   hermes: bool) -> str | None:  # fmt: skip
     """The one grammar of a chat reply. Forced calls win over response_format (the reply is calls);
-    with tool_choice "auto" and a JSON response_format, the reply is that JSON or calls."""
-    check_tools(tools)
+    with tool_choice "auto" and a JSON response_format, the reply is that JSON or calls. With
+    tool_choice "none" the tools are only shown to the model, so their schemas need not compile."""
+    if policy.parse:
+        check_tools(tools)
     json_grammar = response_format_grammar(response_format)
     calls = tool_grammar(tools, policy, hermes) if tools else None
     if calls is None or policy.required:

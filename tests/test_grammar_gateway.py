@@ -125,3 +125,38 @@ def test_tool_parameters_must_be_a_valid_and_enforceable_json_schema():
     unsupported = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "not": {"required": ["a"]}}))
     with pytest.raises(Unsupported, match=r'tools\[0\].*"not"'):
         check_tools([unsupported])
+
+
+# What pydantic writes for a nested model (openai-agents' function_tool, the openai SDK's
+# pydantic_function_tool, agentkv's own @tool): its $refs point into the parameters' own $defs.
+DISTANCE = Tool(function=FunctionDefinition(name="distance", parameters={
+    "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+                        "required": ["x", "y"], "additionalProperties": False}},
+    "type": "object", "properties": {"a": {"$ref": "#/$defs/Point"}, "b": {"$ref": "#/$defs/Point"}},
+    "required": ["a", "b"], "additionalProperties": False}))  # fmt: skip
+TREE = Tool(function=FunctionDefinition(name="plant", parameters={
+    "type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+    "required": ["v", "kids"], "additionalProperties": False}))  # fmt: skip
+
+
+def test_references_inside_tool_parameters_resolve_in_the_parameters(smol, matches):
+    check_tools([DISTANCE, TREE])
+    g = reply_grammar([DISTANCE], smol.tool_policy([DISTANCE], "required", None), None, hermes=False)
+    assert matches(g, f'<tool_call>[{call("distance", {"a": {"x": 0, "y": 1}, "b": {"x": 2, "y": 3}})}]</tool_call>')
+    assert not matches(g, f'<tool_call>[{call("distance", {"a": {"x": 0}, "b": {"x": 2, "y": 3}})}]</tool_call>')
+    # "#" is the parameters' root, not the call object around them
+    g = reply_grammar([TREE], smol.tool_policy([TREE], "required", None), None, hermes=False)
+    assert matches(g, f'<tool_call>[{call("plant", {"v": 1, "kids": [{"v": 2, "kids": []}]})}]</tool_call>')
+    assert not matches(g, f'<tool_call>[{call("plant", {"v": 1, "kids": [{"name": "plant", "arguments": {}}]})}]</tool_call>')
+
+
+def test_tool_choice_none_only_shows_the_tools_so_their_schemas_need_not_compile(smol):
+    unenforceable = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "not": {"required": ["a"]}}))
+    assert reply_grammar([unenforceable], smol.tool_policy([unenforceable], "none", None), None, hermes=False) is None
+    with pytest.raises(Unsupported):
+        reply_grammar([unenforceable], smol.tool_policy([unenforceable], "auto", None), None, hermes=False)
+
+
+def test_a_false_schema_is_a_400_not_a_crash():
+    with pytest.raises(InvalidRequest, match="accepts no reply"):
+        response_format_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": False}})

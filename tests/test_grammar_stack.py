@@ -136,6 +136,36 @@ def test_the_openai_sdk_parse_returns_a_parsed_object(client):
     assert isinstance(parsed, City) and parsed.name
 
 
+class Point(pydantic.BaseModel):
+    x: int = pydantic.Field(ge=-100, le=100)
+    y: int = pydantic.Field(ge=-100, le=100)
+
+
+class Distance(pydantic.BaseModel):
+    """Distance between two points."""
+
+    a: Point
+    b: Point
+
+
+def test_a_tool_with_nested_models_gets_calls_that_parse(client):
+    """pydantic writes a nested model as {"$ref": "#/$defs/Point"}: the grammar resolves it in the tool's
+    own parameters (it used to be a 400), and every forced call parses back into the models."""
+    tool = openai.pydantic_function_tool(Distance)
+    assert "$defs" in tool["function"]["parameters"]
+
+    def one(i: int) -> Distance:
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": f"How far is ({i}, 3) from (4, {i + 1})?"}],
+            tools=[tool], tool_choice="required", temperature=1.0, seed=i, max_tokens=120)  # fmt: skip
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.function.name == "Distance"
+        return Distance.model_validate_json(call.function.arguments)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert len(list(pool.map(one, range(8)))) == 8
+
+
 def test_a_grammar_request_reuses_the_cached_prefix_of_the_same_request_without_one(client):
     messages = [{"role": "system", "content": "You are a travel agent. " * 12}, *ask(3)]
     plain = client.chat.completions.create(model="smollm2", messages=messages, tools=TOOLS, tool_choice="none",
@@ -157,6 +187,7 @@ def test_a_grammar_request_reuses_the_cached_prefix_of_the_same_request_without_
          "not a valid JSON Schema"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]},
          "answers no tool call"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}}, "accepts no reply"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_enforced_is_a_clear_400(client, extra, match):

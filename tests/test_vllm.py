@@ -214,8 +214,8 @@ def test_greedy_output_equals_vllm_own(cluster):
 def test_grammar_holds_on_vllm_too(cluster):
     """The gateway's grammar reaches vLLM's structured outputs: required calls and json_schema validate."""
     client = cluster.client()
-    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"$ref": "#/$defs/Unit"}},
+               "$defs": {"Unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},  # as pydantic writes an Enum
                "required": ["city", "unit"], "additionalProperties": False}  # fmt: skip
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
              {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
