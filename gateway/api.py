@@ -38,7 +38,7 @@ from gateway.openai_schema import (
     SessionOut,
 )
 from gateway.reply import InFlight, respond
-from gateway.sessions import SESSION_HEADERS, SessionStore, validate_session_id
+from gateway.sessions import SESSION_HEADERS, SessionStore, implicit_session_id, validate_session_id
 from gateway.tenants import Tenant, TenantDirectory
 from gateway.turn import TurnPipeline
 from kvstore.wire import TOKEN_HEADER
@@ -95,12 +95,16 @@ async def provide_tenant(request: Request, tenants: NamedDependency[TenantDirect
 
 
 def session_id_of(request: Request, body_session: str | None, prompt_cache_key: str | None, user: str | None) -> str | None:
-    """Header (ours, Dynamo's, Claude Code's, Codex's), else body `session_id`, else prompt_cache_key, else user."""
+    """Header (ours, Dynamo's, Claude Code's, Codex's), else body `session_id` (both must be valid ids),
+    else prompt_cache_key, else user (any string: one that is no valid id names its digest's session)."""
     for name in SESSION_HEADERS:
         value = request.headers.get(name)
         if value:
             return value.strip()
-    return body_session or prompt_cache_key or user or None
+    if body_session:
+        return body_session
+    implicit = prompt_cache_key or user
+    return implicit_session_id(implicit) if implicit else None
 
 
 def session_ttl_of(request: Request, body_ttl: float | None) -> float | None:

@@ -40,8 +40,8 @@ from gateway.openai_schema import MAX_SESSION_ID_CHARS, SESSION_ID_PATTERN, Sess
 from kvstore.wire import RouteStats
 
 # Header names agent tools already send, most specific first (Dynamo's canonical header, Claude
-# Code's and Codex's), then our own.
-SESSION_HEADERS = ("x-session-id", "x-dynamo-session-id", "x-claude-code-session-id", "session-id")
+# Code's and Codex's: it sends `session_id`, with an underscore), then our own.
+SESSION_HEADERS = ("x-session-id", "x-dynamo-session-id", "x-claude-code-session-id", "session_id", "session-id")
 COUNTERS = ("turns", "prompt_tokens", "completion_tokens", "cached_tokens", "prefilled_tokens",
             "transferred_tokens", "transferred_blocks")  # fmt: skip
 
@@ -73,6 +73,15 @@ def validate_session_id(session_id: str) -> str:
         raise InvalidRequest(f"a session id has 1-{MAX_SESSION_ID_CHARS} characters, none of them whitespace or control characters",
                              param="session_id")  # fmt: skip
     return session_id
+
+
+def implicit_session_id(value: str) -> str:
+    """A session id from a field that is not one (`prompt_cache_key`, `user`: opaque strings OpenAI puts no
+    rule on, such as "Jane Doe"): the value itself when it is a valid id, else a digest of it, so the same
+    value still names the same session and the client's request is never refused for it."""
+    if 0 < len(value) <= MAX_SESSION_ID_CHARS and _SESSION_ID.fullmatch(value):
+        return value
+    return "h_" + xxhash.xxh3_128_hexdigest(value.encode())
 
 
 _SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
