@@ -37,6 +37,7 @@ OneChoice = Annotated[int, _limits("agentkv returns one choice per request: send
 Stop = Annotated[str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None,
                  msgspec.Meta(extra_json_schema={"extra": {"max_items": MAX_STOP_STRINGS}})]  # fmt: skip
 Seed = Annotated[int, _limits(ge=-(2**63), le=2**63 - 1)]
+TopK = Annotated[int, _limits("Sample from the k likeliest tokens; 0 or -1: all of them (vLLM's convention).", ge=-1)]
 # Opaque text: anything but whitespace and control characters (gateway.sessions checks header and path ids with it too).
 SESSION_ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
 SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SESSION_ID_CHARS, pattern=SESSION_ID_PATTERN,
@@ -71,6 +72,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None  # legacy: read only to refuse it (gateway.turn.refuse_unsupported)
 
 
 class FunctionDefinition(msgspec.Struct, kw_only=True):
@@ -112,6 +114,12 @@ class _GenerationRequest(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
+    top_k: TopK | None = None  # vLLM's extension, honoured by both engines
+    # Read only to refuse a value that asks for something agentkv does not do (gateway.turn.refuse_unsupported):
+    # ignoring a ban list or a penalty would change the reply without a word.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     # agentkv extensions (send with the openai client's `extra_body`)
     session_id: SessionId | None = None
     session_ttl_s: SessionTTL | None = None
@@ -124,7 +132,9 @@ class ChatCompletionRequest(_GenerationRequest, kw_only=True):
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"} until constrained decoding lands
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (gateway/grammar.py)
+    functions: list[Any] | None = None  # legacy: read only to refuse them (send tools and tool_choice)
+    function_call: Any = None
 
 
 class CompletionRequest(_GenerationRequest, kw_only=True):
@@ -132,6 +142,8 @@ class CompletionRequest(_GenerationRequest, kw_only=True):
     max_tokens: TokenCount | None = 16  # OpenAI's default for legacy completions
     echo: bool | None = None
     logprobs: Annotated[int, _limits(ge=0, le=5)] | None = None
+    suffix: str | None = None  # read only to refuse them
+    best_of: int | None = None
 
 
 # --------------------------------------------------------------------------------------- responses

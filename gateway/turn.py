@@ -122,6 +122,27 @@ class Outcome:
                      agentkv=self.stats(turn))  # fmt: skip
 
 
+def refuse_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """A 400 for fields that ask the reply to differ in a way agentkv does not do: ignored, the reply would
+    silently not be what the client asked for. Their neutral values (0, {}, "", 1) pass."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise Unsupported(f"{name} is not supported (send 0 or leave it out)", param=name)
+    if req.logit_bias:
+        raise Unsupported("logit_bias is not supported", param="logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise Unsupported("suffix (fill in the middle) is not supported", param="suffix")
+        if req.best_of is not None and req.best_of > 1:
+            raise Unsupported("best_of is not supported: one completion is generated per request", param="best_of")
+        return
+    legacy = "functions" if req.functions else "function_call" if req.function_call is not None else None
+    legacy = legacy or next((f"messages[{n}].function_call" for n, m in enumerate(req.messages) if m.function_call), None)
+    if legacy:
+        raise Unsupported(f"the legacy `{legacy.split('.')[-1]}` is not supported: send `tools` and `tool_choice`, and "
+                          "an assistant message's calls as `tool_calls`", param=legacy)  # fmt: skip
+
+
 class TurnPipeline:
     def __init__(self, config: GatewayConfig, cluster: ClusterView, renderers: Renderers, router: Router,
                  workers: WorkerClient, sessions: SessionStore, metrics: GatewayMetrics) -> None:  # fmt: skip
@@ -137,6 +158,7 @@ class TurnPipeline:
     async def prepare_chat(self, req: ChatCompletionRequest, tenant: Tenant, session_id: str | None) -> Turn:
         if req.logprobs:
             raise Unsupported("logprobs are not supported", param="logprobs")
+        refuse_unsupported(req)
         if any(t.type != "function" for t in req.tools or []):
             raise InvalidRequest("every tool must have type 'function'", param="tools")
         check_tool_results(req.messages)
@@ -151,18 +173,21 @@ class TurnPipeline:
             self.metrics.ledger.labels(prompt.ledger).inc()
         sampling = self._sampling(prompt.ids, model, req.max_completion_tokens or req.max_tokens, req.temperature,
                                   req.top_p, req.seed, req.stop)  # fmt: skip
+        sampling.top_k = max(req.top_k or 0, 0)
         sampling.stop += [s for s in policy.stop if s not in sampling.stop]
         sampling.grammar = grammar  # constrains the reply only: the prompt (and its cache) is the same without it
         return self._turn("chatcmpl-", tenant, model, renderer, prompt.ids, sampling, session, prompt, policy)
 
     async def prepare_completion(self, req: CompletionRequest, tenant: Tenant, session_id: str | None) -> Turn:
-        if req.echo or req.logprobs:
+        if req.echo or req.logprobs is not None:
             raise Unsupported("echo and logprobs are not supported", param="echo" if req.echo else "logprobs")
+        refuse_unsupported(req)
         model = await self.cluster.model()
         renderer = await self.renderers.get(model)
         ids = await self.renderers.offload(_completion_prompt, renderer, req.prompt)
         session = await self._session(tenant, session_id, req.session_ttl_s)
         sampling = self._sampling(ids, model, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop)
+        sampling.top_k = max(req.top_k or 0, 0)
         return self._turn("cmpl-", tenant, model, renderer, ids, sampling, session)
 
     # -- 2. lease a route, run on the workers, assemble, record -----------------------------------

@@ -97,6 +97,31 @@ def test_streaming_chat_sends_role_content_finish_usage_and_done(gateway, worker
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
 
+def test_top_k_reaches_the_worker_and_fields_it_would_ignore_are_refused(gateway, workers):
+    async def scenario(client, cluster):
+        asked = cluster.workers["d1"].requests
+        assert (await client.post("/v1/chat/completions", json=chat("hi", top_k=7), headers=A)).status_code == 200
+        assert asked[-1].sampling.top_k == 7
+        assert (await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "top_k": -1}, headers=A)).status_code == 200
+        assert asked[-1].sampling.top_k == 0  # vLLM's "off"
+        sent = len(asked)
+        for path, body, param in [
+            ("/v1/chat/completions", chat("hi", frequency_penalty=0.5), "frequency_penalty"),
+            ("/v1/chat/completions", chat("hi", logit_bias={"7": 5}), "logit_bias"),
+            ("/v1/chat/completions", chat("hi", functions=[{"name": "f"}]), "functions"),
+            ("/v1/chat/completions", chat("hi", function_call="none"), "function_call"),
+            ("/v1/completions", {"model": "m", "prompt": "a", "suffix": "b"}, "suffix"),
+        ]:
+            r = await client.post(path, json=body, headers=A)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
+            assert r.json()["error"]["param"] == param
+        assert len(asked) == sent  # refused before any worker was asked
+        ok = chat("hi", presence_penalty=0, frequency_penalty=0.0, logit_bias={})
+        assert (await client.post("/v1/chat/completions", json=ok, headers=A)).status_code == 200
+
+    gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
+
+
 def test_tool_call_output_becomes_structured_calls_whole_and_streamed(gateway, workers):
     fakes = workers(("d1", Role.DECODE), reply=TOOL_REPLY)
 
@@ -233,6 +258,18 @@ def test_sessions_api_create_list_and_the_session_sources(gateway, workers):
         assert (await client.get("/v1/sessions", headers=B)).json()["data"] == []
         bad = await client.post("/v1/chat/completions", json=chat(session_ttl_s=-1), headers={**A, "x-session-id": "s6"})
         assert bad.status_code == 400
+        # Codex's header has an underscore
+        r = await client.post("/v1/chat/completions", json=chat(), headers={**A, "session_id": "codex-7"})
+        assert r.status_code == 200 and r.json()["usage"]["agentkv"]["session_id"] == "codex-7"
+        # `user` and `prompt_cache_key` are any string to OpenAI: one that is no valid id names its digest's
+        # session (the same one each time), never a 400 about a session_id the client did not send
+        user = [(await client.post("/v1/chat/completions", json=chat(user="Jane Doe"), headers=A)) for _ in range(2)]
+        assert [r.status_code for r in user] == [200, 200]
+        named = {r.json()["usage"]["agentkv"]["session_id"] for r in user}
+        assert len(named) == 1 and named.pop().startswith("h_")
+        long_key = await client.post("/v1/chat/completions", json=chat(prompt_cache_key="k" * 300), headers=A)
+        assert long_key.status_code == 200 and long_key.json()["usage"]["agentkv"]["session_id"].startswith("h_")
+        assert (await client.post("/v1/chat/completions", json=chat(), headers={**A, "x-session-id": "a b"})).status_code == 400
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
