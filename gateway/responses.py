@@ -543,6 +543,25 @@ async def _previous(store: ResponseStore, tenant: Tenant, response_id: str) -> S
                              code="previous_response_not_found") from exc  # fmt: skip
 
 
+async def referenced_items(store: ResponseStore, tenant: Tenant, items: str | list[Any]) -> str | list[Any]:
+    """`input` with each `{"type": "item_reference", "id": ...}` replaced by the stored output item it names
+    (a client that keeps the ids of earlier replies sends them instead of their text); an unknown id is a 400."""
+    if isinstance(items, str):
+        return items
+    refs = {n: item.get("id") for n, item in enumerate(items) if isinstance(item, dict) and item.get("type") == "item_reference"}
+    if not refs:
+        return items
+    for n, item_id in refs.items():
+        if not isinstance(item_id, str) or not item_id:
+            raise InvalidRequest(f"input[{n}].id must be a non-empty string", param="input")
+    found = await store.items(tenant.id, sorted(set(refs.values())))
+    for n, item_id in refs.items():
+        if item_id not in found:
+            raise InvalidRequest(f"input[{n}]: item {item_id!r} not found (only the output items of stored responses can be "
+                                 "referenced; they expire with their response, and go when it is deleted)", param="input")  # fmt: skip
+    return [found[refs[n]] if n in refs else item for n, item in enumerate(items)]
+
+
 async def prepare_response(request: Request, data: ResponsesRequest, tenant: Tenant, turns: TurnPipeline,
                            sessions: SessionStore, cluster: ClusterView, renderers: Renderers) -> ResponseTurn:  # fmt: skip
     """The chain so far + the new input -> a prepared chat turn in the chain's session."""
@@ -551,7 +570,7 @@ async def prepare_response(request: Request, data: ResponsesRequest, tenant: Ten
     previous = await _previous(store, tenant, data.previous_response_id) if data.previous_response_id else None
     before = previous.messages if previous else []
     known_calls = {c.id: c.function.name for m in before for c in m.tool_calls or [] if c.id}
-    history = [*before, *input_messages(data.input, known_calls)]
+    history = [*before, *input_messages(await referenced_items(store, tenant, data.input), known_calls)]
     stored = data.store is not False
     # The chain is the session: a continued response runs in its chain's session, a new one in
     # the session the client names (header, session_id, prompt_cache_key, user) or a fresh one.

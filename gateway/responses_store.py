@@ -8,6 +8,8 @@ turn's exact token ids. The records live in Redis, so any gateway replica contin
 
 Layout (prefix `{namespace}:gw:`): `resp:{tenant}:{id}` STRING msgpack StoredResponse, expiring
 with the chain's session (its TTL). The tenant is part of the key: another tenant's id is unknown.
+`respitem:{tenant}:{item id}` STRING msgpack of each output item, with the same expiry: what an input
+`{"type": "item_reference", "id": ...}` names (the Vercel AI SDK sends every earlier reply that way).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ResponseNotFound(NotFound):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(StoredResponse).decode
+_decode_item = msgspec.msgpack.Decoder(dict[str, Any]).decode
 
 
 class ResponseStore:
@@ -41,7 +44,20 @@ class ResponseStore:
         self.prefix = prefix
 
     async def save(self, tenant: str, record: StoredResponse, ttl_s: float) -> None:
-        await guarded(self.redis.set(self._key(tenant, record.response["id"]), _encode(record), px=int(ttl_s * 1000)), "response store")
+        px = int(ttl_s * 1000)
+        pipe = self.redis.pipeline(transaction=False)  # one round trip; keys of any slot (Redis Cluster)
+        pipe.set(self._key(tenant, record.response["id"]), _encode(record), px=px)
+        for item in record.response.get("output") or []:
+            pipe.set(self._item_key(tenant, item["id"]), _encode(item), px=px)
+        await guarded(pipe.execute(), "response store")
+
+    async def items(self, tenant: str, item_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored output items of these ids (those that exist) as they were returned."""
+        pipe = self.redis.pipeline(transaction=False)
+        for item_id in item_ids:
+            pipe.get(self._item_key(tenant, item_id))
+        raws = await guarded(pipe.execute(), "response store")
+        return {item_id: _decode_item(raw) for item_id, raw in zip(item_ids, raws, strict=True) if raw is not None}
 
     async def load(self, tenant: str, response_id: str) -> StoredResponse:
         raw = await guarded(self.redis.get(self._key(tenant, response_id)), "response store")
@@ -54,8 +70,17 @@ class ResponseStore:
             raise ResponseNotFound(f"Response with id {response_id!r} can no longer be read.") from None
 
     async def delete(self, tenant: str, response_id: str) -> None:
-        if not await guarded(self.redis.delete(self._key(tenant, response_id)), "response store"):
+        """The response and its output items (a reference to one of them is then unknown)."""
+        record = await self.load(tenant, response_id)
+        items = [self._item_key(tenant, item["id"]) for item in record.response.get("output") or []]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in [self._key(tenant, response_id), *items]:
+            pipe.delete(key)
+        if not (await guarded(pipe.execute(), "response store"))[0]:  # deleted meanwhile
             raise ResponseNotFound(f"Response with id {response_id!r} not found.")
 
     def _key(self, tenant: str, response_id: str) -> str:
         return f"{self.prefix}resp:{tenant}:{response_id}"
+
+    def _item_key(self, tenant: str, item_id: str) -> str:
+        return f"{self.prefix}respitem:{tenant}:{item_id}"

@@ -302,6 +302,34 @@ def test_input_items_list_the_chain_conversation_a_response_answered_page_by_pag
     gateway(scenario, reply=TOOL_REPLY)
 
 
+def test_an_item_reference_stands_for_the_stored_output_item(gateway):
+    """What the Vercel AI SDK sends with store on (its default): each earlier reply as a bare reference."""
+
+    async def scenario(client_for, worker):
+        client = client_for()
+        first = await client.responses.create(model="m", input="Weather in Paris?", tools=[WEATHER])
+        (call,) = first.output
+        inline = [{"role": "user", "content": "Weather in Paris?"},
+                  {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+                  {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"}]  # fmt: skip
+        await client.responses.create(model="m", input=inline, tools=[WEATHER], store=False)
+        referenced = [inline[0], {"type": "item_reference", "id": call.id}, inline[2]]
+        await client.responses.create(model="m", input=referenced, tools=[WEATHER], store=False)
+        assert worker.requests[-1].prompt_token_ids == worker.requests[-2].prompt_token_ids  # the same conversation
+
+        other = client_for("key-b")
+        with pytest.raises(openai.BadRequestError, match="not found") as err:
+            await other.responses.create(model="m", input=referenced, tools=[WEATHER])  # another tenant's item
+        assert err.value.body["param"] == "input"
+        await client.responses.delete(first.id)
+        with pytest.raises(openai.BadRequestError, match="not found"):
+            await client.responses.create(model="m", input=referenced, tools=[WEATHER])  # gone with its response
+        with pytest.raises(openai.BadRequestError, match="non-empty string"):
+            await client.responses.create(model="m", input=[{"type": "item_reference"}])
+
+    gateway(scenario, reply=TOOL_REPLY)
+
+
 def test_unknown_or_foreign_previous_response_is_a_400_and_get_a_404(gateway):
     async def scenario(client_for, worker):
         mine = await client_for("key-a").responses.create(model="m", input="Hi")
@@ -419,6 +447,23 @@ def test_real_previous_response_chain_hits_the_cache(real_client):
         print(f"chain step: cached {cached} of previous context {previous_context(previous)} (input {r.usage.input_tokens})")
         assert cached >= 0.9 * previous_context(previous)
         assert r.usage.model_extra["agentkv"]["ledger"] == "extended"  # the previous turn's exact ids, not re-tokenized
+
+
+@pytest.mark.heavy
+def test_real_history_sent_as_item_references_hits_the_cache(real_client):
+    """The Vercel AI SDK's way (store on, full history each time, earlier replies as item references):
+    the prompt is the same conversation, so the second turn finds the first one's prefix cached."""
+    settings = dict(model="smollm2", instructions=f"Run {secrets.token_hex(4)}. " + INSTRUCTIONS, temperature=0, max_output_tokens=24)
+    question = {"role": "user", "content": "Name a city in France."}
+    first = real_client.responses.create(input=[question], **settings)
+    (reply,) = first.output
+    follow_up = {"role": "user", "content": "And one in Italy?"}
+    by_ref = real_client.responses.create(input=[question, {"type": "item_reference", "id": reply.id}, follow_up], **settings)
+    inline = [question, {"role": "assistant", "content": first.output_text}, follow_up]
+    by_text = real_client.responses.create(input=inline, **settings)
+    assert by_ref.usage.input_tokens == by_text.usage.input_tokens  # the same conversation
+    assert by_ref.output_text == by_text.output_text  # greedy
+    assert by_ref.usage.input_tokens_details.cached_tokens >= 0.9 * first.usage.input_tokens
 
 
 @pytest.mark.heavy
