@@ -14,6 +14,8 @@ prefix, is the same with or without it.
 
 Schemas are checked twice before any token is generated: as JSON Schema (jsonschema's
 check_schema) and as a grammar (llguidance's compiler, which names a feature it does not support).
+A `strict` schema must be enforceable whole; a non-strict one is enforced as far as llguidance can
+(its `lenient` mode ignores the rest), since OpenAI promises those only best effort.
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ def check_json_schema(schema: Any, where: str) -> None:
                              param=where) from None  # fmt: skip
 
 
-def _json(schema: Any) -> str:
-    """`%json` of a schema, in JSON_STYLE (a boolean schema is wrapped: true = any JSON)."""
+def _json(schema: Any, strict: bool = True) -> str:
+    """`%json` of a schema, in JSON_STYLE (a boolean schema is wrapped: true = any JSON). Not `strict`:
+    keywords and formats llguidance cannot enforce (`uniqueItems`, `not`, `format: password`, ...) are
+    ignored instead of refused, which is what OpenAI promises a non-strict schema: best effort."""
     if schema is True or schema == {}:
         schema = {"type": ["object", "array", "string", "number", "integer", "boolean", "null"]}
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
+    style = JSON_STYLE if strict else {**JSON_STYLE, "lenient": True}
+    return "%json " + json.dumps({**schema, "x-guidance": style}, ensure_ascii=False)
 
 
 @functools.lru_cache(maxsize=512)
@@ -90,18 +95,19 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
 
 
 def check_tools(tools: list[Tool] | None) -> None:
-    """Each tool's parameters: a valid JSON Schema whose features the grammar can enforce (else a 400)."""
+    """Each tool's parameters: a valid JSON Schema whose features the grammar can enforce, all of them for a
+    `strict` tool (else a 400)."""
     for n, tool in enumerate(tools or []):
         where = f"tools[{n}].function.parameters"
         if tool.function.parameters is not None:
             check_json_schema(tool.function.parameters, where)
-        _check_compiles(f"start: {_json(_call_schema(tool))}", where)
+        _check_compiles(f"start: {_json(_call_schema(tool), tool.function.strict is True)}", where)
 
 
 def _call_rules(tools: list[Tool], policy: ToolPolicy) -> list[str]:
     chosen = [t for t in tools if t.function.name in policy.names]
     rules = [f"call: {' | '.join(f'call_{i}' for i in range(len(chosen)))}"]
-    return rules + [f"call_{i}: {_json(_call_schema(t))}" for i, t in enumerate(chosen)]
+    return rules + [f"call_{i}: {_json(_call_schema(t), t.function.strict is True)}" for i, t in enumerate(chosen)]
 
 
 def _calls(policy: ToolPolicy, hermes: bool, opened: bool = False) -> str:
@@ -148,7 +154,7 @@ def response_format_grammar(response_format: Mapping[str, Any] | None) -> str | 
         check_json_schema(schema, "response_format.json_schema.schema")
         if schema is False:  # valid JSON Schema, but no reply can match it
             raise InvalidRequest("response_format.json_schema.schema is `false`: it accepts no reply", param="response_format")
-        grammar = f"start: {_json(schema)}\n"
+        grammar = f"start: {_json(schema, spec.get('strict') is True)}\n"
         _check_compiles(grammar, "response_format.json_schema.schema")
         return grammar
     raise InvalidRequest(f"response_format type {kind!r} is not one of text, json_object, json_schema",

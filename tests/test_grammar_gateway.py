@@ -107,7 +107,8 @@ def test_auto_with_a_json_response_format_is_that_json_or_calls(smol, matches):
         ({"type": "xml"}, InvalidRequest, "not one of text, json_object, json_schema"),
         ({"type": "json_schema"}, InvalidRequest, "json_schema.schema"),
         ({"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}, InvalidRequest, "not a valid JSON Schema"),
-        ({"type": "json_schema", "json_schema": {"schema": {"type": "object", "if": {}, "then": {}}}}, Unsupported, r'"if", "then"'),
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "object", "if": {}, "then": {}}, "strict": True}}, Unsupported,
+         r'"if", "then"'),
         ({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(?=a)b"}}}, Unsupported, "look-around"),
     ],
 )
@@ -122,9 +123,30 @@ def test_tool_parameters_must_be_a_valid_and_enforceable_json_schema():
     bad = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "properties": {"a": {"type": 5}}}))
     with pytest.raises(InvalidRequest, match=r"tools\[1\].function.parameters is not a valid JSON Schema"):
         check_tools([WEATHER, bad])
-    unsupported = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "not": {"required": ["a"]}}))
+    unsupported = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "not": {"required": ["a"]}}, strict=True))
     with pytest.raises(Unsupported, match=r'tools\[0\].*"not"'):
         check_tools([unsupported])
+
+
+# What pydantic writes for a set[str] and a SecretStr: nothing a grammar can enforce whole.
+TAGS = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                                         "token": {"type": "string", "format": "password"}},
+        "required": ["tags"], "additionalProperties": False}  # fmt: skip
+
+
+def test_a_non_strict_schema_is_enforced_as_far_as_the_grammar_can(smol, matches):
+    """OpenAI promises a non-strict schema best effort: what llguidance cannot enforce is ignored, the rest
+    holds; `strict: true` asks for all of it, so there it is a 400."""
+    loose = Tool(function=FunctionDefinition(name="tag", parameters=TAGS))
+    g = reply_grammar([loose], smol.tool_policy([loose], "required", None), None, hermes=False)
+    assert matches(g, f'<tool_call>[{call("tag", {"tags": ["a", "b"], "token": "x"})}]</tool_call>')
+    assert not matches(g, f'<tool_call>[{call("tag", {"tags": "a"})}]</tool_call>')  # types still hold
+    with pytest.raises(Unsupported, match="uniqueItems"):
+        check_tools([Tool(function=FunctionDefinition(name="tag", parameters=TAGS, strict=True))])
+    rf = response_format_grammar({"type": "json_schema", "json_schema": {"name": "t", "schema": TAGS}})
+    assert matches(rf, '{"tags": ["a"]}') and not matches(rf, '{"tags": 1}')
+    with pytest.raises(Unsupported, match="uniqueItems"):
+        response_format_grammar({"type": "json_schema", "json_schema": {"name": "t", "schema": TAGS, "strict": True}})
 
 
 # What pydantic writes for a nested model (openai-agents' function_tool, the openai SDK's
@@ -151,7 +173,7 @@ def test_references_inside_tool_parameters_resolve_in_the_parameters(smol, match
 
 
 def test_tool_choice_none_only_shows_the_tools_so_their_schemas_need_not_compile(smol):
-    unenforceable = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "not": {"required": ["a"]}}))
+    unenforceable = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "not": {"required": ["a"]}}, strict=True))
     assert reply_grammar([unenforceable], smol.tool_policy([unenforceable], "none", None), None, hermes=False) is None
     with pytest.raises(Unsupported):
         reply_grammar([unenforceable], smol.tool_policy([unenforceable], "auto", None), None, hermes=False)

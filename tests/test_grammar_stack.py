@@ -181,7 +181,7 @@ def test_a_grammar_request_reuses_the_cached_prefix_of_the_same_request_without_
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}},
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}, "strict": True}}},
          '"not"'),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
          "not a valid JSON Schema"),

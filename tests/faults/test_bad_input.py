@@ -98,6 +98,14 @@ CASES = [
     Case("Codex's session_id header", 200, None, json=chat(), headers={"session_id": "codex-1"}),
     Case("a schema of false (was a 500)", 400, "invalid_request",
          json=chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": False}}), param="response_format"),
+    Case("a non-strict tool with uniqueItems and a password format (were a 400)", 200, None,
+         json=chat(max_tokens=24, tool_choice="required", tools=[{"type": "function", "function": {"name": "tag", "parameters": {
+             "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                                              "token": {"type": "string", "format": "password"}}}}}])),
+    Case("the same tool, strict", 400, "unsupported_parameter",
+         json=chat(tools=[{"type": "function", "function": {"name": "tag", "strict": True, "parameters": {
+             "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}}]),
+         param="tools[0].function.parameters"),
     Case("presence_penalty (was ignored)", 400, "unsupported_parameter", json=chat(presence_penalty=1.5), param="presence_penalty"),
     Case("frequency_penalty 0 is neutral", 200, None, json=chat(frequency_penalty=0)),
     Case("logit_bias (was ignored)", 400, "unsupported_parameter", json=chat(logit_bias={"50256": -100}), param="logit_bias"),
