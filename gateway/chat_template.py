@@ -90,6 +90,7 @@ class ChatRenderer:
         self.native_tools = self.has_template and "tools" in template
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        self.vocab_size = len(tokenizer)  # token ids a request may name: [0, vocab_size)
 
     # -- token ids ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

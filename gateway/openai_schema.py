@@ -37,6 +37,9 @@ OneChoice = Annotated[int, _limits("agentkv returns one choice per request: send
 Stop = Annotated[str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None,
                  msgspec.Meta(extra_json_schema={"extra": {"max_items": MAX_STOP_STRINGS}})]  # fmt: skip
 Seed = Annotated[int, _limits(ge=-(2**63), le=2**63 - 1)]
+Penalty = Annotated[float, _limits("Subtracted from a token's logit once it is in the reply (presence) or per occurrence (frequency).",
+                                   ge=-2, le=2)]  # fmt: skip
+Bias = Annotated[float, _limits("Added to the token's logit: -100 bans it, 100 forces it.", ge=-100, le=100)]
 TopK = Annotated[int, _limits("Sample from the k likeliest tokens; 0 or -1: all of them (vLLM's convention).", ge=-1)]
 # Opaque text: anything but whitespace and control characters (gateway.sessions checks header and path ids with it too).
 SESSION_ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
@@ -115,11 +118,9 @@ class _GenerationRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     prompt_cache_key: str | None = None
     top_k: TopK | None = None  # vLLM's extension, honoured by both engines
-    # Read only to refuse a value that asks for something agentkv does not do (gateway.turn.refuse_unsupported):
-    # ignoring a ban list or a penalty would change the reply without a word.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string, as JSON keys are) -> bias
     # agentkv extensions (send with the openai client's `extra_body`)
     session_id: SessionId | None = None
     session_ttl_s: SessionTTL | None = None

@@ -124,12 +124,7 @@ class Outcome:
 
 def refuse_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """A 400 for fields that ask the reply to differ in a way agentkv does not do: ignored, the reply would
-    silently not be what the client asked for. Their neutral values (0, {}, "", 1) pass."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise Unsupported(f"{name} is not supported (send 0 or leave it out)", param=name)
-    if req.logit_bias:
-        raise Unsupported("logit_bias is not supported", param="logit_bias")
+    silently not be what the client asked for. Their neutral values ("", 1) pass."""
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise Unsupported("suffix (fill in the middle) is not supported", param="suffix")
@@ -141,6 +136,17 @@ def refuse_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     if legacy:
         raise Unsupported(f"the legacy `{legacy.split('.')[-1]}` is not supported: send `tools` and `tool_choice`, and "
                           "an assistant message's calls as `tool_calls`", param=legacy)  # fmt: skip
+
+
+def _adjustments(sampling: SamplingParams, req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
+    """top_k, the penalties and logit_bias onto the workers' sampling (its keys: token ids of this model)."""
+    sampling.top_k = max(req.top_k or 0, 0)
+    sampling.presence_penalty, sampling.frequency_penalty = req.presence_penalty or 0.0, req.frequency_penalty or 0.0
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise InvalidRequest(f"logit_bias keys are token ids of this model (0-{vocab_size - 1}), got {key!r}", param="logit_bias")
+        if bias:
+            sampling.logit_bias[int(key)] = bias
 
 
 class TurnPipeline:
@@ -173,7 +179,7 @@ class TurnPipeline:
             self.metrics.ledger.labels(prompt.ledger).inc()
         sampling = self._sampling(prompt.ids, model, req.max_completion_tokens or req.max_tokens, req.temperature,
                                   req.top_p, req.seed, req.stop)  # fmt: skip
-        sampling.top_k = max(req.top_k or 0, 0)
+        _adjustments(sampling, req, renderer.vocab_size)
         sampling.stop += [s for s in policy.stop if s not in sampling.stop]
         sampling.grammar = grammar  # constrains the reply only: the prompt (and its cache) is the same without it
         return self._turn("chatcmpl-", tenant, model, renderer, prompt.ids, sampling, session, prompt, policy)
@@ -187,7 +193,7 @@ class TurnPipeline:
         ids = await self.renderers.offload(_completion_prompt, renderer, req.prompt)
         session = await self._session(tenant, session_id, req.session_ttl_s)
         sampling = self._sampling(ids, model, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop)
-        sampling.top_k = max(req.top_k or 0, 0)
+        _adjustments(sampling, req, renderer.vocab_size)
         return self._turn("cmpl-", tenant, model, renderer, ids, sampling, session)
 
     # -- 2. lease a route, run on the workers, assemble, record -----------------------------------
@@ -404,8 +410,9 @@ def continues_elsewhere(s: SamplingParams, text: str, grammar_resumes: bool = Fa
     """Whether an engine that did not sample a reply's `text` may sample the rest of it. Not under a
     grammar unless the engine is told to resume it (`grammar_resume`: its state would otherwise start
     over), not a seeded sample (another engine would draw a different sequence), not when a stop string
-    may straddle the two (each engine sees only its own text)."""
-    if (s.grammar and not grammar_resumes) or (s.temperature > 0 and s.seed is not None):
+    may straddle the two (each engine sees only its own text), not under a presence or frequency penalty
+    (the other engine would not count the tokens it did not sample)."""
+    if (s.grammar and not grammar_resumes) or (s.temperature > 0 and s.seed is not None) or s.presence_penalty or s.frequency_penalty:
         return False
     return not any(stop in text or any(text.endswith(stop[:k]) for k in range(1, len(stop))) for stop in s.stop)
 
@@ -460,7 +467,7 @@ def _completion_prompt(renderer: ChatRenderer, prompt: str | list) -> list[int]:
         raise InvalidRequest("`prompt` must be a string, a list of token ids, or a one-element list of either", param="prompt")
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
-    vocab = len(renderer.tokenizer)
+    vocab = renderer.vocab_size
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
         raise InvalidRequest(f"token id {bad} is outside the model's vocabulary [0, {vocab})", param="prompt")

@@ -41,6 +41,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    # OpenAI's penalties on the reply's own tokens (each token's logit - presence * [seen] - frequency * count)
+    # and its bias per token id, applied to the logits before any of the above.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
     seed: int | None = None
     stop: list[str] = msgspec.field(default_factory=list)
     stop_token_ids: list[int] = msgspec.field(default_factory=list)

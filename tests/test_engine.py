@@ -93,6 +93,40 @@ def test_greedy_tokens_equal_hf_generate(smollm2, engine, prompts):
         assert len(ours) == 32
 
 
+class OpenAIPenalties:
+    """HF logits processor with OpenAI's definition: logit - presence * [in reply] - frequency * count + bias."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float, bias: dict[int, float]) -> None:
+        self.prompt_len, self.presence, self.frequency, self.bias = prompt_len, presence, frequency, bias
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for row in range(scores.shape[0]):
+            reply = input_ids[row, self.prompt_len :]
+            counts = torch.bincount(reply, minlength=scores.shape[-1]).to(scores.dtype)
+            scores[row] -= self.presence * (counts > 0).to(scores.dtype) + self.frequency * counts
+            for token, b in self.bias.items():
+                scores[row, token] += b
+        return scores
+
+
+def test_penalties_and_logit_bias_equal_hf_generate_with_openais_definition(smollm2, engine, prompts):
+    """Greedy under presence/frequency penalties and a bias: the same tokens as HF generate with those
+    adjustments as a logits processor, and different from plain greedy (the penalties bite)."""
+    eos = smollm2.hf_model.generation_config.eos_token_id
+    plain = generate(engine, prompts[:2], greedy(24, logit_bias={eos: -100.0}))  # EOS banned as HF's suppress_tokens does
+    banned = plain[0].token_ids[3]  # a token plain greedy writes early: banned, it must not appear
+    bias = {eos: -100.0, banned: -100.0}
+    for presence, frequency in ((0.8, 0.0), (0.0, 0.6)):
+        results = generate(engine, prompts[:2], greedy(24, presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias))
+        for prompt, result, before in zip(prompts[:2], results, plain):
+            processor = OpenAIPenalties(len(prompt), presence, frequency, bias)
+            out = smollm2.hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, suppress_tokens=[eos],
+                                            pad_token_id=eos, logits_processor=[processor])  # fmt: skip
+            assert result.token_ids == out[0, len(prompt) :].tolist()
+            assert banned not in result.token_ids and result.token_ids != before.token_ids
+
+
 def test_prefix_cache_hit_gives_same_tokens_and_logprobs(engine, prompts):
     engine.pool.reset_cache()
     cold = solo(engine, prompts[1], greedy())

@@ -97,27 +97,30 @@ def test_streaming_chat_sends_role_content_finish_usage_and_done(gateway, worker
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
 
-def test_top_k_reaches_the_worker_and_fields_it_would_ignore_are_refused(gateway, workers):
+def test_top_k_penalties_and_logit_bias_reach_the_worker_and_fields_it_would_ignore_are_refused(gateway, workers):
     async def scenario(client, cluster):
         asked = cluster.workers["d1"].requests
-        assert (await client.post("/v1/chat/completions", json=chat("hi", top_k=7), headers=A)).status_code == 200
-        assert asked[-1].sampling.top_k == 7
-        assert (await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "top_k": -1}, headers=A)).status_code == 200
-        assert asked[-1].sampling.top_k == 0  # vLLM's "off"
+        body = chat("hi", top_k=7, presence_penalty=0.5, frequency_penalty=-1, logit_bias={"7": 5, "9": 0})
+        assert (await client.post("/v1/chat/completions", json=body, headers=A)).status_code == 200
+        s = asked[-1].sampling
+        assert (s.top_k, s.presence_penalty, s.frequency_penalty, s.logit_bias) == (7, 0.5, -1.0, {7: 5.0})
+        body = {"model": "m", "prompt": "hi", "top_k": -1, "logit_bias": {"100": -100}}
+        assert (await client.post("/v1/completions", json=body, headers=A)).status_code == 200
+        assert asked[-1].sampling.top_k == 0 and asked[-1].sampling.logit_bias == {100: -100.0}  # top_k -1: vLLM's "off"
         sent = len(asked)
-        for path, body, param in [
-            ("/v1/chat/completions", chat("hi", frequency_penalty=0.5), "frequency_penalty"),
-            ("/v1/chat/completions", chat("hi", logit_bias={"7": 5}), "logit_bias"),
-            ("/v1/chat/completions", chat("hi", functions=[{"name": "f"}]), "functions"),
-            ("/v1/chat/completions", chat("hi", function_call="none"), "function_call"),
-            ("/v1/completions", {"model": "m", "prompt": "a", "suffix": "b"}, "suffix"),
+        for path, body, param, code in [
+            ("/v1/chat/completions", chat("hi", functions=[{"name": "f"}]), "functions", "unsupported_parameter"),
+            ("/v1/chat/completions", chat("hi", function_call="none"), "function_call", "unsupported_parameter"),
+            ("/v1/completions", {"model": "m", "prompt": "a", "suffix": "b"}, "suffix", "unsupported_parameter"),
+            ("/v1/chat/completions", chat("hi", presence_penalty=2.5), "presence_penalty", "invalid_request"),
+            ("/v1/chat/completions", chat("hi", logit_bias={"7": 101}), "logit_bias", "invalid_request"),
+            ("/v1/chat/completions", chat("hi", logit_bias={"hello": 1}), "logit_bias", "invalid_request"),
+            ("/v1/chat/completions", chat("hi", logit_bias={str(10**9): 1}), "logit_bias", "invalid_request"),
         ]:
             r = await client.post(path, json=body, headers=A)
-            assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
-            assert r.json()["error"]["param"] == param
+            assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+            assert r.json()["error"]["param"].startswith(param), r.json()
         assert len(asked) == sent  # refused before any worker was asked
-        ok = chat("hi", presence_penalty=0, frequency_penalty=0.0, logit_bias={})
-        assert (await client.post("/v1/chat/completions", json=ok, headers=A)).status_code == 200
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
@@ -377,6 +380,8 @@ def test_early_first_token_off_makes_d_sample_every_token(gateway, workers):
         (" Hello", {"stop": ["lo world"]}, False),  # ... or may begin one D would not see whole
         (" Hello", {"stop": ["world", "Hi"]}, True),
         (" Hello", {"stop_token_ids": [7]}, False),
+        (" Hello", {"presence_penalty": 0.5}, False),  # D would not count P's token
+        (" Hello", {"logit_bias": {7: 2.0}}, True),  # a bias does not depend on the reply so far
     ],
 )
 def test_when_p_first_token_may_stream_at_once(first_text, sampling, streams):

@@ -202,9 +202,15 @@ def test_greedy_output_equals_vllm_own(cluster):
     ids = httpx.post(cluster.vllm["decode"] + "/tokenize", json={"prompt": SYSTEM + " What is rule 7?"}).json()["tokens"]
     ours = client.completions.create(model="smollm2", prompt=ids, max_tokens=12, temperature=0)
     theirs = httpx.post(cluster.vllm["decode"] + "/v1/completions", timeout=120,
-                        json={"model": "smollm2", "prompt": ids, "max_tokens": 12, "temperature": 0}).json()  # fmt: skip
+                        json={"model": "smollm2", "prompt": ids, "max_tokens": 12, "temperature": 0, "return_token_ids": True}).json()  # fmt: skip
     assert ours.choices[0].text == theirs["choices"][0]["text"]
     assert _usage(ours)[:2] == (len(ids), 12)
+    # the penalties and the bias reach vLLM as its own parameters (the same definition as OpenAI's)
+    adjusted = {"presence_penalty": 1.0, "frequency_penalty": 0.5, "logit_bias": {str(theirs["choices"][0]["token_ids"][0]): -100}}
+    ours = client.completions.create(model="smollm2", prompt=ids, max_tokens=12, temperature=0, **adjusted)
+    theirs_adjusted = httpx.post(cluster.vllm["decode"] + "/v1/completions", timeout=120, json={
+        "model": "smollm2", "prompt": ids, "max_tokens": 12, "temperature": 0, **adjusted}).json()  # fmt: skip
+    assert ours.choices[0].text == theirs_adjusted["choices"][0]["text"] != theirs["choices"][0]["text"]
     # every full block of that prompt is in the index under the tenant's agentkv hashes
     hashes = block_hashes(ids, BS, hash_seed(_fingerprint(cluster), SALT))
     assert set(hashes) <= _index_blocks(cluster, _usage(ours)[3]["decode_node"])

@@ -1,4 +1,5 @@
-"""Token selection: greedy, or temperature / top-k / top-p sampling with an optional per-request seed."""
+"""Token selection: greedy, or temperature / top-k / top-p sampling with an optional per-request seed,
+after OpenAI's logit adjustments (presence and frequency penalties on the reply's tokens, logit_bias)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,33 @@ import torch
 from workers.sequence import Sequence
 
 
+def adjust(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits with each row's penalties and bias applied (a copy only when some row has them), as
+    OpenAI defines them: logit - presence_penalty * [token in reply] - frequency_penalty * count + bias."""
+    rows = [r for r, seq in enumerate(seqs) if _adjusts(seq.sampling)]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for row in rows:
+        params, output = seqs[row].sampling, seqs[row].output_ids
+        if output and (params.presence_penalty or params.frequency_penalty):
+            counts = torch.bincount(torch.tensor(output), minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+            logits[row] -= params.presence_penalty * (counts > 0).to(logits.dtype) + params.frequency_penalty * counts
+        if bias := [(t, b) for t, b in params.logit_bias.items() if 0 <= t < logits.shape[-1]]:  # the gateway checked the ids
+            ids, values = zip(*bias)
+            logits[row, list(ids)] += torch.tensor(values, dtype=logits.dtype)
+    return logits
+
+
+def _adjusts(params) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.logit_bias)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-    """Next token per row and its log-probability under the model (before temperature)."""
+    """Next token per row and its log-probability under the model (before adjustments and temperature,
+    as vLLM reports it)."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    logits = adjust(logits, seqs)
     greedy = logits.argmax(dim=-1)
     tokens: list[int] = []
     for row, seq in enumerate(seqs):

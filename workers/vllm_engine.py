@@ -195,6 +195,10 @@ class VllmEngine:
                 "ignore_eos": s.ignore_eos, "return_token_ids": True, **extra}  # fmt: skip
         if s.logprobs:
             body["logprobs"] = 0
+        if s.presence_penalty or s.frequency_penalty:  # vLLM's count the reply's tokens only, as OpenAI's and ours do
+            body.update(presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty)
+        if s.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in s.logit_bias.items()}
         if salt:
             body["cache_salt"] = salt
         if s.grammar:  # the same llguidance Lark text: vLLM's structured outputs run it (its guidance backend)

@@ -106,9 +106,9 @@ CASES = [
          json=chat(tools=[{"type": "function", "function": {"name": "tag", "strict": True, "parameters": {
              "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}}]),
          param="tools[0].function.parameters"),
-    Case("presence_penalty (was ignored)", 400, "unsupported_parameter", json=chat(presence_penalty=1.5), param="presence_penalty"),
-    Case("frequency_penalty 0 is neutral", 200, None, json=chat(frequency_penalty=0)),
-    Case("logit_bias (was ignored)", 400, "unsupported_parameter", json=chat(logit_bias={"50256": -100}), param="logit_bias"),
+    Case("penalties and logit_bias (were ignored)", 200, None, json=chat(presence_penalty=1.5, frequency_penalty=-0.5, logit_bias={"42": -100})),
+    Case("presence_penalty above 2", 400, "invalid_request", json=chat(presence_penalty=2.5), param="presence_penalty"),
+    Case("a logit_bias key that is no token id", 400, "invalid_request", json=chat(logit_bias={"999999": 5}), param="logit_bias"),
     Case("top_k", 200, None, json=chat(top_k=5, temperature=1.0)),
     Case("top_k below -1", 400, "invalid_request", json=chat(top_k=-2), param="top_k"),
     Case("legacy functions (were ignored)", 400, "unsupported_parameter",
