@@ -5,10 +5,11 @@ index is unreachable or empty (DEGRADED routing), and where the gateway learns t
 fingerprint and block size (hash seeds), its context length, and the tokenizer directory the nodes
 loaded. A Redis restart empties the registry until the workers re-register (one heartbeat): the
 snapshot is kept over that gap, so requests keep being routed instead of getting 503 no_workers.
-So is a registry that empties all at once without a restart: every node's heartbeat lapsing together
-says more likely that Redis or the machine stalled for a TTL (seen once in the test suite on this
-busy 2-core VM: both workers' keys expired, 503s for ~1 s) than that every worker died; they come back
-with their next heartbeat. A node that leaves alone (killed, stopped) leaves the snapshot at once.
+So is a registry that empties all at once without a restart: several nodes' heartbeats lapsing in
+the same refresh say more likely that Redis or the machine stalled for a TTL (seen once in the test
+suite on this busy 2-core VM: both workers' keys expired, 503s for ~1 s) than that they all died;
+they come back with their next heartbeat. A node that leaves alone (killed, stopped, the last one
+included) leaves the snapshot at the next refresh.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ClusterView:
         self.refresh_s = refresh_s
         self.model_name = model_name
         self.restart_hold_s = restart_hold_s  # longest wait for the workers to re-register after a Redis restart
-        self.vanish_hold_s = vanish_hold_s  # ... after every node vanished at once (a worker's heartbeat TTL)
+        self.vanish_hold_s = vanish_hold_s  # ... after several nodes vanished at once (a worker's heartbeat TTL, 3 s)
         self._nodes: list[tuple[NodeRecord, NodeLoad]] = []
         self.reachable = False
         self._redis_run_id: str | None = None
@@ -75,7 +76,7 @@ class ClusterView:
             log.warning("Redis restarted: routing on the last node snapshot until the workers re-register")
             self._held_until = time.monotonic() + self.restart_hold_s
         self._redis_run_id = run_id
-        if not live and self._nodes and not self._held_until:
+        if not live and len(self._nodes) > 1 and not self._held_until:
             log.warning("every node left the registry at once; routing on the last snapshot for %g s", self.vanish_hold_s)
             self._held_until = time.monotonic() + self.vanish_hold_s
         if live or time.monotonic() >= self._held_until:

@@ -94,14 +94,15 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
     }
 
 
-def check_tools(tools: list[Tool] | None) -> None:
-    """Each tool's parameters: a valid JSON Schema whose features the grammar can enforce, all of them for a
-    `strict` tool (else a 400)."""
+def check_tools(tools: list[Tool] | None, compile: bool = True) -> None:
+    """Each tool's parameters: a valid JSON Schema (else a 400), and when the reply is constrained
+    (`compile`) one whose features the grammar can enforce, all of them for a `strict` tool."""
     for n, tool in enumerate(tools or []):
         where = f"tools[{n}].function.parameters"
         if tool.function.parameters is not None:
             check_json_schema(tool.function.parameters, where)
-        _check_compiles(f"start: {_json(_call_schema(tool), tool.function.strict is True)}", where)
+        if compile:
+            _check_compiles(f"start: {_json(_call_schema(tool), tool.function.strict is True)}", where)
 
 
 def _call_rules(tools: list[Tool], policy: ToolPolicy) -> list[str]:
@@ -166,8 +167,7 @@ def reply_grammar(tools: list[Tool] | None, policy: ToolPolicy, response_format:
     """The one grammar of a chat reply. Forced calls win over response_format (the reply is calls);
     with tool_choice "auto" and a JSON response_format, the reply is that JSON or calls. With
     tool_choice "none" the tools are only shown to the model, so their schemas need not compile."""
-    if policy.parse:
-        check_tools(tools)
+    check_tools(tools, compile=policy.parse)
     json_grammar = response_format_grammar(response_format)
     calls = tool_grammar(tools, policy, hermes) if tools else None
     if calls is None or policy.required:

@@ -267,7 +267,8 @@ def _chat_tools(tools: list[ResponsesTool] | None) -> list[Tool] | None:
             raise Unsupported(f"tools[{n}]: only function tools are supported, not {t.type!r}", param="tools")
         if not t.name:
             raise InvalidRequest(f"tools[{n}] needs a `name`", param="tools")
-        out.append(Tool(function=FunctionDefinition(name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)))
+        strict = t.strict is not False  # the Responses API's function tools are strict unless they say otherwise
+        out.append(Tool(function=FunctionDefinition(name=t.name, description=t.description, parameters=t.parameters, strict=strict)))
     return out or None
 
 

@@ -71,8 +71,14 @@ class ResponseStore:
 
     async def delete(self, tenant: str, response_id: str) -> None:
         """The response and its output items (a reference to one of them is then unknown)."""
-        record = await self.load(tenant, response_id)
-        items = [self._item_key(tenant, item["id"]) for item in record.response.get("output") or []]
+        raw = await guarded(self.redis.get(self._key(tenant, response_id)), "response store")
+        if raw is None:
+            raise ResponseNotFound(f"Response with id {response_id!r} not found.")
+        try:
+            output = _decode(raw).response.get("output") or []
+        except msgspec.DecodeError:  # written by an incompatible gateway version: its items go with their TTL
+            output = []
+        items = [self._item_key(tenant, item["id"]) for item in output]
         pipe = self.redis.pipeline(transaction=False)
         for key in [self._key(tenant, response_id), *items]:
             pipe.delete(key)

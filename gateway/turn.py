@@ -143,10 +143,11 @@ def _adjustments(sampling: SamplingParams, req: ChatCompletionRequest | Completi
     sampling.top_k = max(req.top_k or 0, 0)
     sampling.presence_penalty, sampling.frequency_penalty = req.presence_penalty or 0.0, req.frequency_penalty or 0.0
     for key, bias in (req.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab_size:
-            raise InvalidRequest(f"logit_bias keys are token ids of this model (0-{vocab_size - 1}), got {key!r}", param="logit_bias")
+        token = int(key) if key.isascii() and key.isdecimal() and len(key) <= 12 else vocab_size  # "²", "٣", 5,000 digits: not ids
+        if token >= vocab_size or str(token) != key:  # "007" would collide with "7"
+            raise InvalidRequest(f"logit_bias keys are token ids of this model (0-{vocab_size - 1}), got {key[:40]!r}", param="logit_bias")
         if bias:
-            sampling.logit_bias[int(key)] = bias
+            sampling.logit_bias[token] = bias
 
 
 class TurnPipeline:

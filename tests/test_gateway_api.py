@@ -116,6 +116,9 @@ def test_top_k_penalties_and_logit_bias_reach_the_worker_and_fields_it_would_ign
             ("/v1/chat/completions", chat("hi", logit_bias={"7": 101}), "logit_bias", "invalid_request"),
             ("/v1/chat/completions", chat("hi", logit_bias={"hello": 1}), "logit_bias", "invalid_request"),
             ("/v1/chat/completions", chat("hi", logit_bias={str(10**9): 1}), "logit_bias", "invalid_request"),
+            ("/v1/chat/completions", chat("hi", logit_bias={"²": 1}), "logit_bias", "invalid_request"),  # isdigit, not an int
+            ("/v1/chat/completions", chat("hi", logit_bias={"9" * 5000: 1}), "logit_bias", "invalid_request"),
+            ("/v1/chat/completions", chat("hi", logit_bias={"007": 1}), "logit_bias", "invalid_request"),
         ]:
             r = await client.post(path, json=body, headers=A)
             assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text

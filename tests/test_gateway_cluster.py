@@ -27,24 +27,28 @@ class ScriptedRegistry:
         return list(self.live)
 
 
-def test_every_node_vanishing_at_once_is_held_for_a_heartbeat_ttl_one_leaving_is_not(aio):
+def test_nodes_vanishing_together_are_held_for_a_heartbeat_ttl_one_leaving_is_not(aio):
     registry = ScriptedRegistry()
     view = ClusterView(registry, vanish_hold_s=0.3)
 
     async def main():
-        registry.live = [node("a"), node("b")]
-        assert len(await view.refresh()) == 2
-        registry.live = [node("b")]  # one node left: gone at once
-        assert [r.node_id for r, _ in await view.refresh()] == ["b"]
+        registry.live = [node("a"), node("b"), node("c")]
+        assert len(await view.refresh()) == 3
+        registry.live = [node("b"), node("c")]  # one node left: gone at once
+        assert [r.node_id for r, _ in await view.refresh()] == ["b", "c"]
         registry.live = []  # the rest vanished together: held, in case the heartbeats just could not land
-        assert [r.node_id for r, _ in await view.refresh()] == ["b"]
+        assert [r.node_id for r, _ in await view.refresh()] == ["b", "c"]
         await asyncio.sleep(0.35)
         assert await view.refresh() == []  # still gone after the hold: really gone
-        registry.live = [node("a")]
-        assert [r.node_id for r, _ in await view.refresh()] == ["a"]
+        registry.live = [node("a"), node("b")]
+        assert len(await view.refresh()) == 2
         registry.live = []
-        assert len(await view.refresh()) == 1  # a new hold for a new disappearance
-        registry.live = [node("a")]  # back within the hold
-        assert len(await view.refresh()) == 1 and not view._held_until
+        assert len(await view.refresh()) == 2  # a new hold for a new disappearance
+        registry.live = [node("a"), node("b")]  # back within the hold
+        assert len(await view.refresh()) == 2 and not view._held_until
+        registry.live = [node("a")]
+        assert len(await view.refresh()) == 1
+        registry.live = []  # the last node leaving alone (stopped, killed) is not held
+        assert await view.refresh() == []
 
     aio.run(main())

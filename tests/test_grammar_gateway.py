@@ -175,6 +175,9 @@ def test_references_inside_tool_parameters_resolve_in_the_parameters(smol, match
 def test_tool_choice_none_only_shows_the_tools_so_their_schemas_need_not_compile(smol):
     unenforceable = Tool(function=FunctionDefinition(name="f", parameters={"type": "object", "not": {"required": ["a"]}}, strict=True))
     assert reply_grammar([unenforceable], smol.tool_policy([unenforceable], "none", None), None, hermes=False) is None
+    invalid = Tool(function=FunctionDefinition(name="f", parameters={"type": "objekt"}))
+    with pytest.raises(InvalidRequest, match="not a valid JSON Schema"):  # still checked as JSON Schema
+        reply_grammar([invalid], smol.tool_policy([invalid], "none", None), None, hermes=False)
     with pytest.raises(Unsupported):
         reply_grammar([unenforceable], smol.tool_policy([unenforceable], "auto", None), None, hermes=False)
 

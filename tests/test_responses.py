@@ -76,6 +76,9 @@ def test_flat_function_tools_named_choice_and_json_schema_map_onto_the_chat_requ
     chat = chat_request(req, input_messages(req.input, {}))
     assert [m.role for m in chat.messages] == ["system", "user"] and chat.messages[0].content == "Be brief."
     assert chat.tools[0].function.name == "get_weather" and chat.tools[0].function.parameters == WEATHER["parameters"]
+    assert chat.tools[0].function.strict is True  # the Responses API's default; chat's is non-strict
+    loose = msgspec.convert({"input": "hi", "tools": [{**WEATHER, "strict": False}]}, ResponsesRequest)
+    assert chat_request(loose, []).tools[0].function.strict is False
     assert chat.tool_choice.function.name == "get_weather" and chat.max_completion_tokens == 7
     assert chat.response_format == {"type": "json_schema", "json_schema": {"name": "X", "schema": schema, "strict": True}}
 

@@ -18,11 +18,13 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for row in rows:
         params, output = seqs[row].sampling, seqs[row].output_ids
         if output and (params.presence_penalty or params.frequency_penalty):
-            counts = torch.bincount(torch.tensor(output), minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+            reply = torch.tensor(output, device=logits.device)
+            counts = torch.bincount(reply, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
             logits[row] -= params.presence_penalty * (counts > 0).to(logits.dtype) + params.frequency_penalty * counts
         if bias := [(t, b) for t, b in params.logit_bias.items() if 0 <= t < logits.shape[-1]]:  # the gateway checked the ids
             ids, values = zip(*bias)
-            logits[row, list(ids)] += torch.tensor(values, dtype=logits.dtype)
+            at = torch.tensor(ids, dtype=torch.long, device=logits.device)
+            logits[row, at] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
     return logits
 
 
