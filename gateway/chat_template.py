@@ -15,6 +15,8 @@ function(s), "auto" allows text or well-formed calls, and "none" keeps the tools
 
 from __future__ import annotations
 
+import functools
+
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -90,9 +92,13 @@ class ChatRenderer:
         self.native_tools = self.has_template and "tools" in template
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
-        self.vocab_size = len(tokenizer)  # token ids a request may name: [0, vocab_size)
 
     # -- token ids ------------------------------------------------------------------------
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """Token ids a request may name: [0, vocab_size) (asked when a request names ids)."""
+        return len(self.tokenizer)
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
