@@ -79,19 +79,21 @@ def _check_compiles(grammar: str, where: str) -> None:
 
 
 # -- tool calls ---------------------------------------------------------------------------------
-def _call_schema(tool: Tool) -> dict[str, Any]:
-    """The schema of one call object: {"name": <this function>, "arguments": <its parameters>}.
+def _call_json(tool: Tool) -> str:
+    """`%json` of one call object: {"name": <this function>, "arguments": <its parameters>}, enforced
+    whole for a `strict` tool, best effort otherwise.
 
     The parameters keep their own base URI (`$id`), so their `$ref`s ("#/$defs/Point", which pydantic
     writes for every nested model, or "#" for a recursive one) resolve inside them, not in this wrapper."""
     params = tool.function.parameters
     arguments = {"$id": ARGUMENTS_ID, **params} if params else {"type": "object", "properties": {}, "additionalProperties": False}
-    return {
+    schema = {
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+    return _json(schema, strict=tool.function.strict is True)
 
 
 def check_tools(tools: list[Tool] | None, compile: bool = True) -> None:
@@ -102,13 +104,13 @@ def check_tools(tools: list[Tool] | None, compile: bool = True) -> None:
         if tool.function.parameters is not None:
             check_json_schema(tool.function.parameters, where)
         if compile:
-            _check_compiles(f"start: {_json(_call_schema(tool), tool.function.strict is True)}", where)
+            _check_compiles(f"start: {_call_json(tool)}", where)
 
 
 def _call_rules(tools: list[Tool], policy: ToolPolicy) -> list[str]:
     chosen = [t for t in tools if t.function.name in policy.names]
     rules = [f"call: {' | '.join(f'call_{i}' for i in range(len(chosen)))}"]
-    return rules + [f"call_{i}: {_json(_call_schema(t), t.function.strict is True)}" for i, t in enumerate(chosen)]
+    return rules + [f"call_{i}: {_call_json(t)}" for i, t in enumerate(chosen)]
 
 
 def _calls(policy: ToolPolicy, hermes: bool, opened: bool = False) -> str:
