@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    **dict.fromkeys(("AsyncClient", "ChatResult", "Client", "SessionInfo", "TurnStats"), "agentkv.client"),
+    **dict.fromkeys(("AsyncClient", "ChatResult", "Client", "Done", "SessionInfo", "TextDelta", "ToolCallEvent", "TurnStats"),
+                    "agentkv.client"),
     **dict.fromkeys(("AsyncSession", "RunResult", "Session"), "agentkv.session"),
-    **dict.fromkeys(("Tool", "ToolCall", "ToolResult", "tool"), "agentkv.tools"),
+    **dict.fromkeys(("Tool", "ToolArgumentsError", "ToolCall", "ToolRegistry", "ToolResult", "tool"), "agentkv.tools"),
     **dict.fromkeys(("OpenAIError", "APIError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
                      "AuthenticationError", "PermissionDeniedError", "NotFoundError", "RateLimitError",
                      "InternalServerError"), "openai"),
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
     from openai import (APIConnectionError, APIError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError,
                         InternalServerError, NotFoundError, OpenAIError, PermissionDeniedError, RateLimitError)  # fmt: skip
 
-    from agentkv.client import AsyncClient, ChatResult, Client, SessionInfo, TurnStats
+    from agentkv.client import AsyncClient, ChatResult, Client, Done, SessionInfo, TextDelta, ToolCallEvent, TurnStats
     from agentkv.session import AsyncSession, RunResult, Session
-    from agentkv.tools import Tool, ToolCall, ToolResult, tool
+    from agentkv.tools import Tool, ToolArgumentsError, ToolCall, ToolRegistry, ToolResult, tool
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from urllib.parse import quote
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,8 @@ class SessionList(BaseModel):
 
 def _result(completion: Any, headers: Mapping[str, str], started: float, ttft_s: float | None) -> ChatResult:
     """A ChatResult from an openai ChatCompletion (or a stream's final snapshot) and the response headers."""
+    if not completion.choices:
+        raise OpenAIError("the server's reply has no choices (no completion to read)")
     choice, usage = completion.choices[0], completion.usage
     calls = [ToolCall(c.id, c.function.name, c.function.arguments or "{}") for c in choice.message.tool_calls or ()]
     stats: dict[str, Any] = {"ttft_s": ttft_s, "latency_s": time.perf_counter() - started}
@@ -114,8 +117,10 @@ class _Fold:
         self.state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
         self.started = time.perf_counter()
         self.ttft_s: float | None = None
+        self.chunks = 0
 
     def feed(self, chunk: Any) -> list[StreamEvent]:
+        self.chunks += 1
         if self.ttft_s is None and chunk.choices:
             self.ttft_s = time.perf_counter() - self.started
         events: list[StreamEvent] = []
@@ -128,6 +133,8 @@ class _Fold:
         return events
 
     def result(self, headers: Mapping[str, str]) -> ChatResult:
+        if not self.chunks:
+            raise OpenAIError("the stream ended before its first chunk (no completion to read)")
         return _result(self.state.current_completion_snapshot, headers, self.started, self.ttft_s)
 
 
@@ -146,26 +153,36 @@ class _Base:
         `api_key` to $AGENTKV_API_KEY; `model` to the first the server lists. `openai_options` go to
         the openai client: timeout, max_retries, default_headers, http_client, ..."""
         self.base_url = (base_url or os.environ.get("AGENTKV_BASE_URL") or "http://127.0.0.1:8000").rstrip("/").removesuffix("/v1")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {self.base_url!r} needs a scheme: http://{self.base_url}")
         self.model = model
         api_key = api_key or os.environ.get("AGENTKV_API_KEY") or "none"  # an open gateway ignores it
         self.openai = self._openai_class(base_url=f"{self.base_url}/v1", api_key=api_key, **openai_options)
 
     def _send(self, messages: Sequence[dict[str, Any]], *, stream: bool, tools: Iterable[Any] | None = None,
               tool_choice: Any = None, session_id: str | None = None, model: str | None = None, **params: Any) -> Steps:  # fmt: skip
-        """Post a chat completion -> (a _Fold started just before, openai's raw response)."""
+        """Post a chat completion -> (a _Fold started just before, openai's raw response). openai's own
+        request options (timeout, extra_headers, extra_query, extra_body) keep their meaning; any
+        other keyword is a body field."""
         if not (model := model or self.model):
             page = yield self.openai.models.list()
             if not page.data:
                 raise OpenAIError("the server lists no models (are the workers up?)")
             model = self.model = page.data[0].id
+        if callable(tool_choice) and not isinstance(tool_choice, Tool):
+            tool_choice = tool(tool_choice)
         if isinstance(tool_choice, Tool | str) and tool_choice not in ("auto", "none", "required"):
             tool_choice = {"type": "function", "function": {"name": getattr(tool_choice, "name", tool_choice)}}
         specs = [t if isinstance(t, Mapping) else (t if isinstance(t, Tool) else tool(t)).spec for t in tools or ()]
         usage = {"include_usage": True, **params.pop("stream_options", {})} if stream else NOT_GIVEN
+        headers = {**(params.pop("extra_headers", None) or {}), **({SESSION_HEADER: session_id} if session_id else {})}
+        options = {k: params.pop(k) for k in ("timeout", "extra_query") if k in params}
+        extra_body = params.pop("extra_body", None) or {}
+        body = {**params, **extra_body}
         return _Fold(), (yield self.openai.chat.completions.with_raw_response.create(
             model=model, messages=list(messages), tools=specs or NOT_GIVEN, stream=stream, stream_options=usage,
-            tool_choice=NOT_GIVEN if tool_choice is None else tool_choice, extra_body=params,
-            extra_headers={SESSION_HEADER: session_id} if session_id else None))  # fmt: skip
+            tool_choice=NOT_GIVEN if tool_choice is None else tool_choice, extra_body=body,
+            extra_headers=headers or None, **options))  # fmt: skip
 
     def _turn(self, messages: Sequence[dict[str, Any]], *, stream: bool, **kwargs: Any) -> Steps:
         """One chat completion -> ChatResult; streamed (and so timed to the first token) if `stream`."""
@@ -187,18 +204,23 @@ class _Base:
         return self.openai.post("/sessions", body=body, cast_to=SessionInfo)
 
     def get_session(self, id: str) -> SessionInfo:
-        return self.openai.get(f"/sessions/{id}", cast_to=SessionInfo)
+        return self.openai.get(_session_path(id), cast_to=SessionInfo)
 
     def list_sessions(self) -> SessionList:
         return self.openai.get("/sessions", cast_to=SessionList)
 
     def delete_session(self, id: str) -> Any:  # the gateway releases the session's pinned KV blocks
-        return self.openai.delete(f"/sessions/{id}", cast_to=object)
+        return self.openai.delete(_session_path(id), cast_to=object)
 
     def session(self, id: str | None = None, *, system: str | None = None, tools: Iterable[Any] = (),
                 ttl_s: float | None = None, create: bool = True, **defaults: Any) -> Session:  # fmt: skip
         """A server-side session that keeps its own history; `defaults` apply to every call."""
         return self._session_class(self, id, system=system, tools=tools, ttl_s=ttl_s, create=create, **defaults)
+
+
+def _session_path(id: str) -> str:
+    """A session id may hold any character but whitespace ("team/agent-1", "a?b"): escaped whole."""
+    return f"/sessions/{quote(id, safe='')}"
 
 
 class Client(_Base):

@@ -61,6 +61,8 @@ class Session:
 
     def info(self) -> Any:
         """The gateway's SessionInfo (turns and token totals)."""
+        if self.id is None:
+            raise ValueError("this session has no id yet: the gateway names it on its first call")
         return self.client.get_session(self.id)
 
     def delete(self) -> Any:
@@ -82,9 +84,10 @@ class Session:
 
     def stream(self, content: Content = None, *, tools: Iterable[ToolFn] | None = None, tool_choice: Any = None,
                **params: Any) -> Iterator[StreamEvent]:  # fmt: skip
-        """chat() as events; the reply joins the history at Done."""
-        request = self._request(content, self._registry(tools), tool_choice, params)
-        yield from map(self._record_done, self.client.chat_stream(self.messages, **request))
+        """chat() as events; the message and the reply join the history at Done."""
+        request = self._request(self._registry(tools), tool_choice, params)
+        for event in self.client.chat_stream(self._outgoing(content), **request):
+            yield self._record_done(content, event)
 
     def add_tool_results(self, results: Iterable[ToolResult]) -> None:
         """Append tool messages (when you run the tools yourself instead of `run()`)."""
@@ -113,14 +116,14 @@ class Session:
 
     def _chat(self, content: Content, registry: ToolRegistry, tool_choice: Any, params: dict[str, Any]) -> Steps:
         yield from self._ready()
-        result = yield from self.client._turn(self.messages, stream=True, **self._request(content, registry, tool_choice, params))
-        self._record(result)
+        result = yield from self.client._turn(self._outgoing(content), stream=True, **self._request(registry, tool_choice, params))
+        self._record(content, result)
         return result
 
     def _run(self, prompt: Content, tools: Iterable[ToolFn] | None, max_steps: int, first_choice: Any, params: dict[str, Any]) -> Steps:
         out, registry = RunResult(content=None, finished=False), self._registry(tools)
         for step in range(max_steps):
-            choice = (first_choice or "auto") if step == 0 else "none" if step == max_steps - 1 else "auto"
+            choice = "none" if step == max_steps - 1 else (first_choice or "auto") if step == 0 else "auto"
             result = yield from self._chat(prompt if step == 0 else None, registry, choice, params)
             out.turns.append(result.stats)
             out.content = result.content
@@ -137,22 +140,29 @@ class Session:
         """The session's tools plus this call's (sent to the model and runnable)."""
         return ToolRegistry([*self.tools.values(), *(extra or ())])
 
-    def _request(self, content: Content, registry: ToolRegistry, tool_choice: Any, params: dict[str, Any]) -> dict[str, Any]:
-        """Append the user message (None: none) and return the next call's keywords."""
-        if content is not None:
-            self.messages.append({"role": "user", "content": content})
+    def _outgoing(self, content: Content) -> list[dict[str, Any]]:
+        """The history plus the new user message (None: none). It joins the history with the reply, so
+        a call that fails leaves the history as it was, ready for a retry."""
+        return self.messages + ([{"role": "user", "content": content}] if content is not None else [])
+
+    def _request(self, registry: ToolRegistry, tool_choice: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """The next call's keywords."""
         self.id = self.id or "sess_" + secrets.token_hex(12)  # not created yet: the gateway creates it on first use
         specs = registry.specs()
+        if not specs and tool_choice not in (None, "auto", "none"):
+            raise ValueError(f"tool_choice={tool_choice!r} needs tools: pass tools=[...] to the session or this call")
         ttl = {} if self.ttl_s is None else {"session_ttl_s": self.ttl_s}
         return {**ttl, **self.defaults, **params, "session_id": self.id, "tools": specs or None, "tool_choice": tool_choice if specs else None}
 
-    def _record(self, result: ChatResult) -> None:
+    def _record(self, content: Content, result: ChatResult) -> None:
+        if content is not None:
+            self.messages.append({"role": "user", "content": content})
         self.messages.append(result.message)
         self.turns.append(result.stats)
 
-    def _record_done(self, event: StreamEvent) -> StreamEvent:
+    def _record_done(self, content: Content, event: StreamEvent) -> StreamEvent:
         if hasattr(event, "result"):  # Done
-            self._record(event.result)
+            self._record(content, event.result)
         return event
 
 
@@ -172,5 +182,5 @@ class AsyncSession(Session):
     async def stream(self, content: Content = None, *, tools: Iterable[ToolFn] | None = None, tool_choice: Any = None,
                      **params: Any) -> AsyncIterator[StreamEvent]:  # fmt: skip
         await self
-        async for event in self.client.chat_stream(self.messages, **self._request(content, self._registry(tools), tool_choice, params)):
-            yield self._record_done(event)
+        async for event in self.client.chat_stream(self._outgoing(content), **self._request(self._registry(tools), tool_choice, params)):
+            yield self._record_done(content, event)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import inspect
 import json
 import re
+import sys
 import time
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +80,12 @@ class Tool:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
+    def __get__(self, instance: Any, owner: type | None = None) -> Tool:
+        """`@tool` on a method: read from an instance, the tool is bound to it (no `self` parameter)."""
+        if instance is None:
+            return self
+        return tool(self.fn.__get__(instance, owner), name=self.name, description=self.description)
+
     @property
     def spec(self) -> dict[str, Any]:
         """The entry for a request's `tools` list."""
@@ -94,28 +102,24 @@ class Tool:
 
 def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None) -> Any:
     """Make a function a tool: `@tool` or `@tool(name=..., description=...)`. Parameters must be
-    nameable (no *args, **kwargs or positional-only); an unannotated one accepts any JSON value."""
+    nameable (no *args, **kwargs or positional-only); an unannotated one accepts any JSON value.
+    Any callable works (a method, a functools.partial, an object with __call__); a Tool is renamed."""
     if fn is None:
         return lambda f: tool(f, name=name, description=description)
-    name = name or getattr(fn, "__name__", "")
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-        raise ValueError(f"tool name {name!r} must be 1-64 letters, digits, '_' or '-': pass @tool(name=...)")
+    if isinstance(fn, Tool):
+        return dataclasses.replace(fn, name=_checked_name(name or fn.name), description=description or fn.description)
+    if isinstance(fn, Mapping) or not callable(fn):
+        raise TypeError(f"a tool must be a function the SDK can run, not {type(fn).__name__} (a JSON spec goes to "
+                        "client.chat(tools=[...]), which does not run tools)")  # fmt: skip
+    name = _checked_name(name or getattr(fn, "__name__", ""))
     doc = docstring_parser.parse(inspect.getdoc(fn) or "")
-    hints = typing.get_type_hints(fn, include_extras=True)
-    fields: list[tuple[Any, ...]] = []
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
-            kind = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "positional-only ")
-            raise TypeError(f"tool {name!r}: {kind}{p.name} is not supported; tools take named parameters only")
-        hint = hints.get(p.name, Any)
-        if p.default is p.empty:
-            fields.append((p.name, hint))
-        elif isinstance(p.default, (list, dict, set)):
-            fields.append((p.name, hint, msgspec.field(default_factory=lambda d=p.default: copy.copy(d))))
-        else:
-            fields.append((p.name, hint, p.default))
+    namespace = _namespace(fn)
+    fields = [_field(name, p, namespace) for p in inspect.signature(fn).parameters.values()]
     args_type = msgspec.defstruct(f"{name}_arguments", fields, kw_only=True)
-    defs = msgspec.json.schema(args_type).get("$defs", {})
+    try:
+        defs = msgspec.json.schema(args_type).get("$defs", {})
+    except (TypeError, msgspec.EncodeError):
+        raise _unsupported_parameter(name, fields) from None
     schema = {k: v for k, v in defs.pop(args_type.__name__).items() if k != "title"}
     for param in doc.params:
         if param.arg_name in schema["properties"] and param.description:
@@ -123,6 +127,55 @@ def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, de
     if defs:  # nested types keep their `#/$defs/...` references, now relative to this root
         schema["$defs"] = defs
     return Tool(fn, name, description or _prose(doc.description or "") or name, schema, args_type)
+
+
+def _checked_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ValueError(f"tool name {name!r} must be 1-64 letters, digits, '_' or '-': pass @tool(name=...)")
+    return name
+
+
+def _namespace(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Where the function's string annotations (`from __future__ import annotations`) resolve."""
+    target = getattr(fn, "func", fn)  # a functools.partial
+    target = getattr(target, "__func__", target)  # a bound method
+    module = sys.modules.get(getattr(target, "__module__", None) or type(target).__module__)
+    return getattr(target, "__globals__", None) or (vars(module) if module else {})
+
+
+def _field(tool_name: str, p: inspect.Parameter, namespace: dict[str, Any]) -> tuple[Any, ...]:
+    """One parameter as a msgspec field: (name, type[, default]). A `None` default makes the type
+    optional, so the model may send null for it. Only parameters' hints are read (not the return's)."""
+    if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+        kind = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "positional-only ")
+        raise TypeError(f"tool {tool_name!r}: {kind}{p.name} is not supported; tools take named parameters only")
+    hint = Any if p.annotation is p.empty else p.annotation
+    if isinstance(hint, str):
+        try:
+            hint = eval(hint, namespace)  # noqa: S307 - the function's own annotation, as typing.get_type_hints does
+        except NameError as exc:
+            raise TypeError(f"tool {tool_name!r}: parameter {p.name!r} is annotated {hint!r}, and {exc.name!r} is not "
+                            "defined in its module (define the type at module level)") from None  # fmt: skip
+    if p.default is p.empty:
+        return (p.name, hint)
+    if p.default is None and hint is not Any:
+        hint = typing.Optional[hint]  # noqa: UP007 - hint may be a string-free typing form
+    if isinstance(p.default, (list, dict, set)):
+        return (p.name, hint, msgspec.field(default_factory=lambda d=p.default: copy.copy(d)))
+    return (p.name, hint, p.default)
+
+
+def _unsupported_parameter(tool_name: str, fields: list[tuple[Any, ...]]) -> TypeError:
+    """Which parameter has no JSON schema (a type msgspec does not know, or a default JSON cannot hold)."""
+    for field in fields:
+        single = msgspec.defstruct("probe", [field], kw_only=True)
+        try:
+            msgspec.json.schema(single)
+        except (TypeError, msgspec.EncodeError):
+            hint = getattr(field[1], "__name__", repr(field[1]))
+            return TypeError(f"tool {tool_name!r}: parameter {field[0]!r} ({hint}) has no JSON schema: use a JSON type, a "
+                             "dataclass, a TypedDict, an Enum or a msgspec Struct, with a JSON default")  # fmt: skip
+    return TypeError(f"tool {tool_name!r}: its parameters have no JSON schema")
 
 
 def _prose(text: str) -> str:
@@ -140,7 +193,7 @@ class ToolRegistry(dict[str, Tool]):
 
     def add(self, obj: Tool | Callable[..., Any]) -> Tool:
         t = obj if isinstance(obj, Tool) else tool(obj)
-        if self.get(t.name, t).fn is not t.fn:
+        if self.get(t.name, t).fn != t.fn:  # `!=`: a method bound twice to one instance is one tool
             raise ValueError(f"two different tools are named {t.name!r}: rename one with @tool(name=...)")
         self[t.name] = t
         return t
@@ -150,8 +203,11 @@ class ToolRegistry(dict[str, Tool]):
 
     def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """`arun` on an event loop of its own, in a thread of its own (so it also works under a running loop)."""
-        with ThreadPoolExecutor(1, thread_name_prefix="agentkv-tools") as pool:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="agentkv-tools")
+        try:
             return pool.submit(asyncio.run, self.arun(calls)).result()
+        finally:  # Ctrl-C during a slow tool reaches the caller now, not when the tool returns
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def arun(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """Run calls concurrently on the running loop; sync tools run in worker threads."""
@@ -181,7 +237,13 @@ def _outcome(call: ToolCall, start: float, value: Any = None, error: Exception |
         text = str(error) if isinstance(error, ToolArgumentsError) else f"{type(error).__name__}: {error}"
         return ToolResult(call, f"Error: {text}", is_error=True, elapsed_s=elapsed)
     try:
-        text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
-    except (TypeError, msgspec.EncodeError):  # not JSON-serializable: its str() where needed
-        text = json.dumps(value, default=str, ensure_ascii=False)
+        text = value if isinstance(value, str) else msgspec.json.encode(value, enc_hook=_jsonable).decode()
+    except Exception:  # noqa: BLE001 - what JSON cannot hold (tuple keys, a cycle): the model reads its repr
+        text = repr(value)
     return ToolResult(call, text, value=value, elapsed_s=elapsed)
+
+
+def _jsonable(value: Any) -> Any:
+    """A return value msgspec does not know: a pydantic model as its JSON data, anything else as str()."""
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if callable(dump) else str(value)

@@ -24,7 +24,6 @@ from gateway.errors import APIError, ContextLengthExceeded, InvalidRequest, NoWo
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import (
     MAX_SESSION_ID_CHARS,
-    SESSION_ID_PATTERN,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -44,7 +43,10 @@ from gateway.turn import TurnPipeline
 from kvstore.wire import TOKEN_HEADER
 
 SESSION_TTL_HEADER = "x-session-ttl"
-SessionIdPath = Annotated[str, Parameter(min_length=1, max_length=MAX_SESSION_ID_CHARS, pattern=SESSION_ID_PATTERN)]
+# A path parameter, so an id holding "/" ("team/agent-1", sent escaped) is one id; Litestar hands it over
+# with its leading "/", and the handler checks it as any session id (validate_session_id, a 400).
+SessionIdPath = Annotated[str, Parameter(description=f"The session id (1-{MAX_SESSION_ID_CHARS} characters, no whitespace or "
+                                                     "control characters), URL-escaped")]  # fmt: skip
 _encode = msgspec.json.encode
 
 ERROR_MEANING = {
@@ -206,18 +208,18 @@ class SessionController(Controller):
     async def list_sessions(self, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]) -> SessionList:
         return SessionList(data=await sessions.list(tenant.id))
 
-    @get("/{session_id:str}", summary="One session", responses=error_responses(400, 401, 404, 500, 503))
+    @get("/{session_id:path}", summary="One session", responses=error_responses(400, 401, 404, 500, 503))
     async def get_session(
         self, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionOut:
-        return await sessions.get(tenant.id, validate_session_id(session_id))
+        return await sessions.get(tenant.id, validate_session_id(session_id.removeprefix("/")))
 
-    @delete("/{session_id:str}", status_code=HTTP_200_OK, summary="End a session and release its pinned blocks",
+    @delete("/{session_id:path}", status_code=HTTP_200_OK, summary="End a session and release its pinned blocks",
             responses=error_responses(400, 401, 404, 500, 503))  # fmt: skip
     async def delete_session(
         self, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionDeleted:
-        return await sessions.end(tenant.id, validate_session_id(session_id))
+        return await sessions.end(tenant.id, validate_session_id(session_id.removeprefix("/")))
 
 
 def may_see_internals(request: Request, tenants: TenantDirectory, config: GatewayConfig) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import re
+import urllib.parse
 
 import httpx
 import msgspec
@@ -276,6 +277,15 @@ def test_sessions_api_create_list_and_the_session_sources(gateway, workers):
         long_key = await client.post("/v1/chat/completions", json=chat(prompt_cache_key="k" * 300), headers=A)
         assert long_key.status_code == 200 and long_key.json()["usage"]["agentkv"]["session_id"].startswith("h_")
         assert (await client.post("/v1/chat/completions", json=chat(), headers={**A, "x-session-id": "a b"})).status_code == 400
+        # an id may hold "/", "?" or "%": escaped in the path, it still names that one session
+        for sid in ("team/agent-1", "a?b", "50%"):
+            assert (await client.post("/v1/sessions", json={"id": sid}, headers=A)).status_code == 201
+            path = "/v1/sessions/" + urllib.parse.quote(sid, safe="")
+            assert (await client.get(path, headers=A)).json()["id"] == sid
+            assert (await client.delete(path, headers=A)).json()["deleted"]
+            assert (await client.get(path, headers=A)).status_code == 404
+        assert (await client.get("/v1/sessions/a%20b", headers=A)).json()["error"]["param"] == "session_id"
+        assert (await client.get("/v1/sessions/" + "k" * 257, headers=A)).status_code == 400
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Literal
 
 import httpx
@@ -482,3 +484,206 @@ def test_deleting_a_session_that_is_already_gone_is_fine(fake):
 
     asyncio.run(go())
     assert [r["method"] for r in fake.requests if r["path"].startswith("/v1/sessions/")] == ["DELETE"] * 4
+
+
+# ------------------------------------------------------------------- odd input (review 2026-12-03)
+
+
+def test_a_failed_turn_leaves_the_history_as_it_was(fake):
+    """The user message joins the history with the reply: a retry after an error sends it once."""
+    fake.fail(500, "boom")
+    fake.reply("hi")
+    with make_client(fake, max_retries=0) as client:
+        session = client.session(system="be brief")
+        with pytest.raises(InternalServerError):
+            session.run("go")
+        assert [m["role"] for m in session.messages] == ["system"]
+        assert session.run("go").content == "hi"
+        assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+
+
+def test_one_step_run_is_sent_with_tool_choice_none(fake):
+    @tool
+    def lookup(key: str) -> str:
+        """Look a key up."""
+        return "v"
+
+    fake.reply("an answer")
+    with make_client(fake) as client:
+        result = client.session().run("go", tools=[lookup], tool_choice="required", max_steps=1)
+    assert result.finished and result.content == "an answer"
+    assert [r["body"]["tool_choice"] for r in fake.chat_requests()] == ["none"]
+
+
+def test_a_forced_tool_choice_without_tools_is_refused(fake):
+    with make_client(fake) as client, pytest.raises(ValueError, match="needs tools"):
+        client.session().chat("go", tool_choice="required")
+    assert fake.chat_requests() == []
+
+
+@pytest.mark.parametrize("sid", ["team/agent-1", "a?b", "x#y", "50%"])
+def test_session_ids_with_url_characters_reach_their_own_session(fake, sid):
+    fake.reply("hi")
+    fake._session("a")  # "a?b" unescaped would name this one
+    with make_client(fake) as client:
+        with client.session(id=sid) as session:
+            session.chat("hello")
+            assert client.get_session(sid).id == sid
+        assert sid not in fake.sessions and "a" in fake.sessions
+
+
+def test_a_plain_function_may_be_the_tool_choice(fake):
+    def lookup(key: str) -> str:
+        """Look a key up."""
+        return "v"
+
+    fake.reply("ok")
+    with make_client(fake) as client:
+        client.chat([{"role": "user", "content": "go"}], tools=[lookup], tool_choice=lookup)
+    assert fake.chat_requests()[0]["body"]["tool_choice"] == {"type": "function", "function": {"name": "lookup"}}
+
+
+def test_openai_request_options_keep_their_meaning(fake):
+    fake.reply("ok")
+    with make_client(fake) as client:
+        client.chat([{"role": "user", "content": "go"}], extra_headers={"X-Trace": "t1"}, extra_body={"top_k": 5},
+                    extra_query={"q": "1"}, timeout=30, session_id="s1", temperature=0.5)  # fmt: skip
+    [request] = fake.chat_requests()
+    assert request["headers"]["x-trace"] == "t1" and request["headers"]["x-session-id"] == "s1"
+    assert request["body"]["top_k"] == 5 and request["body"]["temperature"] == 0.5
+    assert not {"extra_headers", "extra_body", "extra_query", "timeout"} & set(request["body"])
+
+
+def test_a_stream_or_reply_without_choices_is_a_readable_error():
+    def serve(body: bytes, content_type: str):
+        return httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": content_type}, content=body))
+
+    usage_only = b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"m","choices":[],' \
+                 b'"usage":{"prompt_tokens":1,"completion_tokens":0,"total_tokens":1}}\n\ndata: [DONE]\n\n'  # fmt: skip
+    for body in (b"data: [DONE]\n\n", b"", usage_only):
+        with Client("http://gw.test", model="m", max_retries=0, http_client=httpx.Client(transport=serve(body, "text/event-stream"))) as c:
+            with pytest.raises(openai.OpenAIError, match="no completion to read"):
+                list(c.chat_stream([{"role": "user", "content": "hi"}]))
+    empty = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}).encode()
+    with Client("http://gw.test", model="m", max_retries=0, http_client=httpx.Client(transport=serve(empty, "application/json"))) as c:
+        with pytest.raises(openai.OpenAIError, match="no choices"):
+            c.chat([{"role": "user", "content": "hi"}])
+
+
+def test_a_base_url_without_a_scheme_is_refused_at_once():
+    with pytest.raises(ValueError, match="needs a scheme"):
+        Client("localhost:8000")
+
+
+def test_info_of_a_session_not_yet_named_is_a_readable_error(fake):
+    with make_client(fake) as client, pytest.raises(ValueError, match="no id yet"):
+        client.session(create=False).info()
+
+
+def test_ctrl_c_during_a_slow_tool_reaches_the_caller_at_once():
+    @tool
+    def slow() -> str:
+        """Takes a while."""
+        time.sleep(3)
+        return "done"
+
+    import os
+    import signal
+
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real Ctrl-C: it interrupts waits
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        ToolRegistry([slow]).run([ToolCall("1", "slow", "{}")])
+    assert time.perf_counter() - start < 2.0
+
+
+def test_tool_on_a_method_binds_to_its_instance():
+    class Weather:
+        def __init__(self, unit: str) -> None:
+            self.unit = unit
+
+        @tool
+        def temperature(self, city: str) -> str:
+            """A city's temperature."""
+            return f"{city}: 20 {self.unit}"
+
+    station = Weather("C")
+    assert "self" not in station.temperature.parameters["properties"]
+    assert station.temperature("Paris") == "Paris: 20 C"
+    registry = ToolRegistry([station.temperature, station.temperature])  # bound twice: one tool
+    [result] = registry.run([ToolCall("1", "temperature", '{"city": "Oslo"}')])
+    assert result.content == "Oslo: 20 C"
+
+
+def test_a_none_default_lets_the_model_send_null():
+    @tool
+    def page(limit: int = None) -> str:  # noqa: RUF013 - the implicit Optional this test is about
+        """A page of results."""
+        return f"limit={limit}"
+
+    assert {"type": "null"} in page.parameters["properties"]["limit"]["anyOf"]
+    [result] = ToolRegistry([page]).run([ToolCall("1", "page", '{"limit": null}')])
+    assert result.content == "limit=None" and not result.is_error
+
+
+def test_decoration_errors_name_the_tool_and_the_parameter():
+    def read(path: PurePath) -> str:
+        """Read a file."""
+        return ""
+
+    with pytest.raises(TypeError, match=r"tool 'read': parameter 'path' \(PurePath\) has no JSON schema"):
+        tool(read)
+
+    def sentinel(flag: int = object()) -> str:  # noqa: B008
+        """A default JSON cannot hold."""
+        return ""
+
+    with pytest.raises(TypeError, match=r"parameter 'flag'"):
+        tool(sentinel)
+
+    def add(a: int, b: int) -> int:
+        """Add."""
+        return a + b
+
+    plus_one = tool(functools.partial(add, b=1), name="plus_one")
+    assert ToolRegistry([plus_one]).run([ToolCall("1", "plus_one", '{"a": 2}')])[0].content == "3"
+    renamed = tool(tool(add), name="sum2")
+    assert renamed.name == "sum2" and renamed(1, 2) == 3
+    with pytest.raises(TypeError, match="JSON spec"):
+        ToolRegistry([renamed.spec])
+
+
+def test_return_values_reach_the_model_as_json_or_their_repr():
+    import pydantic
+
+    class Out(pydantic.BaseModel):
+        a: int
+
+    @tool
+    def model_out() -> Out:
+        """A pydantic model."""
+        return Out(a=1)
+
+    @tool
+    def tuple_keys() -> dict:
+        """Keys JSON cannot hold."""
+        return {(1, 2): 3}
+
+    @tool
+    def cycle() -> list:
+        """A value JSON cannot hold."""
+        loop: list = []
+        loop.append(loop)
+        return loop
+
+    registry = ToolRegistry([model_out, tuple_keys, cycle])
+    results = registry.run([ToolCall(str(n), t, "{}") for n, t in enumerate(("model_out", "tuple_keys", "cycle"))])
+    assert [r.content for r in results] == ['{"a":1}', '{"(1, 2)":3}', "[[...]]"]
+    assert not any(r.is_error for r in results)
+
+
+def test_stream_events_and_tool_errors_are_exported_at_the_top():
+    import agentkv
+
+    for name in ("TextDelta", "ToolCallEvent", "Done", "ToolRegistry", "ToolArgumentsError"):
+        assert getattr(agentkv, name).__name__ == name

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ class FakeGateway:
             if path == "/v1/sessions" and method == "GET":
                 return _json(200, {"object": "list", "data": list(self.sessions.values())})
             if path.startswith("/v1/sessions/"):
-                sid = path.rsplit("/", 1)[1]
+                sid = path.removeprefix("/v1/sessions/")  # the whole rest, "/" included, as the gateway reads it
                 if sid not in self.sessions:
                     return _json(404, envelope(f"session {sid!r} not found", "not_found_error", "session_not_found"))
                 if method == "DELETE":
@@ -250,7 +251,7 @@ class FakeServer:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = None
-                out = fake.handle(self.command, self.path.split("?")[0], dict(self.headers), body)
+                out = fake.handle(self.command, urllib.parse.unquote(self.path.split("?")[0]), dict(self.headers), body)
                 self.send_response(out.status)
                 for k, v in out.headers.items():
                     self.send_header(k, v)
