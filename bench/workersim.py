@@ -47,10 +47,17 @@ class Calibration(msgspec.Struct, frozen=True, kw_only=True):
     def from_engine_bench(cls, result: dict, **overrides: float) -> Calibration:
         """Constants fitted to `agentkv bench engine --json`: the step time is a least-squares line
         through batch / decode_tok_s at each measured batch."""
-        batches = np.array([int(b) for b in result["decode_tok_s"]], dtype=float)
-        steps = batches / np.array(list(result["decode_tok_s"].values()), dtype=float)
-        per_seq, base = np.polyfit(batches, steps, 1)
-        return cls(**{"prefill_s_per_token": 1 / result["prefill_tok_s"], "step_base_s": float(max(base, 0.0)),
+        try:
+            batches = np.array([int(b) for b in result["decode_tok_s"]], dtype=float)
+            rates = np.array(list(result["decode_tok_s"].values()), dtype=float)
+            prefill = float(result["prefill_tok_s"])
+            if len(batches) < 2 or not (np.all(rates > 0) and prefill > 0):
+                raise ValueError("it needs positive decode_tok_s at two batch sizes or more, and a positive prefill_tok_s")
+            per_seq, base = np.polyfit(batches, batches / rates, 1)
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ValueError(f"not the output of `agentkv bench engine --json` ({what})") from None
+        return cls(**{"prefill_s_per_token": 1 / prefill, "step_base_s": float(max(base, 0.0)),
                       "step_per_seq_s": float(max(per_seq, 0.0)), **overrides})  # fmt: skip
 
     def prefill_s(self, tokens: int) -> float:

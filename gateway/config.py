@@ -78,15 +78,17 @@ def parse_api_keys(spec: str | None) -> dict[str, str]:
     if not spec:
         return {}
     if spec.startswith("@"):
-        with open(spec[1:], encoding="utf-8") as f:
+        with open(spec[1:], encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first key
             items = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     else:
         items = [item.strip() for item in spec.split(",") if item.strip()]
     keys: dict[str, str] = {}
     for n, item in enumerate(items):
-        key, _, tenant = item.partition(":")
+        key, _, tenant = (part.strip() for part in item.partition(":"))
         if not key:
             raise ValueError(f"API key #{n + 1} is empty")
+        if key in keys:  # the later one would silently log the earlier tenant's key in as its own
+            raise ValueError(f"API key #{n + 1} repeats an earlier key (one key, one tenant)")
         tenant = tenant or f"tenant-{n + 1}"
         if not _TENANT_ID.fullmatch(tenant):
             raise ValueError(f"tenant name {tenant!r} (key #{n + 1}): use 1-64 letters, digits, '.', '_' or '-'")

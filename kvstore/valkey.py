@@ -76,7 +76,7 @@ async def connect(url: str, *, timeout_s: float = 5.0) -> aredis.Redis:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RedisUnavailable(
             f"cannot reach Redis at {redact(url)}: {reason} "
-            "(check the address and credentials, or run without --redis to use the embedded Valkey)"
+            "(check the address and credentials; `agentkv up` without --redis-url runs a Valkey of its own)"
         ) from None
     return client
 

@@ -22,6 +22,11 @@ def agentkv(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BASE, *args], capture_output=True, text=True, timeout=60)
 
 
+def installed_agentkv(*args: str) -> subprocess.CompletedProcess:
+    """The command with the server extra installed, as the project's .venv has it."""
+    return subprocess.run([sys.executable, "-m", "agentkv.cli", *args], capture_output=True, text=True, timeout=60)
+
+
 def test_help_needs_no_server_extra():
     proc = agentkv("--help")
     assert proc.returncode == 0, proc.stderr
@@ -226,3 +231,33 @@ def test_up_says_what_happened_when_valkey_dies_and_stops_on_sigterm(tmp_path):
     assert "agentkv up: valkey exited (killed by SIGKILL); restarting in 0.25 s (with its data)" in lines
     assert any(line.startswith("agentkv up: valkey restarted (pid ") for line in lines)
     assert (tmp_path / "valkey" / "appendonlydir").is_dir()  # its data, where the logs are
+
+
+@pytest.mark.parametrize("command, says", [
+    (["worker", "--redis-url", "redis://x", "--insecure", "--port", "70000"], "Invalid value for '--port'"),
+    (["gateway", "--redis-url", "redis://x", "--port", "-1"], "Invalid value for '--port'"),
+    (["demo", "--port", "70000"], "Invalid value for '--port'"),
+    (["worker", "--redis-url", "redis://x", "--insecure", "--cpus", "4096"], "--cpus 4096: not a core this process may use"),
+    (["worker", "--redis-url", "redis://x", "--insecure", "--cpus", "-1"], "--cpus -1: not a core this process may use"),
+    (["bench", "engine", "--core", "4096"], "--core 4096: not a core this process may use"),
+    (["gateway", "--redis-url", "redis://x", "--session-ttl", "-5"], "Invalid value for '--session-ttl'"),
+    (["gateway", "--redis-url", "redis://x", "--api-keys", "k1:alice,k1:bob"], "API key #2 repeats an earlier key"),
+])  # fmt: skip
+def test_out_of_range_values_are_one_line_before_anything_starts(command, says):
+    """A port, core or TTL out of range was a traceback (after the model loaded, for a worker's port)."""
+    proc = installed_agentkv(*command)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("content, says", [
+    ("[1, 2]", "list indices"),
+    ('{"decode_tok_s": {"1": 10, "8": 0}, "prefill_tok_s": 300}', "positive decode_tok_s"),
+    ('{"decode_tok_s": {"1": 10, "8": 40}, "prefill_tok_s": "fast"}', "could not convert"),
+    ('{"prefill_tok_s": 300}', "no 'decode_tok_s'"),
+])  # fmt: skip
+def test_a_calibration_file_of_the_wrong_shape_is_one_line(tmp_path, content, says):
+    path = tmp_path / "calibration.json"
+    path.write_text(content)
+    proc = installed_agentkv("plan", "--workers", "2", "--calibration", str(path))
+    assert proc.returncode == 2 and "not the output of `agentkv bench engine --json`" in proc.stderr, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr

@@ -612,14 +612,19 @@ def test_a_turn_that_ends_early_is_aborted_on_every_node_it_touched(gateway, wor
     gateway(workers(("d1", Role.DECODE), ("p1", Role.PREFILL)), scenario, KEYS)
 
 
-def test_api_keys_config_and_tenant_ids():
+def test_api_keys_config_and_tenant_ids(tmp_path):
     from gateway.config import parse_api_keys
     from gateway.errors import AuthenticationFailed
     from gateway.tenants import TenantDirectory
 
-    assert parse_api_keys("k1:alice, k2:bob,k3") == {"k1": "alice", "k2": "bob", "k3": "tenant-3"}
+    assert parse_api_keys("k1:alice, k2 : bob,k3") == {"k1": "alice", "k2": "bob", "k3": "tenant-3"}
     with pytest.raises(ValueError, match="tenant name"):
         parse_api_keys("k1:a:b")  # ':' would make Redis keys ambiguous
+    with pytest.raises(ValueError, match="#2 repeats an earlier key"):
+        parse_api_keys("k1:alice,k1:bob")  # bob's tenant would take alice's key over
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("\ufeffk1:alice\r\n# a comment\r\nk2:bob\r\n", encoding="utf-8")  # Windows Notepad's way
+    assert parse_api_keys(f"@{keys_file}") == {"k1": "alice", "k2": "bob"}
     tenants = TenantDirectory({"k1": "alice"})
     assert tenants.authenticate("Bearer k1").salt == "tenant:alice"
     assert tenants.authenticate(None, x_api_key="k1").id == "alice"
