@@ -185,6 +185,22 @@ def test_gateway_errors_arrive_as_typed_errors(stack_url):
     assert info.value.status_code == 400 and info.value.code == "context_length_exceeded"
 
 
+def test_a_slash_id_and_a_refused_call_on_the_real_stack(stack_url):
+    """An id with "/" reaches its own session through the real gateway; a refused call (too long) leaves
+    the history as it was, so the next call is the session's first turn."""
+    with Client(stack_url, max_retries=0) as client:
+        with client.session(id="team/agent-1", temperature=0, max_tokens=6) as session:
+            with pytest.raises(BadRequestError):
+                session.chat("hello " * 12000)
+            assert session.messages == []
+            session.chat("Say one word.")
+            info = client.get_session("team/agent-1")
+            assert info.id == "team/agent-1" and info.turns == 1
+            assert [m["role"] for m in session.messages] == ["user", "assistant"]
+        with pytest.raises(NotFoundError):  # deleted on exit, by its escaped path
+            client.get_session("team/agent-1")
+
+
 def test_async_client_session_on_the_real_stack(stack_url):
     async def go():
         async with AsyncClient(stack_url) as client:
