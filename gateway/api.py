@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from urllib.parse import unquote
 from typing import Annotated
 
 import msgspec
@@ -20,10 +21,11 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from gateway.cluster import ClusterView, ModelInfo, Renderers
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, ContextLengthExceeded, InvalidRequest, NoWorkers
+from gateway.errors import APIError, ContextLengthExceeded, InvalidRequest, NotFound, NoWorkers
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import (
     MAX_SESSION_ID_CHARS,
+    SESSION_ID_PATTERN,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -43,10 +45,10 @@ from gateway.turn import TurnPipeline
 from kvstore.wire import TOKEN_HEADER
 
 SESSION_TTL_HEADER = "x-session-ttl"
-# A path parameter, so an id holding "/" ("team/agent-1", sent escaped) is one id; Litestar hands it over
-# with its leading "/", and the handler checks it as any session id (validate_session_id, a 400).
-SessionIdPath = Annotated[str, Parameter(description=f"The session id (1-{MAX_SESSION_ID_CHARS} characters, no whitespace or "
-                                                     "control characters), URL-escaped")]  # fmt: skip
+# A path parameter, so an id holding "/" ("team/agent-1", sent escaped) routes here as one id. Litestar
+# normalises the decoded path ("abc/" would read as "abc"), so the handlers read the id from the raw path.
+SessionIdPath = Annotated[str, Parameter(description="The session id, URL-escaped", schema_extra={
+    "minLength": 1, "maxLength": MAX_SESSION_ID_CHARS, "pattern": SESSION_ID_PATTERN})]  # fmt: skip
 _encode = msgspec.json.encode
 
 ERROR_MEANING = {
@@ -181,12 +183,14 @@ class OpenAIController(Controller):
 
     @get("/models", summary="The served model", responses=error_responses(401, 500))
     async def models(self, tenant: NamedDependency[Tenant], cluster: NamedDependency[ClusterView]) -> ModelList:
-        try:
-            model = await cluster.model()
-        except NoWorkers:
-            return ModelList(data=[])
-        started = min((rec.started_at for rec, _ in cluster.nodes()), default=0.0)
-        return ModelList(data=[Model(id=model.name, created=int(started), max_model_len=model.max_model_len or None)])
+        return ModelList(data=await served_models(cluster))
+
+    @get("/models/{model_id:path}", summary="One served model", responses=error_responses(401, 404, 500))
+    async def model(self, model_id: Annotated[str, Parameter(description="A model id from GET /v1/models")], tenant: NamedDependency[Tenant], cluster: NamedDependency[ClusterView]) -> Model:
+        """openai's `client.models.retrieve(id)`; an id may hold "/" (an HF id such as org/name)."""
+        if match := [m for m in await served_models(cluster) if m.id == model_id.removeprefix("/")]:
+            return match[0]
+        raise NotFound(f"the model {model_id.removeprefix('/')!r} is not served here (GET /v1/models lists it)", param="model")
 
 
 class SessionController(Controller):
@@ -210,16 +214,31 @@ class SessionController(Controller):
 
     @get("/{session_id:path}", summary="One session", responses=error_responses(400, 401, 404, 500, 503))
     async def get_session(
-        self, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
+        self, request: Request, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionOut:
-        return await sessions.get(tenant.id, validate_session_id(session_id.removeprefix("/")))
+        return await sessions.get(tenant.id, session_id_in_path(request))
 
     @delete("/{session_id:path}", status_code=HTTP_200_OK, summary="End a session and release its pinned blocks",
             responses=error_responses(400, 401, 404, 500, 503))  # fmt: skip
     async def delete_session(
-        self, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
+        self, request: Request, session_id: SessionIdPath, tenant: NamedDependency[Tenant], sessions: NamedDependency[SessionStore]
     ) -> SessionDeleted:
-        return await sessions.end(tenant.id, validate_session_id(session_id.removeprefix("/")))
+        return await sessions.end(tenant.id, session_id_in_path(request))
+
+
+async def served_models(cluster: ClusterView) -> list[Model]:
+    try:
+        model = await cluster.model()
+    except NoWorkers:
+        return []
+    started = min((rec.started_at for rec, _ in cluster.nodes()), default=0.0)
+    return [Model(id=model.name, created=int(started), max_model_len=model.max_model_len or None)]
+
+
+def session_id_in_path(request: Request) -> str:
+    """The id after /v1/sessions/ exactly as the client escaped it (a 400 if it is no valid id)."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    return validate_session_id(unquote(raw.decode("latin-1").split("/v1/sessions/", 1)[-1]))
 
 
 def may_see_internals(request: Request, tenants: TenantDirectory, config: GatewayConfig) -> bool:

@@ -170,6 +170,9 @@ def test_completions_and_models(gateway, workers):
         assert "".join(t for t, _ in texts) == body["choices"][0]["text"]
         models = (await client.get("/v1/models", headers=A)).json()
         assert models["object"] == "list" and models["data"][0]["id"] == "fake-smollm2"
+        assert (await client.get("/v1/models/fake-smollm2", headers=A)).json() == models["data"][0]  # models.retrieve
+        missing = await client.get("/v1/models/org/other", headers=A)
+        assert missing.status_code == 404 and "'org/other' is not served" in missing.json()["error"]["message"]
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
@@ -278,7 +281,7 @@ def test_sessions_api_create_list_and_the_session_sources(gateway, workers):
         assert long_key.status_code == 200 and long_key.json()["usage"]["agentkv"]["session_id"].startswith("h_")
         assert (await client.post("/v1/chat/completions", json=chat(), headers={**A, "x-session-id": "a b"})).status_code == 400
         # an id may hold "/", "?" or "%": escaped in the path, it still names that one session
-        for sid in ("team/agent-1", "a?b", "50%"):
+        for sid in ("team/agent-1", "a?b", "50%", "abc/", "/abc", "a//b"):  # Litestar would normalise the last three
             assert (await client.post("/v1/sessions", json={"id": sid}, headers=A)).status_code == 201
             path = "/v1/sessions/" + urllib.parse.quote(sid, safe="")
             assert (await client.get(path, headers=A)).json()["id"] == sid
