@@ -76,13 +76,19 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     args_type: type[msgspec.Struct]
+    method: bool = dataclasses.field(default=False, init=False, repr=False)  # `@tool` on a def in a class body
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
+    def __set_name__(self, owner: type, name: str) -> None:
+        if inspect.isfunction(self.fn) and self.fn.__qualname__ == f"{owner.__qualname__}.{self.fn.__name__}":
+            object.__setattr__(self, "method", True)  # frozen: set once, while the class is made
+
     def __get__(self, instance: Any, owner: type | None = None) -> Tool:
-        """`@tool` on a method: read from an instance, the tool is bound to it (no `self` parameter)."""
-        if instance is None:
+        """`@tool` on a method, read from an instance: the tool bound to it (no `self` parameter). A tool
+        defined elsewhere and kept as a class attribute is returned as it is."""
+        if instance is None or not self.method:
             return self
         return tool(self.fn.__get__(instance, owner), name=self.name, description=self.description)
 
@@ -113,12 +119,12 @@ def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, de
                         "client.chat(tools=[...]), which does not run tools)")  # fmt: skip
     name = _checked_name(name or getattr(fn, "__name__", ""))
     doc = docstring_parser.parse(inspect.getdoc(fn) or "")
-    namespace = _namespace(fn)
-    fields = [_field(name, p, namespace) for p in inspect.signature(fn).parameters.values()]
+    hints, namespace = _hints(fn)
+    fields = [_field(name, p, hints, namespace) for p in inspect.signature(fn).parameters.values()]
     args_type = msgspec.defstruct(f"{name}_arguments", fields, kw_only=True)
     try:
         defs = msgspec.json.schema(args_type).get("$defs", {})
-    except (TypeError, msgspec.EncodeError):
+    except (TypeError, NameError, msgspec.EncodeError):
         raise _unsupported_parameter(name, fields) from None
     schema = {k: v for k, v in defs.pop(args_type.__name__).items() if k != "title"}
     for param in doc.params:
@@ -135,21 +141,29 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _namespace(fn: Callable[..., Any]) -> dict[str, Any]:
-    """Where the function's string annotations (`from __future__ import annotations`) resolve."""
+def _hints(fn: Callable[..., Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The function's type hints as typing.get_type_hints resolves them (following functools.wraps),
+    and the namespace to resolve one by one when some annotation cannot be (a type local to a function,
+    perhaps only the return type's)."""
     target = getattr(fn, "func", fn)  # a functools.partial
     target = getattr(target, "__func__", target)  # a bound method
-    module = sys.modules.get(getattr(target, "__module__", None) or type(target).__module__)
-    return getattr(target, "__globals__", None) or (vars(module) if module else {})
+    if not inspect.isfunction(inspect.unwrap(target)):
+        target = type(target).__call__  # a callable object
+    module = sys.modules.get(getattr(target, "__module__", None) or "")
+    namespace = getattr(inspect.unwrap(target), "__globals__", None) or (vars(module) if module else {})
+    try:
+        return typing.get_type_hints(target, include_extras=True), namespace
+    except Exception:  # noqa: BLE001 - resolved per parameter instead, with an error naming the one that fails
+        return {}, namespace
 
 
-def _field(tool_name: str, p: inspect.Parameter, namespace: dict[str, Any]) -> tuple[Any, ...]:
+def _field(tool_name: str, p: inspect.Parameter, hints: dict[str, Any], namespace: dict[str, Any]) -> tuple[Any, ...]:
     """One parameter as a msgspec field: (name, type[, default]). A `None` default makes the type
-    optional, so the model may send null for it. Only parameters' hints are read (not the return's)."""
+    optional, so the model may send null for it."""
     if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
         kind = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "positional-only ")
         raise TypeError(f"tool {tool_name!r}: {kind}{p.name} is not supported; tools take named parameters only")
-    hint = Any if p.annotation is p.empty else p.annotation
+    hint = hints.get(p.name, Any if p.annotation is p.empty else p.annotation)
     if isinstance(hint, str):
         try:
             hint = eval(hint, namespace)  # noqa: S307 - the function's own annotation, as typing.get_type_hints does
@@ -171,7 +185,7 @@ def _unsupported_parameter(tool_name: str, fields: list[tuple[Any, ...]]) -> Typ
         single = msgspec.defstruct("probe", [field], kw_only=True)
         try:
             msgspec.json.schema(single)
-        except (TypeError, msgspec.EncodeError):
+        except (TypeError, NameError, msgspec.EncodeError):
             hint = getattr(field[1], "__name__", repr(field[1]))
             return TypeError(f"tool {tool_name!r}: parameter {field[0]!r} ({hint}) has no JSON schema: use a JSON type, a "
                              "dataclass, a TypedDict, an Enum or a msgspec Struct, with a JSON default")  # fmt: skip

@@ -687,3 +687,26 @@ def test_stream_events_and_tool_errors_are_exported_at_the_top():
 
     for name in ("TextDelta", "ToolCallEvent", "Done", "ToolRegistry", "ToolArgumentsError"):
         assert getattr(agentkv, name).__name__ == name
+
+
+def test_a_tool_kept_as_a_class_attribute_is_not_bound():
+    class Agent:
+        lookup = forecast  # defined elsewhere: read through an instance, it stays that tool
+
+    assert Agent().lookup is forecast and "city" in Agent().lookup.parameters["properties"]
+
+
+def test_hints_resolve_through_functools_wraps_and_nested_forward_references():
+    namespace: dict = {}
+    exec("import functools\ndef logged(f):\n    @functools.wraps(f)\n    def wrapper(*a, **k):\n        return f(*a, **k)\n"
+         "    return wrapper", namespace)  # a decorator from another module  # fmt: skip
+
+    @namespace["logged"]
+    def move(p: Point, path: list["Point"]) -> str:  # noqa: UP037 - the nested forward reference under test
+        """Move along a path."""
+        return f"{p.x},{len(path)}"
+
+    t = tool(move)
+    assert t.parameters["properties"]["path"]["items"] == {"$ref": "#/$defs/Point"}
+    [result] = ToolRegistry([t]).run([ToolCall("1", "move", '{"p": {"x": 1, "y": 2}, "path": [{"x": 0, "y": 0}]}')])
+    assert result.content == "1.0,1"
