@@ -139,7 +139,7 @@ def completion_prompt_chars(req: CompletionRequest) -> int:
     return len(p) if isinstance(p, str) else sum(len(x) if isinstance(x, (str, list)) else 1 for x in p)
 
 
-async def check_prompt_size(chars: int, cluster: ClusterView, renderers: Renderers) -> ModelInfo:
+async def check_prompt_size(chars: int, cluster: ClusterView, renderers: Renderers, field: str = "messages") -> ModelInfo:
     """Refuse, before any rendering or tokenizing, a prompt too long for the context whatever its
     tokens: no token spans more than the vocabulary's longest, so `chars` needs at least
     chars / longest tokens. A 2 MB message is a 400 in milliseconds and never holds up others."""
@@ -147,9 +147,9 @@ async def check_prompt_size(chars: int, cluster: ClusterView, renderers: Rendere
     most = model.max_model_len * await renderers.longest_token_chars(model) if model.max_model_len else 0
     if most and chars > most:
         raise ContextLengthExceeded(
-            f"This model's maximum context length is {model.max_model_len} tokens. However, your messages have "
-            f"{chars} characters, more than any {model.max_model_len} tokens can hold. Please reduce the length of the messages.",
-            param="messages",
+            f"This model's maximum context length is {model.max_model_len} tokens. However, your {field} have "
+            f"{chars} characters, more than any {model.max_model_len} tokens can hold. Please reduce the length of the {field}.",
+            param=field,
         )
     return model
 
@@ -176,7 +176,7 @@ class OpenAIController(Controller):
         self, request: Request, data: JSONBody[CompletionRequest], tenant: NamedDependency[Tenant], turns: NamedDependency[TurnPipeline],
         cluster: NamedDependency[ClusterView], renderers: NamedDependency[Renderers], inflight: NamedDependency[InFlight],
     ) -> Response[Completion]:  # fmt: skip
-        await check_prompt_size(completion_prompt_chars(data), cluster, renderers)
+        await check_prompt_size(completion_prompt_chars(data), cluster, renderers, field="prompt")
         data.session_ttl_s = session_ttl_of(request, data.session_ttl_s)
         turn = await turns.prepare_completion(data, tenant, session_id_of(request, data.session_id, data.prompt_cache_key, data.user))
         return await respond(turns, turn, data.stream, bool(data.stream_options and data.stream_options.include_usage), inflight)

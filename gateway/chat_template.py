@@ -45,13 +45,17 @@ def message_text(msg: ChatMessage) -> str:
     """A message's content as one string (text parts joined); other part types are refused."""
     content = msg.content
     if content is None:
-        return ""
+        return msg.refusal or ""  # an assistant that refused said so: the model reads what it said
     if isinstance(content, str):
         return content
     texts = []
     for part in content:
-        if part.type in ("text", "input_text") and part.text is not None:
-            texts.append(part.text)
+        if part.type in ("text", "input_text", "refusal"):
+            text = part.refusal if part.type == "refusal" else part.text
+            if text is None:
+                raise InvalidRequest(f"a content part of type {part.type!r} needs its `{'refusal' if part.type == 'refusal' else 'text'}`",
+                                     param="messages")  # fmt: skip
+            texts.append(text)
         else:
             raise Unsupported(f"content parts of type {part.type!r} are not supported: this model reads text only",
                               param="messages")  # fmt: skip
@@ -77,9 +81,12 @@ def check_tool_results(messages: list[ChatMessage]) -> None:
     for n, msg in enumerate(messages):
         if msg.role == "assistant":
             call_ids.update(c.id for c in msg.tool_calls or [] if c.id)
-        elif msg.role == "tool" and msg.tool_call_id is not None and msg.tool_call_id not in call_ids:
-            raise InvalidRequest(f"messages[{n}].tool_call_id {msg.tool_call_id!r} answers no tool call of an "
-                                 "earlier assistant message", param="messages")  # fmt: skip
+        elif msg.role == "tool" and msg.tool_call_id is None:
+            raise InvalidRequest(f"messages[{n}]: a tool message needs the tool_call_id of the call it answers",
+                                 param=f"messages[{n}].tool_call_id")  # fmt: skip
+        elif msg.role == "tool" and msg.tool_call_id not in call_ids:
+            raise InvalidRequest(f"the tool result for call {msg.tool_call_id!r} answers no tool call of an earlier "
+                                 "assistant message", param="messages")  # fmt: skip
 
 
 class ChatRenderer:

@@ -54,6 +54,7 @@ SessionTTL = Annotated[float, _limits("Seconds (Redis expiries are whole millise
 class ContentPart(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant's refusal part (read as its text)
     image_url: Any = None
     input_audio: Any = None
 
@@ -75,6 +76,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    refusal: str | None = None  # an assistant's refusal, sent back in the history: its text when content is null
     function_call: dict[str, Any] | None = None  # legacy: read only to refuse it (gateway.turn.refuse_unsupported)
 
 
@@ -136,11 +138,18 @@ class ChatCompletionRequest(_GenerationRequest, kw_only=True):
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (gateway/grammar.py)
     functions: list[Any] | None = None  # legacy: read only to refuse them (send tools and tool_choice)
     function_call: Any = None
+    modalities: list[str] | None = None  # read only to refuse an output other than text
+    audio: Any = None
+    web_search_options: Any = None
+    top_logprobs: int | None = None  # read only to refuse it (logprobs are not served on chat)
+
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for legacy completions (and vLLM's), also when null is sent
 
 
 class CompletionRequest(_GenerationRequest, kw_only=True):
     prompt: str | list[Any]  # a string, token ids, or a one-element list of either
-    max_tokens: TokenCount | None = 16  # OpenAI's default for legacy completions
+    max_tokens: TokenCount | None = COMPLETION_MAX_TOKENS
     echo: bool | None = None
     logprobs: Annotated[int, _limits(ge=0, le=5)] | None = None
     suffix: str | None = None  # read only to refuse them

@@ -111,6 +111,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     truncation: str | None = None  # accepted; agentkv never drops context (a too-long prompt is a 400)
     conversation: Any = None
     background: bool | None = None
+    prompt: Any = None  # a stored prompt template: read only to refuse it
     # agentkv extensions (openai client: `extra_body`)
     session_id: SessionId | None = None
     session_ttl_s: SessionTTL | None = None
@@ -252,6 +253,8 @@ def chat_request(req: ResponsesRequest, messages: list[ChatMessage]) -> ChatComp
         raise Unsupported("`conversation` is not supported: chain responses with previous_response_id", param="conversation")
     if req.background:
         raise Unsupported("background responses are not supported", param="background")
+    if req.prompt is not None:
+        raise Unsupported("stored prompt templates are not supported: send the prompt as instructions and input", param="prompt")
     system = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
     return ChatCompletionRequest(
         model=req.model or "", messages=system + messages, tools=_chat_tools(req.tools), tool_choice=_chat_tool_choice(req.tool_choice),
@@ -580,8 +583,13 @@ async def prepare_response(request: Request, data: ResponsesRequest, tenant: Ten
     if fresh_chain:
         session_id = "resp_chain_" + secrets.token_hex(12)
     chat = chat_request(data, history)
-    await check_prompt_size(chat_prompt_chars(chat), cluster, renderers)  # a 2 MB input is a 400 before rendering
-    turn = await turns.prepare_chat(chat, tenant, session_id)
+    await check_prompt_size(chat_prompt_chars(chat), cluster, renderers, field="input")  # a 2 MB input is a 400 before rendering
+    try:
+        turn = await turns.prepare_chat(chat, tenant, session_id)
+    except APIError as exc:  # the chat request is ours: what it names `messages` the client sent as `input`
+        if exc.param and exc.param.startswith("messages"):
+            exc.param = "input"
+        raise
     if fresh_chain:  # its ledger is kept, but its blocks are pinned only once the chain is continued:
         turn = dataclasses.replace(turn, pin=False)  # most responses are never continued (e.g. full-history clients)
     return ResponseTurn(data, turn, history, store if stored else None)

@@ -30,7 +30,8 @@ from gateway.errors import ContextLengthExceeded, InvalidRequest, StateUnavailab
 from gateway.grammar import reply_grammar
 from gateway.ledger import ChatPrompt, build_chat_prompt, next_ledger
 from gateway.metrics import GatewayMetrics
-from gateway.openai_schema import ChatCompletionRequest, CompletionRequest, Delta, PromptTokensDetails, ToolCallFunction, ToolCallOut, Usage
+from gateway.openai_schema import (COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, Delta, PromptTokensDetails,
+                                   ToolCallFunction, ToolCallOut, Usage)
 from gateway.router import Route, RouteLease, Router
 from gateway.sessions import Session, SessionStore
 from gateway.tenants import Tenant
@@ -131,6 +132,12 @@ def refuse_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
         if req.best_of is not None and req.best_of > 1:
             raise Unsupported("best_of is not supported: one completion is generated per request", param="best_of")
         return
+    if req.audio is not None or [m for m in req.modalities or () if m != "text"]:
+        raise Unsupported("audio output is not supported: this model writes text only", param="audio" if req.audio is not None else "modalities")
+    if req.web_search_options is not None:
+        raise Unsupported("web search is not supported: give the model a search tool instead", param="web_search_options")
+    if req.top_logprobs:
+        raise Unsupported("top_logprobs is not supported on chat completions (logprobs are not served)", param="top_logprobs")
     legacy = "functions" if req.functions else "function_call" if req.function_call is not None else None
     legacy = legacy or next((f"messages[{n}].function_call" for n, m in enumerate(req.messages) if m.function_call), None)
     if legacy:
@@ -193,7 +200,8 @@ class TurnPipeline:
         renderer = await self.renderers.get(model)
         ids = await self.renderers.offload(_completion_prompt, renderer, req.prompt)
         session = await self._session(tenant, session_id, req.session_ttl_s)
-        sampling = self._sampling(ids, model, req.max_tokens, req.temperature, req.top_p, req.seed, req.stop)
+        max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens  # null: the default, as omitted
+        sampling = self._sampling(ids, model, max_tokens, req.temperature, req.top_p, req.seed, req.stop, field="prompt")
         _adjustments(sampling, req, renderer.vocab_size)
         return self._turn("cmpl-", tenant, model, renderer, ids, sampling, session)
 
@@ -314,12 +322,12 @@ class TurnPipeline:
         return await self.sessions.open(tenant.id, session_id, ttl_s)
 
     def _sampling(self, ids: list[int], model: ModelInfo, max_tokens: int | None, temperature: float | None,
-                  top_p: float | None, seed: int | None, stop: str | list[str] | None) -> SamplingParams:  # fmt: skip
+                  top_p: float | None, seed: int | None, stop: str | list[str] | None, field: str = "messages") -> SamplingParams:  # fmt: skip
         if model.max_model_len and len(ids) >= model.max_model_len:
             raise ContextLengthExceeded(
-                f"This model's maximum context length is {model.max_model_len} tokens. However, your messages "
-                f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
-                param="messages",
+                f"This model's maximum context length is {model.max_model_len} tokens. However, your {field} "
+                f"resulted in {len(ids)} tokens. Please reduce the length of the {field}.",
+                param=field,
             )
         budget = max_tokens or self.config.default_max_tokens
         if model.max_model_len:

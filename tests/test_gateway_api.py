@@ -120,11 +120,28 @@ def test_top_k_penalties_and_logit_bias_reach_the_worker_and_fields_it_would_ign
             ("/v1/chat/completions", chat("hi", logit_bias={"²": 1}), "logit_bias", "invalid_request"),  # isdigit, not an int
             ("/v1/chat/completions", chat("hi", logit_bias={"9" * 5000: 1}), "logit_bias", "invalid_request"),
             ("/v1/chat/completions", chat("hi", logit_bias={"007": 1}), "logit_bias", "invalid_request"),
+            # what a client asks of the reply that agentkv cannot give (a probe of 2026-12-04 got 200s)
+            ("/v1/chat/completions", chat("hi", modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}),
+             "audio", "unsupported_parameter"),
+            ("/v1/chat/completions", chat("hi", modalities=["audio"]), "modalities", "unsupported_parameter"),
+            ("/v1/chat/completions", chat("hi", web_search_options={}), "web_search_options", "unsupported_parameter"),
+            ("/v1/chat/completions", chat("hi", top_logprobs=5), "top_logprobs", "unsupported_parameter"),
+            ("/v1/chat/completions", chat("hi", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "integer"}}}],
+                                          tool_choice="required"), "tools[0].function.parameters", "invalid_request"),
+            ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]},
+             "messages[1].tool_call_id", "invalid_request"),
+            ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+             "messages", "invalid_request"),
         ]:
             r = await client.post(path, json=body, headers=A)
             assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
             assert r.json()["error"]["param"].startswith(param), r.json()
         assert len(asked) == sent  # refused before any worker was asked
+        for neutral in ({"modalities": ["text"]}, {"top_logprobs": 0}):
+            assert (await client.post("/v1/chat/completions", json=chat("hi", **neutral), headers=A)).status_code == 200
+        # null max_tokens on completions is the default (16), as when the field is left out
+        r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": None}, headers=A)
+        assert r.status_code == 200 and asked[-1].sampling.max_tokens == 16
 
     gateway(workers(("d1", Role.DECODE)), scenario, KEYS)
 
@@ -784,6 +801,10 @@ def test_a_2mb_message_is_refused_at_once_and_never_stalls_the_gateway(gateway, 
         print(f"150 kB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {health * 1000:.0f} ms")
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         assert health < 2.0
+        for prompt in ("word " * 400_000, "word " * 30_000, list(range(8192))):  # completions: the field is `prompt`
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": prompt}, headers=A)
+            error = r.json()["error"]
+            assert error["code"] == "context_length_exceeded" and error["param"] == "prompt" and "your prompt" in error["message"]
         assert cluster.workers["d1"].requests == []
         r = await client.post("/v1/chat/completions", content=b"x" * (9 * 1024 * 1024), headers={**A, "content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text

@@ -49,6 +49,18 @@ def test_developer_is_system_and_text_parts_are_joined(smol):
     assert out == [{"role": "system", "content": "rules"}, {"role": "user", "content": "a\nb"}]
 
 
+def test_an_assistants_refusal_is_read_as_what_it_said(smol):
+    """OpenAI returns `refusal` on a message; clients send it back in the history, as a field or a part."""
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I can't help with that."}]
+    as_field = smol.template_messages([ChatMessage(role="user", content="hi"),
+                                       ChatMessage(role="assistant", content=None, refusal="I can't help with that.")], None)  # fmt: skip
+    as_part = smol.template_messages([ChatMessage(role="user", content="hi"), ChatMessage(
+        role="assistant", content=[ContentPart(type="refusal", refusal="I can't help with that.")])], None)  # fmt: skip
+    assert as_field == as_part == said
+    with pytest.raises(InvalidRequest, match="needs its `text`"):
+        smol.template_messages([ChatMessage(role="user", content=[ContentPart(type="text")])], None)
+
+
 def test_non_text_parts_and_unknown_roles_are_clear_400s(smol):
     with pytest.raises(Unsupported, match="image_url"):
         smol.template_messages([ChatMessage(role="user", content=[ContentPart(type="image_url", image_url={"url": "x"})])], None)
@@ -103,6 +115,9 @@ def test_a_tool_result_must_answer_an_earlier_call():
         check_tool_results([ChatMessage(role="user", content="hi"), ChatMessage(role="tool", tool_call_id="call_9", content="21")])
     with pytest.raises(InvalidRequest, match="call_2"):
         check_tool_results([*ok, ChatMessage(role="tool", tool_call_id="call_2", content="x")])
+    with pytest.raises(InvalidRequest, match="needs the tool_call_id") as missing:  # OpenAI requires it too
+        check_tool_results([*ok, ChatMessage(role="tool", content="x")])
+    assert missing.value.param == "messages[3].tool_call_id"
 
 
 HERMES_TEMPLATE = (

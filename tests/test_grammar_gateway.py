@@ -185,3 +185,16 @@ def test_tool_choice_none_only_shows_the_tools_so_their_schemas_need_not_compile
 def test_a_false_schema_is_a_400_not_a_crash():
     with pytest.raises(InvalidRequest, match="accepts no reply"):
         response_format_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": False}})
+
+
+@pytest.mark.parametrize("kind", ["integer", "string", "array", ["object", "null"]])
+def test_tool_parameters_that_are_not_an_object_are_a_400(smol, kind):
+    """A forced call with `parameters: {"type": "integer"}` came back as a 200 with raw markup: the grammar
+    forced `"arguments": 1`, and no call can carry a non-object. OpenAI refuses such a schema too."""
+    bad = Tool(function=FunctionDefinition(name="f", parameters={"type": kind}))
+    for choice in ("required", "auto", "none"):
+        with pytest.raises(InvalidRequest, match=r"must be the JSON Schema of an object") as refused:
+            reply_grammar([bad], smol.tool_policy([bad], choice, None), None, hermes=False)
+        assert refused.value.param == "tools[0].function.parameters"
+    untyped = Tool(function=FunctionDefinition(name="f", parameters={"properties": {"a": {"type": "integer"}}}))
+    check_tools([untyped])  # no `type`: an object by default, as pydantic's and OpenAI's examples

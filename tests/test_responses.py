@@ -380,13 +380,14 @@ def test_a_stored_response_expires_with_its_session_ttl(gateway):
         ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "hi", "conversation": "conv_1"}, "conversation"),
-        ({"input": [{"type": "function_call_output", "call_id": "never_made", "output": "x"}]}, None),
+        ({"input": [{"type": "function_call_output", "call_id": "never_made", "output": "x"}]}, "input"),
+        ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt"),  # a stored template the model would never see
         ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "X"}}}, None),
         ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
         ({"input": "hi", "previous_response_id": 7}, None),
         ({"input": "hi", "temperature": 3}, None),
         ({"input": [{"role": "user", "content": None}]}, "input"),
-        ({"input": "word " * 400_000}, None),  # refused by its size, before rendering
+        ({"input": "word " * 400_000}, "input"),  # refused by its size, before rendering
     ],
 )
 def test_bad_requests_are_400s_in_the_openai_envelope(gateway, body, param):
