@@ -147,9 +147,11 @@ def _hints(fn: Callable[..., Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     perhaps only the return type's)."""
     target = getattr(fn, "func", fn)  # a functools.partial
     target = getattr(target, "__func__", target)  # a bound method
-    if not inspect.isfunction(inspect.unwrap(target)):
+    module = sys.modules.get(getattr(target, "__module__", None) or type(target).__module__)
+    if isinstance(target, type):
+        target = target.__init__  # a class (a dataclass, a Struct): its constructor's parameters
+    elif not inspect.isfunction(inspect.unwrap(target)):
         target = type(target).__call__  # a callable object
-    module = sys.modules.get(getattr(target, "__module__", None) or "")
     namespace = getattr(inspect.unwrap(target), "__globals__", None) or (vars(module) if module else {})
     try:
         return typing.get_type_hints(target, include_extras=True), namespace

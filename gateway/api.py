@@ -127,7 +127,7 @@ def chat_prompt_chars(req: ChatCompletionRequest) -> int:
     n = len(_encode(req.tools)) if req.tools else 0  # rendered as JSON into the system prompt
     for m in req.messages:
         c = m.content
-        n += len(c) if isinstance(c, str) else sum(len(p.text or "") for p in c or [])
+        n += len(c) if isinstance(c, str) else sum(len(p.text or p.refusal or "") for p in c or []) if c else len(m.refusal or "")
         for call in m.tool_calls or []:
             args = call.function.arguments
             n += len(call.function.name) + (len(args) if isinstance(args, str) else len(_encode(args)))

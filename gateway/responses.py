@@ -585,7 +585,7 @@ async def prepare_response(request: Request, data: ResponsesRequest, tenant: Ten
     chat = chat_request(data, history)
     await check_prompt_size(chat_prompt_chars(chat), cluster, renderers, field="input")  # a 2 MB input is a 400 before rendering
     try:
-        turn = await turns.prepare_chat(chat, tenant, session_id)
+        turn = await turns.prepare_chat(chat, tenant, session_id, field="input")
     except APIError as exc:  # the chat request is ours: what it names `messages` the client sent as `input`
         if exc.param and exc.param.startswith("messages"):
             exc.param = "input"

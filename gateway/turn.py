@@ -169,7 +169,8 @@ class TurnPipeline:
         self.metrics = metrics
 
     # -- 1. prepare -----------------------------------------------------------------------------
-    async def prepare_chat(self, req: ChatCompletionRequest, tenant: Tenant, session_id: str | None) -> Turn:
+    async def prepare_chat(self, req: ChatCompletionRequest, tenant: Tenant, session_id: str | None, field: str = "messages") -> Turn:
+        """`field`: what the client called the conversation (`input` on /v1/responses), for error messages."""
         if req.logprobs:
             raise Unsupported("logprobs are not supported", param="logprobs")
         refuse_unsupported(req)
@@ -186,7 +187,7 @@ class TurnPipeline:
         if session is not None:
             self.metrics.ledger.labels(prompt.ledger).inc()
         sampling = self._sampling(prompt.ids, model, req.max_completion_tokens or req.max_tokens, req.temperature,
-                                  req.top_p, req.seed, req.stop)  # fmt: skip
+                                  req.top_p, req.seed, req.stop, field)  # fmt: skip
         _adjustments(sampling, req, renderer.vocab_size)
         sampling.stop += [s for s in policy.stop if s not in sampling.stop]
         sampling.grammar = grammar  # constrains the reply only: the prompt (and its cache) is the same without it

@@ -801,6 +801,9 @@ def test_a_2mb_message_is_refused_at_once_and_never_stalls_the_gateway(gateway, 
         print(f"150 kB message: {r.status_code} in {took * 1000:.0f} ms; concurrent /health max {health * 1000:.0f} ms")
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         assert health < 2.0
+        refusals = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "refusal": "no " * 400_000}]
+        r = await client.post("/v1/chat/completions", json={"model": "m", "messages": refusals}, headers=A)
+        assert r.json()["error"]["code"] == "context_length_exceeded" and "characters" in r.json()["error"]["message"]  # the cheap bound
         for prompt in ("word " * 400_000, "word " * 30_000, list(range(8192))):  # completions: the field is `prompt`
             r = await client.post("/v1/completions", json={"model": "m", "prompt": prompt}, headers=A)
             error = r.json()["error"]

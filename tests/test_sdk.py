@@ -710,3 +710,17 @@ def test_hints_resolve_through_functools_wraps_and_nested_forward_references():
     assert t.parameters["properties"]["path"]["items"] == {"$ref": "#/$defs/Point"}
     [result] = ToolRegistry([t]).run([ToolCall("1", "move", '{"p": {"x": 1, "y": 2}, "path": [{"x": 0, "y": 0}]}')])
     assert result.content == "1.0,1"
+
+
+def test_a_class_is_a_tool_of_its_constructor():
+    @dataclass
+    class Move:
+        """Move a point."""
+
+        p: Point
+        steps: int = 1
+
+    t = tool(Move)
+    assert set(t.parameters["properties"]) == {"p", "steps"} and t.parameters["required"] == ["p"]
+    [result] = ToolRegistry([t]).run([ToolCall("1", "Move", '{"p": {"x": 1, "y": 2}}')])
+    assert json.loads(result.content) == {"p": {"x": 1.0, "y": 2.0}, "steps": 1}
