@@ -127,7 +127,10 @@ def chat_prompt_chars(req: ChatCompletionRequest) -> int:
     n = len(_encode(req.tools)) if req.tools else 0  # rendered as JSON into the system prompt
     for m in req.messages:
         c = m.content
-        n += len(c) if isinstance(c, str) else sum(len(p.text or p.refusal or "") for p in c or []) if c else len(m.refusal or "")
+        if c is None:
+            n += len(m.refusal or "")  # read as the assistant's text (chat_template.message_text)
+        else:
+            n += len(c) if isinstance(c, str) else sum(len(p.text or p.refusal or "") for p in c)
         for call in m.tool_calls or []:
             args = call.function.arguments
             n += len(call.function.name) + (len(args) if isinstance(args, str) else len(_encode(args)))
@@ -188,9 +191,10 @@ class OpenAIController(Controller):
     @get("/models/{model_id:path}", summary="One served model", responses=error_responses(401, 404, 500))
     async def model(self, model_id: Annotated[str, Parameter(description="A model id from GET /v1/models")], tenant: NamedDependency[Tenant], cluster: NamedDependency[ClusterView]) -> Model:
         """openai's `client.models.retrieve(id)`; an id may hold "/" (an HF id such as org/name)."""
-        if match := [m for m in await served_models(cluster) if m.id == model_id.removeprefix("/")]:
+        model_id = model_id.removeprefix("/")  # a path parameter comes with its leading "/"
+        if match := [m for m in await served_models(cluster) if m.id == model_id]:
             return match[0]
-        raise NotFound(f"the model {model_id.removeprefix('/')!r} is not served here (GET /v1/models lists it)", param="model")
+        raise NotFound(f"the model {model_id!r} is not served here (GET /v1/models lists it)", param="model")
 
 
 class SessionController(Controller):

@@ -103,7 +103,7 @@ def check_tools(tools: list[Tool] | None, compile: bool = True) -> None:
         where = f"tools[{n}].function.parameters"
         if tool.function.parameters is not None:
             check_json_schema(tool.function.parameters, where)
-            kind = tool.function.parameters.get("type", "object") if isinstance(tool.function.parameters, dict) else None
+            kind = tool.function.parameters.get("type", "object")
             if kind != "object":  # a call's arguments are a JSON object: `1` would be forced, and no call could carry it
                 raise InvalidRequest(f"{where} must be the JSON Schema of an object (type: \"object\"), got type: "
                                      f"{json.dumps(kind)}", param=where)  # fmt: skip
